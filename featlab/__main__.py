@@ -1,0 +1,5 @@
+"""``python -m featlab`` (and ``torchrun -m featlab``) runs the command-line interface."""
+
+from featlab.cli import main
+
+raise SystemExit(main())
