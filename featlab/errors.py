@@ -28,6 +28,11 @@ class SkipPointNotFoundError(UnknownNameError):
     """A point name or pattern matches no skip point / module of the model."""
 
 
+class DatasetFormatError(ConfigError):
+    """A data set file exists but its content is not what its layout promises (e.g. mask values
+    outside the class range, a colour mask where class indices were expected)."""
+
+
 class InputSizeError(FeatlabError, ValueError):
     """The input is too small (or malformed) for the network."""
 
