@@ -49,6 +49,10 @@ class DatasetNotFoundError(FeatlabError, FileNotFoundError):
     """A data set folder or file is missing; the message shows the expected layout."""
 
 
+class GraphTraceError(FeatlabError, RuntimeError):
+    """The model cannot be traced with ``torch.fx`` (data-dependent control flow, ...)."""
+
+
 class ReusedModuleError(FeatlabError, RuntimeError):
     """A captured module ran more than once in one forward pass."""
 

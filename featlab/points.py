@@ -1,0 +1,538 @@
+"""Skip points: the cuts of a backbone's graph where a full feature map is available.
+
+A skip point is a tensor ``[N, C, H, W]`` through which every path from the input to the final
+spatial features passes: a *dominator* of the graph's output, seen from the input. featlab
+traces the model with ``torch.fx`` (in eval mode), keeps the dominators up to the first global
+pool, and names each after the innermost module that returns it and runs exactly once per
+forward, so a forward hook captures it (a ResNet block is ``"layer1.0"``, not its reused in-place
+``"layer1.0.relu"``). Cuts that no module returns (a functional ``F.relu``) cannot be hooked and
+are left out. Shapes come from running the traced graph at ``input_size``, strides from a
+second run 64 px smaller or larger (the change in output size; R-12.1), and receptive fields from
+:mod:`featlab.receptive_field`.
+
+Examples:
+    >>> import featlab.testing as ft
+    >>> points = skip_points(ft.TinyResNet(), input_size=32)
+    >>> [(p.name, p.stride, p.rf_size) for p in points]
+    [('conv1', 2, 3), ('bn1', 2, 3), ('relu', 2, 3), ('layer1.0', 2, 11), ('layer1.1', 4, 23)]
+    >>> [p.name for p in select_points(points, "stages")]
+    ['layer1.0', 'layer1.1']
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import fx, nn
+
+from featlab.errors import (ConfigError, FeatlabError, GraphTraceError, InputSizeError,
+                            SkipPointNotFoundError, did_you_mean)
+from featlab.receptive_field import graph_receptive_fields
+
+logger = logging.getLogger("featlab")
+
+__all__ = ["SkipPoint", "skip_points", "select_points"]
+
+_KEYS = ("name", "index", "module", "channels", "size", "stride", "rf_size", "rf_stride",
+         "rf_padding")
+_STRIDE_DELTA = 64   # least change of input size between the two measuring runs
+_PARAM_NAMES = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked",
+                "layer_scale", "in_proj_weight", "in_proj_bias"}
+
+
+@dataclass(frozen=True)
+class SkipPoint:
+    """One skip point of a backbone, measured at one input size.
+
+    Attributes:
+        name: user-visible module path, e.g. ``"layer3.1"`` (never an FX node id).
+        index: position in execution order among the model's skip points (0-based).
+        module: module path to hook (equal to ``name`` for discovered points).
+        channels: C of the output.
+        size: output (H, W) at the input size used for discovery.
+        stride: input pixels per feature cell along H, measured from output sizes.
+        rf_size: theoretical receptive field along H (input pixels), None if unknown.
+        rf_stride: effective stride (jump) from the graph, None if unknown.
+        rf_padding: effective padding (Araujo et al. 2019), None if unknown.
+        rf_status: ``"exact"`` or a short reason (global context, unknown op, ...).
+        aliases: outer modules returning the same tensor (``"layer1"`` for ``"layer1.1"``);
+            accepted by :func:`select_points`, not serialised, not compared.
+    """
+
+    name: str
+    index: int
+    module: str
+    channels: int
+    size: tuple[int, int]
+    stride: int
+    rf_size: int | None
+    rf_stride: int | None
+    rf_padding: int | None
+    rf_status: str = "exact"
+    aliases: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", tuple(self.size))
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+        problems = []
+        if not (isinstance(self.name, str) and self.name and isinstance(self.module, str)):
+            problems.append("`name` and `module` must be non-empty strings")
+        if not (isinstance(self.index, int) and self.index >= 0):
+            problems.append("`index` must be an int >= 0")
+        for key in ("channels", "stride"):
+            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
+                problems.append(f"`{key}` must be an int >= 1")
+        if len(self.size) != 2 or not all(isinstance(s, int) and s >= 1 for s in self.size):
+            problems.append("`size` must be two ints >= 1")
+        for key in ("rf_size", "rf_stride", "rf_padding"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), int):
+                problems.append(f"`{key}` must be an int or None")
+        if problems:
+            raise ConfigError(f"SkipPoint fields must be valid; got {self!r}: "
+                              f"{'; '.join(problems)}. Fix: build points with skip_points().")
+
+    def to_dict(self) -> dict:
+        """The JSON record: exactly the keys name index module channels size stride rf_size
+        rf_stride rf_padding (``size`` as a list)."""
+        d = {key: getattr(self, key) for key in _KEYS}
+        d["size"] = list(self.size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SkipPoint:
+        """Inverse of :meth:`to_dict`; also accepts ``rf_status`` and ``aliases``.
+
+        Examples:
+            >>> p = SkipPoint("layer1", 0, "layer1", 64, (56, 56), 4, 35, 4, 13)
+            >>> SkipPoint.from_dict(p.to_dict()) == p
+            True
+        """
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - valid)
+        missing = [key for key in _KEYS if key not in d]
+        if unknown or missing:
+            raise ConfigError(f"SkipPoint records must have the keys {list(_KEYS)} (optionally "
+                              f"rf_status, aliases); got unknown {unknown}, missing {missing}. "
+                              "Fix: use the output of SkipPoint.to_dict().")
+        return cls(**d)
+
+
+# -- tracing -----------------------------------------------------------------------------------
+class _Tracer(fx.Tracer):
+    """Records, for every module call, the node it returned, and per node the calling module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+        self.returned: defaultdict[fx.Node, list[str]] = defaultdict(list)
+        self.scopes: dict[str, str] = {}
+        self._scope = ""
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):  # noqa: ANN001
+        try:
+            name = self.path_of_module(m)
+        except NameError:  # a module created inside forward: not hookable by name
+            return super().call_module(m, forward, args, kwargs)
+        self.calls[name] += 1
+        outer, self._scope = self._scope, name
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        finally:
+            self._scope = outer
+        if isinstance(out, fx.Proxy):  # inner calls return first: innermost module listed first
+            self.returned[out.node].append(name)
+        return out
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest):  # noqa
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *rest)
+        self.scopes[proxy.node.name] = self._scope
+        return proxy
+
+
+def _unwrap(model: object) -> nn.Module:
+    """Strip torch.compile (``_orig_mod``) and DataParallel / DDP (``.module``) wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            break
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"`model` must be a torch.nn.Module; got {type(model).__name__}. "
+                          "Fix: pass the network, e.g. featlab.get_backbone('resnet18')[0].")
+    return model
+
+
+class _TooSmall(RuntimeError):
+    """A feature map became empty: the input is too small (PyTorch does not always raise)."""
+
+
+def _run(graph: fx.Graph, root: nn.Module, x: torch.Tensor, stop: fx.Node | None) -> dict:
+    """Run the graph on ``x`` up to (not including) ``stop``; node name -> output shape."""
+    modules = dict(root.named_modules())
+    last_use = {}
+    for node in graph.nodes:
+        for arg in node.all_input_nodes:
+            last_use[arg] = node
+    env, shapes = {}, {}
+    placeholders = 0
+    for node in graph.nodes:
+        if node is stop or node.op == "output":
+            break
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        if node.op == "placeholder":
+            value = x if placeholders == 0 else (args[0] if args else None)
+            placeholders += 1
+        elif node.op == "get_attr":
+            value = root
+            for part in node.target.split("."):
+                value = getattr(value, part)
+        elif node.op == "call_module":
+            value = modules[node.target](*args, **kwargs)
+        elif node.op == "call_function":
+            value = node.target(*args, **kwargs)
+        else:
+            value = getattr(args[0], node.target)(*args[1:], **kwargs)
+        if isinstance(value, torch.Tensor):
+            shapes[node.name] = tuple(value.shape)
+            if value.dim() >= 3 and 0 in value.shape[2:]:
+                raise _TooSmall(f"{node.name} has an empty spatial dim {tuple(value.shape)}")
+        elif isinstance(value, (tuple, list)) and value and all(
+                isinstance(v, torch.Tensor) for v in value):
+            shapes[node.name] = [tuple(v.shape) for v in value]
+        env[node] = value
+        for arg in node.all_input_nodes:  # free activations after their last use
+            if last_use.get(arg) is node:
+                del env[arg]
+    return shapes
+
+
+def _dominators(graph: fx.Graph, source: fx.Node) -> list[fx.Node]:
+    """Nodes on every path from ``source`` to the output, in execution order (Cooper et al.)."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    reach = {source}
+    idom = {source: source}
+    for node in graph.nodes:
+        preds = [a for a in node.all_input_nodes if a in reach]
+        if node is source or not preds:
+            continue
+        reach.add(node)
+        dom = preds[0]
+        for other in preds[1:]:
+            while dom is not other:
+                while order[dom] > order[other]:
+                    dom = idom[dom]
+                while order[other] > order[dom]:
+                    other = idom[other]
+        idom[node] = dom
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    chain, node = [], idom.get(output, source)
+    while node is not source:
+        chain.append(node)
+        node = idom[node]
+    return chain[::-1]
+
+
+_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear)
+_POOL_FUNCTIONS = {"adaptive_avg_pool2d", "adaptive_max_pool2d", "flatten", "mean", "amax"}
+
+
+def _is_global_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _POOL_MODULES)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return name in _POOL_FUNCTIONS
+
+
+def _pair(size: object) -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(
+        size, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                 for s in pair):
+        raise ConfigError(f"`input_size` must be a positive int or (H, W); got {size!r}. "
+                          "Fix: e.g. input_size=224.")
+    return pair
+
+
+def _in_channels(graph: fx.Graph, modules: dict[str, nn.Module]) -> int:
+    convs = (modules[n.target] for n in graph.nodes if n.op == "call_module")
+    conv = next((m for m in convs if isinstance(m, nn.Conv2d)), None)  # first to run
+    return conv.in_channels if conv is not None else 3
+
+
+class _Runner:
+    """Runs the traced graph on zero inputs of a given size (batch 1), up to ``stop``."""
+
+    def __init__(self, graph: fx.Graph, root: nn.Module, channels: int, like: torch.Tensor):
+        self.graph, self.root, self.channels, self.like = graph, root, channels, like
+
+    def __call__(self, size: tuple[int, int], stop: fx.Node | None) -> dict:
+        x = torch.zeros(1, self.channels, *size, dtype=self.like.dtype, device=self.like.device)
+        return _run(self.graph, self.root, x, stop)
+
+
+def _second_size(run: _Runner, size: tuple[int, int], stop: fx.Node | None, step: int
+                 ) -> tuple[dict, int]:
+    """Shapes at a second input size ``step`` px smaller (cheaper) when that runs, else larger.
+
+    ``step`` is a multiple of every effective stride on the way, so each output side changes by
+    exactly ``step / stride`` (floor and ceil rounding cancel out).
+    """
+    if min(size) - step >= 32:
+        try:
+            return run((size[0] - step, size[1] - step), stop), -step
+        except (RuntimeError, ValueError, IndexError):
+            pass
+    return run((size[0] + step, size[1] + step), stop), step
+
+
+def _measure(run: _Runner, size: tuple[int, int], stop: fx.Node | None) -> dict:
+    """Shapes at ``size``; a size failure becomes an InputSizeError naming the smallest size."""
+    try:
+        return run(size, stop)
+    except (RuntimeError, ValueError, IndexError) as err:
+        failure = err
+
+    def works(side: int) -> bool:
+        try:
+            run((side, side), stop)
+            return True
+        except (RuntimeError, ValueError, IndexError):
+            return False
+
+    name = type(run.root).__name__
+    lo, hi = min(size), max(2 * max(size), 8)
+    while not works(hi):  # find a size that works, then bisect down to the smallest
+        lo, hi = hi, 2 * hi
+        if hi > max(4 * max(size), 512):
+            raise FeatlabError(f"running {name} must succeed on a dummy input [1, {run.channels}, "
+                               f"{size[0]}, {size[1]}]; it failed ({failure}) and larger inputs "
+                               "fail too. Fix: check that the model runs on a plain image tensor;"
+                               f" pass in_channels= if it does not take {run.channels}.") \
+                from failure
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if works(mid) else (mid, hi)
+    raise InputSizeError(
+        f"`input_size` must be at least {hi} px per side for {name}; got {size[0]}x{size[1]} "
+        f"({str(failure).splitlines()[0][:160]}). Fix: pass input_size={hi} or larger."
+    ) from failure
+
+
+# -- discovery ---------------------------------------------------------------------------------
+def skip_points(model: nn.Module, input_size: int | tuple[int, int] = 224, *,
+                select: str | Sequence[str] = "all", in_channels: int | None = None
+                ) -> list[SkipPoint]:
+    """Discover a model's skip points, in execution order, measured at ``input_size``.
+
+    The model is traced with ``torch.fx`` and run twice at batch 1 (at ``input_size`` and 64 px
+    smaller, or larger for small inputs; both runs stop at the global pool), in eval mode under
+    ``no_grad``; its training flags are restored afterwards and nothing is left attached.
+    Cost: the trace (tens of ms) and about 1.5 forward passes, e.g. ~0.3 s for resnet50 at
+    224 px on one idle CPU core (more when the cores are shared with other work).
+
+    Args:
+        model: a CNN (torch.compile / DataParallel / DDP wrappers are unwrapped; names are
+            relative to the wrapped network).
+        input_size: side, or (H, W), of the dummy input.
+        select: a selection passed to :func:`select_points` (default ``"all"``).
+        in_channels: input channels; default the first Conv2d's ``in_channels``.
+
+    Returns:
+        The selected :class:`SkipPoint` records, in execution order.
+
+    Raises:
+        InputSizeError: the input is too small for the network (the message gives the
+            smallest size that runs).
+        GraphTraceError: ``torch.fx`` cannot trace the model.
+        SkipPointNotFoundError: ``select`` matches no skip point.
+
+    Examples:
+        >>> import featlab.testing as ft
+        >>> [p.name for p in skip_points(ft.TinyCNN(), 16)]
+        ['features.0', 'features.1', 'features.2', 'features.3', 'features.4', 'features.5']
+    """
+    started = time.perf_counter()
+    root = _unwrap(model)
+    size = _pair(input_size)
+    if in_channels is not None and not (isinstance(in_channels, int) and in_channels >= 1):
+        raise ConfigError(f"`in_channels` must be a positive int or None; got {in_channels!r}.")
+    modes = [(m, m.training) for m in root.modules()]
+    try:
+        root.eval()  # trace and measure what inference computes (dropout off, BN statistics)
+        with torch.no_grad():
+            points = _discover(root, size, in_channels)
+    finally:
+        for module, training in modes:
+            module.training = training
+    logger.debug("skip_points(%s, %s): %d points in %.2f s", type(root).__name__, size,
+                 len(points), time.perf_counter() - started)
+    return _select(points, select, root)
+
+
+def _discover(root: nn.Module, size: tuple[int, int], in_channels: int | None
+              ) -> list[SkipPoint]:
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(root)
+    except Exception as err:  # noqa: BLE001 - any trace failure gets the same guidance
+        raise GraphTraceError(
+            f"skip_points needs a model that torch.fx can trace; {type(root).__name__} failed "
+            f"to trace ({type(err).__name__}: {str(err).splitlines()[0][:200]}). Fix: capture "
+            "named modules directly, featlab.capture(model, ['layer3', ...]) (hooks need no "
+            "tracing), or remove data-dependent control flow from forward.") from err
+    modules = dict(root.named_modules())
+    source = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    if source is None:
+        raise GraphTraceError(f"skip_points needs a model whose forward takes an input; "
+                              f"{type(root).__name__}.forward takes none.")
+    chain = _dominators(graph, source)
+    stop = next((n for n in chain if _is_global_pool(n, modules)), None)
+    run = _Runner(graph, root, in_channels or _in_channels(graph, modules),
+                  next(root.parameters(), torch.zeros(())))
+    shapes = _measure(run, size, stop)
+    fields_ = graph_receptive_fields(graph, root, shapes, tracer.scopes)
+    cuts = _cuts(chain, stop, shapes, fields_, tracer)
+    if not cuts:
+        return []
+    # the second run needs a size change that every stride divides, and stops after the last cut
+    jumps = [fields_[n.name].stride or 1 for n, _ in cuts]
+    step = math.lcm(*jumps) * max(1, math.ceil(_STRIDE_DELTA / math.lcm(*jumps)))
+    nodes = list(graph.nodes)
+    other, delta = _second_size(run, size, nodes[nodes.index(cuts[-1][0]) + 1], step)
+    points = []
+    for node, names in cuts:
+        (_, c, h, w), grown = shapes[node.name], other[node.name][2] - shapes[node.name][2]
+        if grown * delta <= 0 or abs(grown) > abs(delta):
+            # constant size (after an adaptive pool) or upsampled (stride < 1): no feature map
+            # with an integer stride; say so rather than round
+            logger.warning("skip point candidate %s left out: its size changes by %d px when "
+                           "the input changes by %d px", names[0], grown, delta)
+            continue
+        if delta % grown:
+            logger.debug("stride of %s is not an integer (%d / %d)", names[0], delta, grown)
+        rf = fields_[node.name]
+        points.append(SkipPoint(names[0], len(points), names[0], c, (h, w),
+                                round(delta / grown), rf.size, rf.stride, rf.padding,
+                                rf.status, tuple(names[1:])))
+    return points
+
+
+def _cuts(chain: list[fx.Node], stop: fx.Node | None, shapes: dict, fields_: dict,
+          tracer: _Tracer) -> list[tuple[fx.Node, list[str]]]:
+    """Hookable 4-D dominators before the global pool, with their module names."""
+    cuts = []
+    for node in chain:
+        shape = shapes.get(node.name)
+        if node is stop or (isinstance(shape, tuple) and len(shape) < 3) \
+                or fields_[node.name].status.startswith("global:"):
+            break  # the global pool, or the features have lost their spatial dims
+        if not (isinstance(shape, tuple) and len(shape) == 4):
+            continue
+        names = [n for n in tracer.returned.get(node, []) if n and tracer.calls[n] == 1]
+        if names:
+            cuts.append((node, names))
+        else:
+            logger.debug("cut %s is not returned by a module that runs once; not hookable",
+                         node.name)
+    return cuts
+
+
+# -- selection ---------------------------------------------------------------------------------
+def select_points(points: list[SkipPoint], selection: str | Sequence[str]) -> list[SkipPoint]:
+    """Pick skip points by preset, pattern or name.
+
+    Args:
+        points: skip points of one model (from :func:`skip_points`).
+        selection: ``"all"``; ``"stages"`` (the last point at each stride); a glob such as
+            ``"layer3.*"`` (fnmatch, case-sensitive); ``"re:<regex>"`` (full match); an exact
+            point name or alias (``"layer1"`` for ``"layer1.1"``); a list of these, or a
+            comma-separated string.
+
+    Returns:
+        The selected points in execution order, without duplicates.
+
+    Raises:
+        SkipPointNotFoundError: a name is unknown, a pattern matches nothing, a parameter name
+            was given, or the selection is empty.
+
+    Examples:
+        >>> import featlab.testing as ft
+        >>> points = skip_points(ft.TinyResNet(), 32)
+        >>> [p.name for p in select_points(points, "layer1.*, conv1")]
+        ['conv1', 'layer1.0', 'layer1.1']
+    """
+    return _select(points, selection, None)
+
+
+def _select(points: list[SkipPoint], selection: str | Sequence[str], model: nn.Module | None
+            ) -> list[SkipPoint]:
+    if isinstance(selection, str):
+        tokens = [t.strip() for t in selection.split(",") if t.strip()]
+    elif isinstance(selection, Sequence) and all(isinstance(t, str) for t in selection):
+        tokens = [part.strip() for t in selection for part in t.split(",") if part.strip()]
+    else:
+        raise ConfigError(f"`points` selection must be a string or a list of strings; got "
+                          f"{selection!r}. Fix: e.g. 'stages', 'layer3.*' or ['layer1', 'layer4'].")
+    owner = f"skip points of {type(model).__name__}" if model is not None else "skip points"
+    hint = " See `featlab points MODEL` for the list."
+    if not tokens:
+        raise SkipPointNotFoundError(f"`points` must select at least one of the {owner}; got an "
+                                     f"empty selection {selection!r}. Fix: e.g. 'all'.{hint}")
+    names = [n for p in points for n in (p.name, *p.aliases)]
+    chosen: set[int] = set()
+    for token in tokens:
+        if token == "all":
+            hits = list(range(len(points)))
+        elif token == "stages":
+            last = {p.stride: i for i, p in enumerate(points)}
+            hits = sorted(last.values())
+        elif token.startswith("re:"):
+            try:
+                pattern = re.compile(token[3:])
+            except re.error as err:
+                raise ConfigError(f"`points` regex must compile; got {token!r} ({err}). Fix: "
+                                  r"escape dots, e.g. 're:layer3\.\d+'.") from err
+            hits = [i for i, p in enumerate(points)
+                    if any(pattern.fullmatch(n) for n in (p.name, *p.aliases))]
+        elif any(c in token for c in "*?["):
+            hits = [i for i, p in enumerate(points)
+                    if any(fnmatch.fnmatchcase(n, token) for n in (p.name, *p.aliases))]
+        else:
+            hits = [i for i, p in enumerate(points) if token in (p.name, *p.aliases)]
+        if not hits and token != "all":  # a model may have no skip points; "all" is then []
+            raise _not_found(token, names, owner, hint, model)
+        chosen.update(hits)
+    return [points[i] for i in sorted(chosen)]
+
+
+def _not_found(token: str, names: list[str], owner: str, hint: str, model: nn.Module | None
+               ) -> SkipPointNotFoundError:
+    module, _, last = token.rpartition(".")
+    params = {} if model is None else dict(model.named_parameters()) | dict(model.named_buffers())
+    if token in params or last in _PARAM_NAMES:
+        return SkipPointNotFoundError(
+            f"`points` must name modules; got {token!r}, which is a parameter or buffer name "
+            f"(of module {module or '(the model)'!r}), not a module output. Fix: select the "
+            f"module output instead: {module!r}.{did_you_mean(module, names)}{hint}")
+    pattern = token[3:] if token.startswith("re:") else token
+    probe = re.sub(r"[*?\[\]\\^$+(){}|]", "", pattern)
+    kind = "pattern" if pattern != token or probe != token else "name"
+    if model is not None and token in dict(model.named_modules()):
+        return SkipPointNotFoundError(
+            f"`points` must name {owner}; got {token!r}, a module whose output is not a skip "
+            "point (a path bypasses it, it runs more than once, or it follows the global pool)."
+            f" Fix: featlab.capture(model, [{token!r}]) hooks any module.{hint}")
+    return SkipPointNotFoundError(
+        f"`points` must name {owner}; got {kind} {token!r}, which matches none."
+        f"{did_you_mean(probe, names)}{hint}")
