@@ -1,0 +1,47 @@
+"""Joining caches row by row: check that two caches hold the same samples (R-5.3)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from featlab.cache._reading import ids_sha256
+from featlab.errors import CacheError
+
+if TYPE_CHECKING:
+    from featlab.cache.reader import CacheReader
+
+__all__ = ["check_same_samples"]
+
+
+def check_same_samples(a: CacheReader, b: CacheReader) -> None:
+    """Raise CacheError unless two caches hold the same samples in the same order (R-5.3).
+
+    Analyses that join caches row by row (CKA across models, probes) call this first. The
+    stored fingerprints (``ids_sha256`` of all N ids) are compared first; on a mismatch the
+    message names the first position where the ids differ. Equal fingerprints with different
+    exposed samples (one cache still being written) are also an error.
+
+    Examples:
+        >>> check_same_samples(open_cache("a.h5"), open_cache("b.h5"))  # doctest: +SKIP
+    """
+    fa, fb = (c.ids_sha256 or ids_sha256(c.all_ids()) for c in (a, b))
+    if fa != fb:
+        where = _first_difference(a.all_ids(), b.all_ids())
+        raise CacheError(f"caches joined row by row must hold the same samples in the same "
+                         f"order; {str(a.path)!r} and {str(b.path)!r} differ ({where}; ids "
+                         f"sha256 {fa[:12]} vs {fb[:12]}). Fix: extract both from the same data "
+                         "set, split and settings, without shuffling.")
+    if a.ids != b.ids:
+        raise CacheError(f"caches joined row by row must expose the same samples; "
+                         f"{str(a.path)!r} has {len(a)} and {str(b.path)!r} {len(b)} of "
+                         f"{a.num_samples} written ({_first_difference(a.ids, b.ids)}). Fix: "
+                         "wait until both are complete and call cache.refresh().")
+
+
+def _first_difference(x: list[str], y: list[str]) -> str:
+    for i, (u, v) in enumerate(zip(x, y)):
+        if u != v:
+            return f"first at position {i}: {u!r} vs {v!r}"
+    if len(x) != len(y):
+        return f"{len(x)} vs {len(y)} samples, equal up to position {min(len(x), len(y))}"
+    return "equal ids, but a stored ids_sha256 is wrong; run `featlab verify`"
