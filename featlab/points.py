@@ -8,7 +8,8 @@ forward, so a forward hook captures it (a ResNet block is ``"layer1.0"``, not it
 ``"layer1.0.relu"``). Cuts that no module returns (a functional ``F.relu``) cannot be hooked and
 are left out. Shapes come from running the traced graph at ``input_size``, strides from a
 second run 64 px smaller or larger (the change in output size; R-12.1), and receptive fields from
-:mod:`featlab.receptive_field`.
+:mod:`featlab.receptive_field`. The graph mechanics live in :mod:`featlab._graph`; selection by
+presets, globs and names in :mod:`featlab.selection` (:func:`select_points` is re-exported here).
 
 Examples:
     >>> import featlab.testing as ft
@@ -21,21 +22,20 @@ Examples:
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
-import re
 import time
-from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
 from torch import fx, nn
 
-from featlab.errors import (ConfigError, FeatlabError, GraphTraceError, InputSizeError,
-                            SkipPointNotFoundError, did_you_mean)
+from featlab._graph import (_dominators, _in_channels, _is_global_pool, _measure, _Runner,
+                            _second_size, _Tracer)
+from featlab.errors import ConfigError, GraphTraceError
 from featlab.receptive_field import graph_receptive_fields
+from featlab.selection import _select, select_points
 
 logger = logging.getLogger("featlab")
 
@@ -44,8 +44,6 @@ __all__ = ["SkipPoint", "skip_points", "select_points"]
 _KEYS = ("name", "index", "module", "channels", "size", "stride", "rf_size", "rf_stride",
          "rf_padding")
 _STRIDE_DELTA = 64   # least change of input size between the two measuring runs
-_PARAM_NAMES = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked",
-                "layer_scale", "in_proj_weight", "in_proj_bias"}
 
 
 @dataclass(frozen=True)
@@ -125,38 +123,7 @@ class SkipPoint:
         return cls(**d)
 
 
-# -- tracing -----------------------------------------------------------------------------------
-class _Tracer(fx.Tracer):
-    """Records, for every module call, the node it returned, and per node the calling module."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: Counter[str] = Counter()
-        self.returned: defaultdict[fx.Node, list[str]] = defaultdict(list)
-        self.scopes: dict[str, str] = {}
-        self._scope = ""
-
-    def call_module(self, m: nn.Module, forward, args, kwargs):  # noqa: ANN001
-        try:
-            name = self.path_of_module(m)
-        except NameError:  # a module created inside forward: not hookable by name
-            return super().call_module(m, forward, args, kwargs)
-        self.calls[name] += 1
-        outer, self._scope = self._scope, name
-        try:
-            out = super().call_module(m, forward, args, kwargs)
-        finally:
-            self._scope = outer
-        if isinstance(out, fx.Proxy):  # inner calls return first: innermost module listed first
-            self.returned[out.node].append(name)
-        return out
-
-    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest):  # noqa
-        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *rest)
-        self.scopes[proxy.node.name] = self._scope
-        return proxy
-
-
+# -- discovery ---------------------------------------------------------------------------------
 def _unwrap(model: object) -> nn.Module:
     """Strip torch.compile (``_orig_mod``) and DataParallel / DDP (``.module``) wrappers."""
     while True:
@@ -172,88 +139,6 @@ def _unwrap(model: object) -> nn.Module:
     return model
 
 
-class _TooSmall(RuntimeError):
-    """A feature map became empty: the input is too small (PyTorch does not always raise)."""
-
-
-def _run(graph: fx.Graph, root: nn.Module, x: torch.Tensor, stop: fx.Node | None) -> dict:
-    """Run the graph on ``x`` up to (not including) ``stop``; node name -> output shape."""
-    modules = dict(root.named_modules())
-    last_use = {}
-    for node in graph.nodes:
-        for arg in node.all_input_nodes:
-            last_use[arg] = node
-    env, shapes = {}, {}
-    placeholders = 0
-    for node in graph.nodes:
-        if node is stop or node.op == "output":
-            break
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        if node.op == "placeholder":
-            value = x if placeholders == 0 else (args[0] if args else None)
-            placeholders += 1
-        elif node.op == "get_attr":
-            value = root
-            for part in node.target.split("."):
-                value = getattr(value, part)
-        elif node.op == "call_module":
-            value = modules[node.target](*args, **kwargs)
-        elif node.op == "call_function":
-            value = node.target(*args, **kwargs)
-        else:
-            value = getattr(args[0], node.target)(*args[1:], **kwargs)
-        if isinstance(value, torch.Tensor):
-            shapes[node.name] = tuple(value.shape)
-            if value.dim() >= 3 and 0 in value.shape[2:]:
-                raise _TooSmall(f"{node.name} has an empty spatial dim {tuple(value.shape)}")
-        elif isinstance(value, (tuple, list)) and value and all(
-                isinstance(v, torch.Tensor) for v in value):
-            shapes[node.name] = [tuple(v.shape) for v in value]
-        env[node] = value
-        for arg in node.all_input_nodes:  # free activations after their last use
-            if last_use.get(arg) is node:
-                del env[arg]
-    return shapes
-
-
-def _dominators(graph: fx.Graph, source: fx.Node) -> list[fx.Node]:
-    """Nodes on every path from ``source`` to the output, in execution order (Cooper et al.)."""
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    reach = {source}
-    idom = {source: source}
-    for node in graph.nodes:
-        preds = [a for a in node.all_input_nodes if a in reach]
-        if node is source or not preds:
-            continue
-        reach.add(node)
-        dom = preds[0]
-        for other in preds[1:]:
-            while dom is not other:
-                while order[dom] > order[other]:
-                    dom = idom[dom]
-                while order[other] > order[dom]:
-                    other = idom[other]
-        idom[node] = dom
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    chain, node = [], idom.get(output, source)
-    while node is not source:
-        chain.append(node)
-        node = idom[node]
-    return chain[::-1]
-
-
-_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear)
-_POOL_FUNCTIONS = {"adaptive_avg_pool2d", "adaptive_max_pool2d", "flatten", "mean", "amax"}
-
-
-def _is_global_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _POOL_MODULES)
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return name in _POOL_FUNCTIONS
-
-
 def _pair(size: object) -> tuple[int, int]:
     pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(
         size, (tuple, list)) else ()
@@ -264,72 +149,6 @@ def _pair(size: object) -> tuple[int, int]:
     return pair
 
 
-def _in_channels(graph: fx.Graph, modules: dict[str, nn.Module]) -> int:
-    convs = (modules[n.target] for n in graph.nodes if n.op == "call_module")
-    conv = next((m for m in convs if isinstance(m, nn.Conv2d)), None)  # first to run
-    return conv.in_channels if conv is not None else 3
-
-
-class _Runner:
-    """Runs the traced graph on zero inputs of a given size (batch 1), up to ``stop``."""
-
-    def __init__(self, graph: fx.Graph, root: nn.Module, channels: int, like: torch.Tensor):
-        self.graph, self.root, self.channels, self.like = graph, root, channels, like
-
-    def __call__(self, size: tuple[int, int], stop: fx.Node | None) -> dict:
-        x = torch.zeros(1, self.channels, *size, dtype=self.like.dtype, device=self.like.device)
-        return _run(self.graph, self.root, x, stop)
-
-
-def _second_size(run: _Runner, size: tuple[int, int], stop: fx.Node | None, step: int
-                 ) -> tuple[dict, int]:
-    """Shapes at a second input size ``step`` px smaller (cheaper) when that runs, else larger.
-
-    ``step`` is a multiple of every effective stride on the way, so each output side changes by
-    exactly ``step / stride`` (floor and ceil rounding cancel out).
-    """
-    if min(size) - step >= 32:
-        try:
-            return run((size[0] - step, size[1] - step), stop), -step
-        except (RuntimeError, ValueError, IndexError):
-            pass
-    return run((size[0] + step, size[1] + step), stop), step
-
-
-def _measure(run: _Runner, size: tuple[int, int], stop: fx.Node | None) -> dict:
-    """Shapes at ``size``; a size failure becomes an InputSizeError naming the smallest size."""
-    try:
-        return run(size, stop)
-    except (RuntimeError, ValueError, IndexError) as err:
-        failure = err
-
-    def works(side: int) -> bool:
-        try:
-            run((side, side), stop)
-            return True
-        except (RuntimeError, ValueError, IndexError):
-            return False
-
-    name = type(run.root).__name__
-    lo, hi = min(size), max(2 * max(size), 8)
-    while not works(hi):  # find a size that works, then bisect down to the smallest
-        lo, hi = hi, 2 * hi
-        if hi > max(4 * max(size), 512):
-            raise FeatlabError(f"running {name} must succeed on a dummy input [1, {run.channels}, "
-                               f"{size[0]}, {size[1]}]; it failed ({failure}) and larger inputs "
-                               "fail too. Fix: check that the model runs on a plain image tensor;"
-                               f" pass in_channels= if it does not take {run.channels}.") \
-                from failure
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if works(mid) else (mid, hi)
-    raise InputSizeError(
-        f"`input_size` must be at least {hi} px per side for {name}; got {size[0]}x{size[1]} "
-        f"({str(failure).splitlines()[0][:160]}). Fix: pass input_size={hi} or larger."
-    ) from failure
-
-
-# -- discovery ---------------------------------------------------------------------------------
 def skip_points(model: nn.Module, input_size: int | tuple[int, int] = 224, *,
                 select: str | Sequence[str] = "all", in_channels: int | None = None
                 ) -> list[SkipPoint]:
@@ -446,93 +265,3 @@ def _cuts(chain: list[fx.Node], stop: fx.Node | None, shapes: dict, fields_: dic
             logger.debug("cut %s is not returned by a module that runs once; not hookable",
                          node.name)
     return cuts
-
-
-# -- selection ---------------------------------------------------------------------------------
-def select_points(points: list[SkipPoint], selection: str | Sequence[str]) -> list[SkipPoint]:
-    """Pick skip points by preset, pattern or name.
-
-    Args:
-        points: skip points of one model (from :func:`skip_points`).
-        selection: ``"all"``; ``"stages"`` (the last point at each stride); a glob such as
-            ``"layer3.*"`` (fnmatch, case-sensitive); ``"re:<regex>"`` (full match); an exact
-            point name or alias (``"layer1"`` for ``"layer1.1"``); a list of these, or a
-            comma-separated string.
-
-    Returns:
-        The selected points in execution order, without duplicates.
-
-    Raises:
-        SkipPointNotFoundError: a name is unknown, a pattern matches nothing, a parameter name
-            was given, or the selection is empty.
-
-    Examples:
-        >>> import featlab.testing as ft
-        >>> points = skip_points(ft.TinyResNet(), 32)
-        >>> [p.name for p in select_points(points, "layer1.*, conv1")]
-        ['conv1', 'layer1.0', 'layer1.1']
-    """
-    return _select(points, selection, None)
-
-
-def _select(points: list[SkipPoint], selection: str | Sequence[str], model: nn.Module | None
-            ) -> list[SkipPoint]:
-    if isinstance(selection, str):
-        tokens = [t.strip() for t in selection.split(",") if t.strip()]
-    elif isinstance(selection, Sequence) and all(isinstance(t, str) for t in selection):
-        tokens = [part.strip() for t in selection for part in t.split(",") if part.strip()]
-    else:
-        raise ConfigError(f"`points` selection must be a string or a list of strings; got "
-                          f"{selection!r}. Fix: e.g. 'stages', 'layer3.*' or ['layer1', 'layer4'].")
-    owner = f"skip points of {type(model).__name__}" if model is not None else "skip points"
-    hint = " See `featlab points MODEL` for the list."
-    if not tokens:
-        raise SkipPointNotFoundError(f"`points` must select at least one of the {owner}; got an "
-                                     f"empty selection {selection!r}. Fix: e.g. 'all'.{hint}")
-    names = [n for p in points for n in (p.name, *p.aliases)]
-    chosen: set[int] = set()
-    for token in tokens:
-        if token == "all":
-            hits = list(range(len(points)))
-        elif token == "stages":
-            last = {p.stride: i for i, p in enumerate(points)}
-            hits = sorted(last.values())
-        elif token.startswith("re:"):
-            try:
-                pattern = re.compile(token[3:])
-            except re.error as err:
-                raise ConfigError(f"`points` regex must compile; got {token!r} ({err}). Fix: "
-                                  r"escape dots, e.g. 're:layer3\.\d+'.") from err
-            hits = [i for i, p in enumerate(points)
-                    if any(pattern.fullmatch(n) for n in (p.name, *p.aliases))]
-        elif any(c in token for c in "*?["):
-            hits = [i for i, p in enumerate(points)
-                    if any(fnmatch.fnmatchcase(n, token) for n in (p.name, *p.aliases))]
-        else:
-            hits = [i for i, p in enumerate(points) if token in (p.name, *p.aliases)]
-        if not hits and token != "all":  # a model may have no skip points; "all" is then []
-            raise _not_found(token, names, owner, hint, model)
-        chosen.update(hits)
-    return [points[i] for i in sorted(chosen)]
-
-
-def _not_found(token: str, names: list[str], owner: str, hint: str, model: nn.Module | None
-               ) -> SkipPointNotFoundError:
-    module, _, last = token.rpartition(".")
-    params = {} if model is None else dict(model.named_parameters()) | dict(model.named_buffers())
-    if token in params or last in _PARAM_NAMES:
-        return SkipPointNotFoundError(
-            f"`points` must name modules; got {token!r}, which is a parameter or buffer name "
-            f"(of module {module or '(the model)'!r}), not a module output. Fix: select the "
-            f"module output instead: {module!r}.{did_you_mean(module, names)}{hint}")
-    pattern = token[3:] if token.startswith("re:") else token
-    probe = re.sub(r"[*?\[\]\\^$+(){}|]", "", pattern)
-    kind = "pattern" if pattern != token or probe != token else "name"
-    if model is not None and token in dict(model.named_modules()):
-        return SkipPointNotFoundError(
-            f"`points` must name {owner}; got {token!r}, a module whose output is not a skip "
-            "point (a path bypasses it, it runs more than once, or it follows the global pool)."
-            f" Fix: featlab.capture(model, [{token!r}]) hooks any module.{hint}")
-    return SkipPointNotFoundError(
-        f"`points` must name {owner}; got {kind} {token!r}, which matches none."
-        f"{did_you_mean(probe, names)}{hint}")
