@@ -1,0 +1,156 @@
+"""Extraction benchmark: bare forward vs ``featlab.extract`` vs capture written the plain way.
+
+resnet18 (random init) at 128 px on ``shapes``, every skip point, float16, in one process:
+
+* **bare**: ``model(spec.normalize(x))`` under ``torch.inference_mode`` over the same batches,
+  already in memory;
+* **featlab extract**: ``featlab.extract`` end to end (points, file creation, a ``DataLoader``
+  over the samples, the forward, pooling/cast/copy in hooks, the writer thread, finalisation);
+* **plain**: the usual script -- forward hooks keeping the outputs, ``.cpu().numpy()``,
+  ``astype(float16)`` and h5py writes in the loop, from the same ``DataLoader``.
+
+The samples are rendered once up front and served from memory, so that all three measure the
+model and the cache, not the procedural data generator (its rate is printed separately).
+
+    python benchmarks/bench_extract.py [--samples 512] [--batch-size 32] [--repeats 2]
+
+Run it on a quiet machine (``uptime``: load below 1.5 on this 2-core box).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import featlab
+from featlab.cache.writer import extract
+from featlab.data import load_dataset
+
+
+class InMemory(torch.utils.data.Dataset):
+    """The samples of a featlab data set, rendered once and kept in memory (same protocol)."""
+
+    def __init__(self, ds):
+        self.name, self.split, self.classes = ds.name, ds.split, ds.classes
+        self.ignore_index, self.ids = ds.ignore_index, list(ds.ids)
+        self._settings = {**ds.settings(), "in_memory": True}
+        self._samples = [ds[i] for i in range(len(ds))]
+
+    def settings(self):
+        return dict(self._settings)
+
+    def __len__(self):
+        return len(self._samples)
+
+    def __getitem__(self, i):
+        return self._samples[i]
+
+
+def bare_rate(model, spec, ds, batch_size: int, repeats: int) -> float:
+    batches = [torch.stack([ds[i]["image"] for i in range(s, min(len(ds), s + batch_size))])
+               for s in range(0, len(ds), batch_size)]
+    best = 0.0
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for x in batches:
+                model(spec.normalize(x))
+            best = max(best, len(ds) / (time.perf_counter() - t0))
+    return best
+
+
+def featlab_rate(model, spec, ds, batch_size: int, folder: str) -> tuple[float, float, int]:
+    path = os.path.join(folder, "featlab.h5")
+    t0 = time.perf_counter()
+    result = extract(model, ds, "all", path, spec=spec, batch_size=batch_size, dtype="float16",
+                     num_workers=0, progress=False, force=True)
+    seconds = time.perf_counter() - t0
+    return len(ds) / seconds, result.written * _row_bytes(path) / seconds / 1e6, result.bytes
+
+
+def plain_rate(model, spec, ds, batch_size: int, folder: str) -> tuple[float, float, int]:
+    path = os.path.join(folder, "plain.h5")
+    points = featlab.skip_points(model, input_size=ds[0]["image"].shape[-1])
+    modules = dict(model.named_modules())
+    t0 = time.perf_counter()
+    store = {}
+    handles = [modules[p.module].register_forward_hook(
+        lambda m, a, out, name=p.name: store.__setitem__(name, out)) for p in points]
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+    try:
+        with h5py.File(path, "w") as f, torch.inference_mode():
+            dsets = {p.name: f.create_dataset(f"points/{p.name}", (len(ds), p.channels, *p.size),
+                                              "f2") for p in points}
+            labels = f.create_dataset("labels", (len(ds), *ds[0]["mask"].shape), "u1")
+            start = 0
+            for batch in loader:
+                model(spec.normalize(batch["image"]))
+                n = len(batch["image"])
+                for name, out in store.items():
+                    dsets[name][start:start + n] = out.cpu().numpy().astype(np.float16)
+                labels[start:start + n] = batch["mask"].numpy()
+                start += n
+    finally:
+        for h in handles:
+            h.remove()
+    seconds = time.perf_counter() - t0
+    size = os.path.getsize(path)
+    return len(ds) / seconds, size / seconds / 1e6, size
+
+
+def _row_bytes(path: str) -> int:
+    with h5py.File(path, "r") as f:
+        return sum(d[0].nbytes for d in f["points"].values()) + f["labels"][0].nbytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="folder for the files (default: a temp dir)")
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.2f}")
+    raw = load_dataset("shapes", split="val", size=args.size, length=args.samples)
+    t0 = time.perf_counter()
+    ds = InMemory(raw)
+    print(f"shapes generation at {args.size} px: {len(ds) / (time.perf_counter() - t0):.0f} "
+          "images/s (done once, before the timings)")
+    model, spec = featlab.get_backbone("resnet18", weights="none")
+    bare, feat, plain = [], [], []
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        bare_rate(model, spec, ds, args.batch_size, 1)  # warm-up (allocator, oneDNN kernels)
+        for _ in range(args.repeats):  # interleaved rounds: each ratio compares neighbours
+            bare.append(bare_rate(model, spec, ds, args.batch_size, 1))
+            feat.append(featlab_rate(model, spec, ds, args.batch_size, folder))
+            plain.append(plain_rate(model, spec, ds, args.batch_size, folder))
+            print(f"  round: bare {bare[-1]:.1f}, featlab {feat[-1][0]:.1f}, plain "
+                  f"{plain[-1][0]:.1f} images/s (load {os.getloadavg()[0]:.2f})", flush=True)
+    print(f"\nresnet18, {args.size} px, {len(ds)} samples, batch {args.batch_size}, all skip "
+          f"points, float16; best of {args.repeats} rounds, ratio = median over rounds")
+    print(f"{'variant':<20} {'images/s':>9} {'vs bare':>8} {'MB/s':>7} {'file':>10}")
+    rows = [("bare forward", [(b, None, None) for b in bare]), ("featlab extract", feat),
+            ("plain hooks + h5py", plain)]
+    for name, runs in rows:
+        best = max(runs, key=lambda r: r[0])
+        ratio = statistics.median(r[0] / b for r, b in zip(runs, bare))
+        mbs, size = best[1], best[2]
+        print(f"{name:<20} {best[0]:9.1f} {ratio:8.2f} "
+              f"{'' if mbs is None else f'{mbs:7.0f}':>7} "
+              f"{'' if size is None else f'{size / 2**20:7.0f} MiB':>10}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Which files an extraction writes, and what it may do with the ones already there.
+
+A single-process cache is written as ``<out>.partial`` and renamed to ``<out>`` when complete.
+Under ``torchrun`` with K processes, rank ``r`` writes ``<out>.shards/rank-<r>-of-<K>.h5``
+(``.partial`` while incomplete) and rank 0 then writes ``<out>`` as virtual datasets over the
+shards. :func:`prepare` applies the rules of resuming: a complete ``<out>`` is never overwritten
+without ``force``; a partial file is resumed only when its settings equal the new ones, else the
+error names the first setting that differs.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from featlab.cache import h5file
+from featlab.cache import schema as S
+from featlab.cache.settings import ExtractSettings
+from featlab.errors import CacheError
+
+__all__ = ["CachePaths", "check_writable", "prepare", "refuse_complete", "remove_all"]
+
+_FIX = "Fix: re-run with the same settings, or --force (force=True) to start over."
+
+
+@dataclass(frozen=True)
+class CachePaths:
+    """The files of one cache, seen from one rank.
+
+    Attributes:
+        out: the final cache file.
+        target: the file this rank completes (``out``, or its shard).
+        partial: ``target`` while incomplete.
+        shards: folder of the shard files.
+        rank, world_size: this rank's place.
+    """
+
+    out: str
+    target: str
+    partial: str
+    shards: str
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def make(cls, out: str | os.PathLike, rank: int = 0, world_size: int = 1) -> CachePaths:
+        out = os.path.abspath(os.fspath(out))
+        shards = out + S.SHARDS_SUFFIX
+        target = out if world_size == 1 else shard_path(out, rank, world_size)
+        return cls(out, target, target + S.PARTIAL_SUFFIX, shards, rank, world_size)
+
+    @property
+    def assembling(self) -> str:
+        """Temporary name of the virtual main file of a sharded cache while rank 0 writes it."""
+        return self.out + S.ASSEMBLING_SUFFIX
+
+    def shard_files(self) -> list[str]:
+        return [shard_path(self.out, r, self.world_size) for r in range(self.world_size)]
+
+
+def shard_path(out: str, rank: int, world_size: int) -> str:
+    return os.path.join(out + S.SHARDS_SUFFIX, f"rank-{rank}-of-{world_size}.h5")
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """Raise :class:`CacheError` unless ``out``'s folder can be created and written (no compute
+    has happened yet when this runs)."""
+    path = os.path.abspath(os.fspath(out))
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise CacheError(f"`out` must be a file path; got the folder {path}. Fix: name the cache "
+                         "file, e.g. --out caches/r50-voc-val.h5.")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".featlab-probe-"):
+            pass
+    except OSError as err:
+        raise CacheError(f"`out` must be in a folder featlab can write; got {path} "
+                         f"({err.strerror or err}). Fix: choose another --out, or fix the "
+                         "folder's permissions.") from err
+
+
+def remove_all(paths: CachePaths) -> None:
+    """Delete the cache, its partial file and its shards (``force``)."""
+    for path in (paths.out, paths.out + S.PARTIAL_SUFFIX, paths.assembling,
+                 paths.out + S.PARTIAL_SUFFIX + S.CREATING_SUFFIX):
+        if os.path.lexists(path):
+            os.remove(path)
+    if os.path.isdir(paths.shards):
+        shutil.rmtree(paths.shards)
+
+
+def prepare(paths: CachePaths, settings: ExtractSettings) -> tuple[str, np.ndarray] | None:
+    """Check the files already there; return ``(file, written flags)`` of this rank's partial
+    (or, for a shard, complete) file to resume from, or None when it must be created.
+
+    Raises:
+        CacheError: ``out`` is complete already, or a partial file was made with other settings
+            (the message names the setting), or cannot be read.
+    """
+    if os.path.exists(paths.out):
+        refuse_complete(paths.out)
+    _check_world_size(paths, settings)
+    creating = paths.partial + S.CREATING_SUFFIX
+    if os.path.lexists(creating):  # a run killed while creating the file: nothing was written
+        os.remove(creating)
+    for path in (paths.target, paths.partial):
+        if os.path.exists(path):
+            found = h5file.inspect(path)
+            diff = found.settings.difference(settings)
+            if diff is not None:
+                flag, there, now = diff
+                raise CacheError(f"{flag} differs from the partial cache at {path}: {there} "
+                                 f"there, {now} now. {_FIX}")
+            return path, found.written
+    return None
+
+
+def refuse_complete(out: str) -> None:
+    """Raise the error for a cache that exists (it is only ever written complete)."""
+    raise CacheError(f"`out` must not be a complete cache unless --force (force=True) is given; "
+                     f"{out} exists and featlab never overwrites a cache. Fix: read it with "
+                     "featlab.open_cache, choose another --out, or pass --force to rebuild it.")
+
+
+_SHARD = re.compile(r"rank-(\d+)-of-(\d+)\.h5(\.partial)?$")
+
+
+def _check_world_size(paths: CachePaths, settings: ExtractSettings) -> None:
+    k = paths.world_size
+    single_partial = paths.out + S.PARTIAL_SUFFIX
+    if k > 1 and os.path.exists(single_partial):
+        raise CacheError(f"the number of processes (torchrun world size) differs from the partial "
+                         f"cache at {single_partial}: 1 there, {k} now. {_FIX}")
+    others = sorted({int(m.group(2)) for f in glob.glob(os.path.join(paths.shards, "rank-*"))
+                     if (m := _SHARD.search(f)) and int(m.group(2)) != k})
+    if others:
+        raise CacheError(f"the number of processes (torchrun world size) differs from the partial "
+                         f"cache at {paths.shards}: {others[0]} there, {k} now. {_FIX}")

@@ -1,0 +1,264 @@
+"""The HDF5 side of the writer: create a cache file, check a partial one, write rows, finalise.
+
+Crash safety rests on one rule (see :mod:`featlab.cache.schema`): the file's metadata never
+changes while samples stream in. :func:`create` makes every dataset and attribute, allocates
+all storage (``ALLOC_TIME_EARLY``, ``FILL_TIME_NEVER``, fixed shapes, no time stamps), writes
+ids and index, flushes and closes -- in a temporary file renamed into place, so a partial cache
+always has complete metadata. :class:`RowWriter` then writes only raw data: a batch's rows,
+flush, the batch's ``written`` flags, flush. A process killed at any instant leaves flagged rows
+intact (a re-written chunk carries the same bytes for rows already flagged), and a reader sees a
+row only after its data reached the file. Files are opened with ``locking=False`` so that readers
+can open a cache while it is being written.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from featlab.cache import schema as S
+from featlab.cache.settings import ExtractSettings
+from featlab.errors import CacheError
+
+__all__ = ["FileLayout", "PointLayout", "create", "inspect", "RowWriter", "finalize",
+           "assemble_virtual", "versions", "Inspection"]
+
+
+@dataclass(frozen=True)
+class PointLayout:
+    """One ``/points/<name>`` dataset: stored shape ``(C, h, w)``, chunk rows, attributes."""
+
+    name: str
+    shape: tuple[int, int, int]
+    chunk_rows: int
+    attrs: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """Shapes and chunking of one cache file (a whole cache or one shard)."""
+
+    num_rows: int
+    input_size: tuple[int, int]
+    dtype: str
+    points: tuple[PointLayout, ...]
+    save_images: bool
+    id_length: int
+    label_chunk_rows: int
+    image_chunk_rows: int
+
+
+def _dcpl() -> h5py.h5p.PropDCID:
+    # storage allocated at creation and never filled: the chunk index (and every other piece of
+    # metadata) is complete before the first sample, and writing a row changes no metadata
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
+def _dataset(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any,
+             chunk_rows: int | None = None) -> h5py.Dataset:
+    chunks = None if chunk_rows is None else (chunk_rows, *shape[1:])
+    return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, dcpl=_dcpl(),
+                                track_times=False)
+
+
+def id_dtype(length: int) -> np.dtype:
+    """Fixed-length UTF-8 strings of ``length`` bytes (at least 1)."""
+    return h5py.string_dtype("utf-8", max(1, length))
+
+
+def create(path: str, layout: FileLayout, attrs: Mapping[str, Any], ids: Sequence[str],
+           index: np.ndarray) -> None:
+    """Write a new cache file with every dataset and attribute, ready for rows.
+
+    Written to ``path + ".creating"`` and renamed to ``path`` once complete, so ``path`` never
+    holds half-made metadata.
+    """
+    tmp = path + S.CREATING_SUFFIX
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _create(tmp, layout, attrs, ids, index)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise CacheError(f"the cache file {path} must be created; it could not be ({err}). Fix: "
+                         "check the folder's permissions and free space, then re-run.") from err
+
+
+def _create(tmp: str, layout: FileLayout, attrs: Mapping[str, Any], ids: Sequence[str],
+            index: np.ndarray) -> None:
+    n = layout.num_rows
+    h, w = layout.input_size
+    with h5py.File(tmp, "w", locking=False, track_order=False) as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        _dataset(f, S.IDS, (n,), id_dtype(layout.id_length))[...] = np.array(
+            [i.encode("utf-8") for i in ids], dtype=id_dtype(layout.id_length))
+        _dataset(f, S.INDEX, (n,), np.int64)[...] = np.asarray(index, np.int64)
+        _dataset(f, S.WRITTEN, (n,), np.uint8)[...] = np.zeros(n, np.uint8)
+        _dataset(f, S.LABELS, (n, h, w), np.uint8, layout.label_chunk_rows)
+        if layout.save_images:
+            _dataset(f, S.IMAGES, (n, 3, h, w), np.uint8, layout.image_chunk_rows)
+        group = f.create_group(S.POINTS)
+        for p in layout.points:
+            dset = _dataset(group, p.name, (n, *p.shape), layout.dtype, p.chunk_rows)
+            for key, value in p.attrs.items():
+                dset.attrs[key] = value
+        f.create_group(S.STATS)
+        _dataset(f, S.NONFINITE, (n, len(layout.points)), np.int64)
+        _dataset(f, S.ABS_ERROR, (n, len(layout.points)), np.float32)
+        f.flush()
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What an existing cache file holds."""
+
+    settings: ExtractSettings
+    written: np.ndarray
+    complete: bool
+    num_rows: int
+    shapes: Mapping[str, tuple[int, ...]]
+
+
+def inspect(path: str) -> Inspection:
+    """Read a cache file's settings, ``written`` flags and shapes (read-only, no lock)."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            if f.attrs.get("schema") != S.SCHEMA:
+                raise CacheError(f"{path} must be a featlab cache (attribute schema="
+                                 f"{S.SCHEMA!r}); got {f.attrs.get('schema')!r}. Fix: choose "
+                                 "another --out, or --force to replace the file.")
+            version = int(f.attrs.get("schema_version", -1))
+            if version != S.SCHEMA_VERSION:
+                raise CacheError(f"{path} must have cache schema version {S.SCHEMA_VERSION}; it "
+                                 f"has {version}. Fix: --force to rebuild it with this featlab.")
+            settings = ExtractSettings.from_dict(json.loads(f.attrs["settings"]))
+            written = f[S.WRITTEN][...]
+            shapes = {S.LABELS: f[S.LABELS].shape}
+            shapes.update({f"{S.POINTS}/{k}": v.shape for k, v in f[S.POINTS].items()})
+            return Inspection(settings, written, bool(f.attrs["complete"]), len(written), shapes)
+    except CacheError:
+        raise
+    except (OSError, KeyError, ValueError) as err:
+        raise CacheError(f"the partial cache at {path} must be readable to resume; it is not "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:160]}). Fix: "
+                         "--force to start over.") from err
+
+
+class RowWriter:
+    """Writes batches of rows into an open cache file (one thread only: h5py is not reentrant)."""
+
+    def __init__(self, path: str, point_names: Sequence[str], save_images: bool):
+        # no chunk cache: whole-chunk writes go straight from the caller's buffer to the file
+        self.file = h5py.File(path, "r+", locking=False, rdcc_nbytes=0)
+        self.points = [self.file[f"{S.POINTS}/{name}"] for name in point_names]
+        self.labels = self.file[S.LABELS]
+        self.images = self.file[S.IMAGES] if save_images else None
+        self.nonfinite = self.file[S.NONFINITE]
+        self.abs_error = self.file[S.ABS_ERROR]
+        self.written = self.file[S.WRITTEN]
+
+    def write(self, start: int, runs: Sequence[tuple[int, int]], points: Sequence[np.ndarray],
+              labels: np.ndarray, images: np.ndarray | None, nonfinite: np.ndarray,
+              abs_error: np.ndarray) -> None:
+        """Write rows ``start + a .. start + b`` for each ``(a, b)`` in ``runs`` (offsets into
+        the batch arrays), flush, then flag them written and flush again."""
+        for a, b in runs:
+            rows = slice(start + a, start + b)
+            for dset, array in zip(self.points, points):
+                dset[rows] = array[a:b]
+            self.labels[rows] = labels[a:b]
+            if self.images is not None and images is not None:
+                self.images[rows] = images[a:b]
+            self.nonfinite[rows] = nonfinite[a:b]
+            self.abs_error[rows] = abs_error[a:b]
+        self.file.flush()  # the rows reach the file before any flag says they are there
+        for a, b in runs:
+            self.written[start + a:start + b] = np.ones(b - a, np.uint8)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def finalize(partial: str, final: str) -> None:
+    """Mark a fully written file complete and move it to its final name (atomically)."""
+    with h5py.File(partial, "r+", locking=False) as f:
+        written = f[S.WRITTEN][...]
+        assert written.all(), "finalize called before every row was written"
+        f.attrs.modify("complete", True)
+        f.flush()
+    os.replace(partial, final)
+
+
+def read_nonfinite(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(counts [N, P], ids [N], point names)`` of a cache's ``/stats/nonfinite``."""
+    with h5py.File(path, "r", locking=False) as f:
+        counts = f[S.NONFINITE][...]
+        rows = np.flatnonzero(counts.any(axis=1))
+        ids = [f[S.IDS][int(i)].decode("utf-8") for i in rows]
+        return counts[rows], np.asarray(ids, dtype=object), json.loads(f.attrs["point_names"])
+
+
+def assemble_virtual(tmp: str, final: str, shards: Sequence[str], attrs: Mapping[str, Any]
+                     ) -> None:
+    """Write ``final``: one cache whose datasets are virtual datasets over the ``shards``.
+
+    Sources are named relative to ``final``'s folder, so the cache and its ``.shards`` folder
+    move together. Rows of a missing shard read as 0, so their ``written`` flag reads 0 too.
+    """
+    folder = os.path.dirname(os.path.abspath(final))
+    with h5py.File(shards[0], "r", locking=False) as f0:
+        names: list[str] = []
+        f0.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset)
+                      else None)
+        meta = {name: (f0[name].shape[1:], f0[name].dtype, dict(f0[name].attrs)) for name in names}
+    counts = []
+    for shard in shards:
+        with h5py.File(shard, "r", locking=False) as f:
+            counts.append(len(f[S.WRITTEN]))
+    total = sum(counts)
+    with h5py.File(tmp, "w", locking=False) as out:
+        for key, value in attrs.items():
+            out.attrs[key] = value
+        for name in names:
+            rest, dtype, dattrs = meta[name]
+            layout = h5py.VirtualLayout(shape=(total, *rest), dtype=dtype)
+            start = 0
+            for shard, count in zip(shards, counts):
+                rel = os.path.relpath(os.path.abspath(shard), folder)
+                layout[start:start + count] = h5py.VirtualSource(rel, name, shape=(count, *rest),
+                                                                 dtype=dtype)
+                start += count
+            dset = out.create_virtual_dataset(name, layout, fillvalue=None)
+            for key, value in dattrs.items():
+                dset.attrs[key] = value
+        out.flush()
+    os.replace(tmp, final)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that computes and writes a cache."""
+    import torch
+    import torchvision
+
+    from featlab import __version__
+
+    return {"featlab": __version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "h5py": h5py.__version__,
+            "hdf5": h5py.version.hdf5_version, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")

@@ -1,0 +1,247 @@
+"""Forward hooks that pool, cast and copy each point straight into reusable host buffers.
+
+Extraction cannot afford what :func:`featlab.capture` does for interactive use (a fresh tensor
+per point and batch, cast and pooled afterwards): at a cache's scale that is several extra
+passes over every activation and a stream of large allocations. Here each hook runs, on the
+device that computed the point, ``adaptive_avg_pool2d`` (when the point is pooled), the cast to
+the storage dtype and the copy into a :class:`Slot` -- preallocated (pinned, on CUDA) host
+arrays that the writer thread turns into HDF5 rows and hands back for reuse. The copy is taken
+inside the hook, so in-place operations after the module (``ReLU(inplace=True)``, ``out +=
+identity``) cannot change it; a CUDA copy is queued on the stream before them.
+
+The hooks also count non-finite values of the stored arrays and the largest rounding error of
+the cast per sample (R-4.3), and check that each point's module ran exactly once. Hooks exist
+only inside the ``with`` block of :class:`Taps`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featlab.errors import ConfigError, ReusedModuleError, SkipPointNotFiredError
+
+__all__ = ["Slot", "Taps"]
+
+
+# On the CPU the hooks' copies and statistics are memory-bound: one thread moves the bytes about
+# as fast as two, and a parallel region waits for its slowest thread -- which, when the cores are
+# shared (data loader workers, the writer thread, other jobs), is often off-CPU for a whole
+# scheduler tick. Measured on a loaded 2-core machine: 3-4x slower with 2 threads than with 1.
+# Only with the OpenMP backend, where changing the thread count between operations is cheap.
+SERIAL_COPIES = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+class Slot:
+    """Host buffers for one batch, reused from batch to batch (memory does not grow with N).
+
+    Attributes:
+        points: per point, ``[B, C, h, w]`` in the storage dtype (``point_arrays``: numpy views).
+        nonfinite, abs_error: ``[B, P]`` statistics.
+        images: ``[B, 3, H, W]`` uint8, or None.
+        start, n, runs, labels, event: the batch it holds now (rows ``start .. start + n`` of the
+            file, the runs of rows still to write, the uint8 masks, a CUDA event to wait for).
+    """
+
+    def __init__(self, batch_size: int, shapes: Sequence[tuple[int, int, int]],
+                 dtype: torch.dtype, input_size: tuple[int, int], save_images: bool, pin: bool):
+        b, p = batch_size, len(shapes)
+        self.points = [torch.empty((b, *s), dtype=dtype, pin_memory=pin) for s in shapes]
+        self.point_arrays = [t.numpy() for t in self.points]
+        self.nonfinite = torch.zeros((b, p), dtype=torch.int64, pin_memory=pin)
+        self.abs_error = torch.zeros((b, p), dtype=torch.float32, pin_memory=pin)
+        self.images = (torch.empty((b, 3, *input_size), dtype=torch.uint8, pin_memory=pin)
+                       if save_images else None)
+        self.start = 0
+        self.n = 0
+        self.runs: tuple[tuple[int, int], ...] = ()
+        self.labels: np.ndarray | None = None
+        self.event: torch.cuda.Event | None = None
+
+
+class _Stop(Exception):
+    """Raised by the deepest point's hook: nothing after it is needed (R-4.4)."""
+
+
+class Taps:
+    """Hooks on the modules of ``points`` that fill a :class:`Slot` during :meth:`run`.
+
+    Args:
+        root: the unwrapped model (the hooks go on its submodules).
+        names: point names, in execution order (for messages).
+        modules: module path of each point.
+        shapes: the network's ``(C, H, W)`` of each point.
+        stored: ``(h, w)`` stored for each point (pooled when smaller than ``H, W``).
+        dtype: storage dtype.
+        stop_early: end the forward after the deepest point.
+    """
+
+    def __init__(self, root: nn.Module, names: Sequence[str], modules: Sequence[str],
+                 shapes: Sequence[tuple[int, int, int]], stored: Sequence[tuple[int, int]],
+                 dtype: torch.dtype, stop_early: bool = True):
+        self._root = root
+        self._names = list(names)
+        self._modules = [root.get_submodule(m) for m in modules]
+        self._shapes = [tuple(s) for s in shapes]
+        self._stored = [tuple(s) for s in stored]
+        self._pool = [tuple(st) != tuple(sh[1:]) for st, sh in zip(self._stored, self._shapes)]
+        self._dtype = dtype
+        self._half = dtype == torch.float16
+        self._stop_early = stop_early
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._slot: Slot | None = None
+        self._n = 0
+        self._counts = [0] * len(self._names)
+        self._scratch = torch.empty(0)
+        self._dev_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __enter__(self) -> Taps:
+        try:
+            for k, module in enumerate(self._modules):
+                self._handles.append(module.register_forward_hook(self._make_hook(k)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def run(self, x: torch.Tensor, slot: Slot, n: int) -> None:
+        """Forward ``x`` (``n`` samples) through the root module, filling ``slot``."""
+        self._slot, self._n = slot, n
+        self._counts = [0] * len(self._names)
+        cuda = x.is_cuda
+        if cuda:
+            p = len(self._names)
+            self._dev_stats = (torch.zeros((n, p), dtype=torch.int64, device=x.device),
+                               torch.zeros((n, p), dtype=torch.float32, device=x.device))
+        try:
+            self._root(x)
+        except _Stop:
+            pass
+        finally:
+            self._slot = None
+        silent = [name for name, c in zip(self._names, self._counts) if c == 0]
+        if silent:
+            raise SkipPointNotFiredError(
+                f"every extracted point must run in the forward; got no call of "
+                f"{', '.join(map(repr, silent))}. Fix: extract points that run for this input "
+                "(see `featlab points`).")
+        reused = [f"{name!r} ({c} calls)" for name, c in zip(self._names, self._counts) if c > 1]
+        if reused:
+            raise ReusedModuleError(f"each extracted point's module must run once per forward; "
+                                    f"got {', '.join(reused)}. Fix: extract the enclosing block.")
+        if cuda:
+            nonfinite, abs_error = self._dev_stats
+            slot.nonfinite[:n].copy_(nonfinite, non_blocking=True)
+            slot.abs_error[:n].copy_(abs_error, non_blocking=True)
+            self._dev_stats = None
+
+    def _make_hook(self, k: int):
+        last = len(self._names) - 1
+
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            slot = self._slot
+            if slot is None:
+                return  # a forward outside Taps.run (not ours to record)
+            self._counts[k] += 1
+            if self._counts[k] > 1:
+                return  # reported once the forward is over
+            self._store(k, output, slot)
+            if self._stop_early and k == last:
+                raise _Stop
+
+        return hook
+
+    def _store(self, k: int, output: object, slot: Slot) -> None:
+        n = self._n
+        expected = (n, *self._shapes[k])
+        if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ConfigError(f"point {self._names[k]!r} must return a tensor {list(expected)} "
+                              f"(as measured by skip_points at this input size); got {got}. "
+                              "Fix: keep the input size of every sample the same.")
+        t = output.detach()
+        if self._pool[k]:
+            t = F.adaptive_avg_pool2d(t, self._stored[k])
+        dst = slot.points[k][:n]
+        if t.is_cuda:
+            self._device_stats(k, t, dst)
+        elif SERIAL_COPIES and torch.get_num_threads() > 1:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                self._host_stats(k, t, dst, slot)
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            self._host_stats(k, t, dst, slot)  # cast and copy into memory reused batch to batch
+
+    def _device_stats(self, k: int, t: torch.Tensor, dst: torch.Tensor) -> None:
+        stored = t.to(self._dtype)
+        dst.copy_(stored, non_blocking=True)  # queued before any later in-place op on `t`
+        nonfinite, abs_error = self._dev_stats
+        flat = stored.reshape(len(dst), -1)
+        nonfinite[:, k] = (~torch.isfinite(flat)).sum(1)
+        if self._half:
+            x = t.reshape(len(dst), -1).float()
+            err = torch.where(torch.isfinite(x), (x - flat.float()).abs(), 0.0)
+            abs_error[:, k] = err.amax(1)
+
+    def _host_stats(self, k: int, t: torch.Tensor, dst: torch.Tensor, slot: Slot) -> None:
+        n = len(dst)
+        flat = dst.reshape(n, -1)
+        x = t.reshape(n, -1)
+        if not self._half:
+            flat.copy_(x)  # the copy into memory reused batch after batch
+            slot.abs_error[:n, k] = 0.0
+            # one pass: a sum is finite when every value is (an overflowing sum of finite values
+            # only sends the sample to the exact count below)
+            finite = torch.isfinite(flat.sum(1))
+        else:
+            # Whole-batch operations into preallocated memory, with same-dtype operands and
+            # amin/amax: the vectorised kernels, and few of them. (Per-sample or per-block loops
+            # stay in the CPU cache but start many short parallel regions, which stall badly
+            # when other processes share the cores; aminmax along a dim is a slow kernel.)
+            flat.copy_(x)  # the cast to float16
+            if self._scratch.numel() < x.numel():
+                self._scratch = torch.empty(x.numel(), dtype=torch.float32)
+            diff = self._scratch[:x.numel()].view(n, -1)
+            diff.copy_(flat)
+            diff.sub_(x)
+            low, high = diff.amin(1), diff.amax(1)
+            # finite iff x and its float16 copy are finite everywhere (NaN - NaN, inf - inf are
+            # NaN; a finite x overflowing to inf gives inf): exact counts only for the others
+            err = torch.maximum(high, -low)
+            slot.abs_error[:n, k] = err
+            finite = torch.isfinite(err)
+        slot.nonfinite[:n, k] = 0
+        for i in torch.nonzero(~finite).flatten().tolist():
+            slot.nonfinite[i, k] = int((~torch.isfinite(flat[i])).sum())
+            if self._half:
+                xi = x[i].float()
+                err = torch.where(torch.isfinite(xi), (xi - flat[i].float()).abs(), 0.0)
+                slot.abs_error[i, k] = float(err.max()) if err.numel() else 0.0
+
+
+def check_eval(modules: Sequence[nn.Module], names: dict[int, str]) -> None:
+    """Raise :class:`~featlab.errors.ModelModeError` if any module is in training mode."""
+    training = [m for m in modules if m.training]
+    if training:
+        from featlab.errors import ModelModeError
+
+        shown = ", ".join(repr(names.get(id(m), "?")) for m in training[:3])
+        raise ModelModeError(
+            f"every module must stay in eval mode during extraction; got {len(training)} in "
+            f"training mode ({shown}{', ...' if len(training) > 3 else ''}): something switched "
+            "the model to .train() while it ran (a hook, a framework callback). Fix: remove "
+            "whatever calls .train(); extraction puts the model in eval mode itself.")

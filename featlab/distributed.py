@@ -1,0 +1,198 @@
+"""The small layer over ``torch.distributed`` that extraction and training share.
+
+featlab scales out with ``torchrun``: one process per device, each told its place by the
+environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
+:func:`init` joins the process group those variables describe (``gloo`` on the CPU, ``nccl``
+when the process has a CUDA device) and returns a :class:`DistInfo`; without them it returns
+the single-process info and starts nothing, so the same code runs under ``python`` and under
+``torchrun``. Work is split with :func:`shard_range`: disjoint, contiguous ranges of the sorted
+sample order (R-13.3, R-14.2), so rank ``r`` of ``K`` always gets the same samples.
+
+Examples:
+    >>> [list(shard_range(10, r, 3)) for r in range(3)]
+    [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    >>> info_from_env({})
+    DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1)
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from featlab.errors import ConfigError
+
+__all__ = ["DistInfo", "info_from_env", "init", "is_distributed", "barrier", "all_gather_object",
+           "shard_range", "default_device", "destroy"]
+
+log = logging.getLogger("featlab")
+
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in a ``torchrun`` job.
+
+    Attributes:
+        rank: global rank, 0 .. world_size - 1.
+        world_size: number of processes in the job (1 without torchrun).
+        local_rank: rank among the processes of this node (the CUDA device index to use).
+        local_world_size: processes on this node.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.rank < self.world_size and 0 <= self.local_rank < self.local_world_size):
+            raise ConfigError(f"ranks must lie in 0 .. size - 1; got rank {self.rank} of "
+                              f"{self.world_size}, local rank {self.local_rank} of "
+                              f"{self.local_world_size}. Fix: launch with torchrun, which sets "
+                              "RANK, WORLD_SIZE and LOCAL_RANK consistently.")
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (the process that writes shared outputs and prints summaries)."""
+        return self.rank == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DistInfo:
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"DistInfo keys must be among {sorted(cls.__dataclass_fields__)}; "
+                              f"got unknown {unknown}. Fix: drop them.")
+        return cls(**d)
+
+
+def info_from_env(environ: Mapping[str, str] | None = None) -> DistInfo:
+    """Read the job layout from ``torchrun``'s variables (``os.environ`` by default).
+
+    Examples:
+        >>> info_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+        ...                "LOCAL_WORLD_SIZE": "2"})
+        DistInfo(rank=3, world_size=4, local_rank=1, local_world_size=2)
+    """
+    env = os.environ if environ is None else environ
+    values = {}
+    for key in _ENV:
+        raw = env.get(key)
+        if raw is None:
+            continue
+        try:
+            values[key] = int(raw)
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer; got {raw!r}. Fix: launch with "
+                              "torchrun or unset it.") from None
+    world = values.get("WORLD_SIZE", 1)
+    local_world = values.get("LOCAL_WORLD_SIZE", world if "LOCAL_RANK" in values else 1)
+    return DistInfo(rank=values.get("RANK", 0), world_size=world,
+                    local_rank=values.get("LOCAL_RANK", 0), local_world_size=local_world)
+
+
+def is_distributed() -> bool:
+    """True when a ``torch.distributed`` process group with more than one process is active."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def default_device(info: DistInfo | None = None) -> str:
+    """``cuda:<local rank>`` when CUDA is available, else ``cpu``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{(info or info_from_env()).local_rank % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def init(backend: str | None = None, *, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group that ``torchrun``'s environment describes (once per process).
+
+    Without ``WORLD_SIZE > 1`` in the environment nothing is started and the single-process
+    :class:`DistInfo` is returned. A group already initialised by the caller is used as it is.
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``; default ``nccl`` when CUDA is available, else ``gloo``.
+        timeout_s: how long collectives wait for the slowest rank.
+
+    Returns:
+        This process's :class:`DistInfo`.
+    """
+    import torch
+    import torch.distributed as dist
+
+    info = info_from_env()
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), info.local_rank,
+                        info.local_world_size)
+    if info.world_size == 1:
+        return info
+    if not dist.is_available():
+        raise ConfigError("torch.distributed must be available for a job with WORLD_SIZE > 1; "
+                          "this torch build has none. Fix: run one process, or install a torch "
+                          "build with distributed support.")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ConfigError(f"a distributed job needs {', '.join(missing)} in the environment; "
+                          f"got WORLD_SIZE={info.world_size} without them. Fix: launch with "
+                          "`torchrun --nproc_per_node=K -m featlab ...`.")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    log.debug("joined process group: rank %d of %d (%s)", info.rank, info.world_size, backend)
+    return info
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def destroy() -> None:
+    """Leave the process group, if one is active."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """Rank ``rank``'s part of ``range(n)``: contiguous, disjoint, covering; sizes differ by <= 1.
+
+    Rank ``r`` gets ``[r * n // K, (r + 1) * n // K)``, so the shards concatenated in rank order
+    are the sorted order itself.
+
+    Examples:
+        >>> shard_range(5, 0, 2), shard_range(5, 1, 2)
+        (range(0, 2), range(2, 5))
+    """
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int)
+            and 0 <= rank < world_size and isinstance(n, int) and n >= 0):
+        raise ConfigError(f"shard_range needs n >= 0 and 0 <= rank < world_size; got n={n!r}, "
+                          f"rank={rank!r}, world_size={world_size!r}.")
+    return range(rank * n // world_size, (rank + 1) * n // world_size)

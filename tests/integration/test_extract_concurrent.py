@@ -1,0 +1,71 @@
+"""A reader opened while `featlab extract` runs sees only complete samples and never errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from featlab.cache.reader import open_cache  # imported before the extraction starts
+
+N = 120
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FEATLAB_PROGRESS": "0"}
+
+
+def snapshot_h5py(partial):
+    """Plain h5py, as any HDF5 user would: flags first, then the flagged rows."""
+    with h5py.File(partial, "r", locking=False) as f:
+        rows = np.flatnonzero(f["written"][:])
+        return ("h5py", rows, {"layer1.1": f["points/layer1.1"][:][rows],
+                               "layer4.1": f["points/layer4.1"][:][rows],
+                               "labels": f["labels"][:][rows],
+                               "ids": f["ids"][:][rows]})
+
+
+def snapshot_reader(partial):
+    with open_cache(partial) as cache:
+        rows = np.asarray(cache.rows)
+        return ("open_cache", rows, {"layer1.1": cache["layer1.1"][:],
+                                     "layer4.1": cache["layer4.1"][:],
+                                     "labels": cache.labels[:],
+                                     "ids": np.array([i.encode() for i in cache.ids])})
+
+
+@pytest.mark.slow
+def test_polling_reader_sees_only_complete_rows_equal_to_the_final_values(tmp_path):
+    out = tmp_path / "c.h5"
+    partial = str(out) + ".partial"
+    cmd = [sys.executable, "-m", "featlab", "extract", "--model", "resnet18", "--data", "shapes",
+           "--input-size", "32", "--points", "stages", "--limit", str(N), "--batch-size", "2",
+           "--workers", "0", "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    snapshots = []
+    readers = [snapshot_h5py, snapshot_reader]
+    try:
+        while proc.poll() is None:
+            if not os.path.exists(partial):
+                time.sleep(0.01)
+                continue
+            read = readers[len(snapshots) % 2]
+            try:
+                snapshots.append(read(partial))
+            except Exception:
+                if os.path.exists(partial):  # only the rename at the very end may interrupt
+                    raise
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == 0, proc.stderr.read()
+    with h5py.File(out, "r") as f:
+        final = {"layer1.1": f["points/layer1.1"][:], "layer4.1": f["points/layer4.1"][:],
+                 "labels": f["labels"][:], "ids": f["ids"][:]}
+    partial_views = [s for s in snapshots if 0 < len(s[1]) < N]
+    assert len(partial_views) >= 4 and {s[0] for s in partial_views} == {"h5py", "open_cache"}
+    for kind, rows, values in snapshots:
+        for name, value in values.items():
+            np.testing.assert_array_equal(value, final[name][rows], err_msg=f"{kind} {name}")

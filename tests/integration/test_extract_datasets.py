@@ -1,0 +1,74 @@
+"""End to end: `featlab extract` on a miniature VOC tree, and featlab.extract on `shapes`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import featlab
+from featlab import cli
+from featlab.cache.writer import extract
+from featlab.data import load_dataset
+from featlab.data.fakes import write_voc
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the same arithmetic in every run, and no OpenMP stalls when other
+    processes load this 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli_state(monkeypatch):
+    log = logging.getLogger("featlab")
+    saved = (list(log.handlers), log.level, log.propagate)
+    monkeypatch.setenv("FEATLAB_PROGRESS", os.environ.get("FEATLAB_PROGRESS", "1"))
+    yield
+    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
+
+
+def test_cli_extracts_a_miniature_voc_tree(tmp_path, capsys, cli_state):
+    ids = [f"2007_{k:06d}" for k in (9, 3, 5, 1, 7)]
+    masks = write_voc(tmp_path / "voc", {"train": ids[:2], "val": ids[2:]}, size=(30, 44))
+    out = tmp_path / "caches" / "r18-voc-val.h5"
+    argv = ["extract", "--model", "resnet18", "--weights", "none", "--data", "voc", "--root",
+            str(tmp_path / "voc"), "--split", "val", "--points", "stages", "--input-size", "32",
+            "--batch-size", "2", "--dtype", "float16", "--save-images", "--out", str(out),
+            "--quiet", "--json", "--workers", "0"]
+    assert cli.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_samples"] == 3 and result["written"] == 3
+    ds = load_dataset("voc", "val", root=str(tmp_path / "voc"), size=32)
+    with h5py.File(out, "r") as f:
+        assert [i.decode() for i in f["ids"][:]] == sorted(ids[2:]) == ds.ids
+        assert json.loads(f.attrs["classes"])[1] == "aeroplane"
+        assert json.loads(f.attrs["data"])["root"] == os.path.abspath(tmp_path / "voc")
+        labels = f["labels"][:]
+        np.testing.assert_array_equal(labels, np.stack([ds[i]["mask"].numpy() for i in range(3)]))
+        assert 255 in labels and set(np.unique(labels)) <= set(range(21)) | {255}
+        assert f["images"].shape == (3, 3, 32, 32)
+        assert sorted(f["points"]) == ["layer1.1", "layer2.1", "layer3.1", "layer4.1", "relu"]
+    assert {k: v.shape for k, v in masks.items()}[ids[2]] == (30, 44)  # resized to 32 on read
+
+
+def test_python_api_on_shapes_matches_a_forward_of_the_same_samples(tmp_path):
+    model, spec = featlab.get_backbone("resnet18", seed=3)
+    model.featlab_spec = spec  # what get_backbone attaches (the lead's change), set by hand here
+    ds = load_dataset("shapes", "val", size=32, length=6)
+    result = extract(model, ds, "layer2.1", tmp_path / "val.h5", batch_size=6, dtype="float32",
+                     num_workers=1, progress=False)
+    x = spec.normalize(torch.stack([ds[i]["image"] for i in range(6)]))
+    with torch.inference_mode(), featlab.capture(model, ["layer2.1"]) as acts:
+        model(x)
+    with h5py.File(result.path, "r") as f:  # through a DataLoader worker process: the same
+        np.testing.assert_array_equal(f["points/layer2.1"][:], acts["layer2.1"].numpy())

@@ -1,0 +1,292 @@
+"""featlab.extract: what lands in the file, checked against independent computations."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import featlab
+import featlab.testing as ft
+from featlab.cache import schema
+from featlab.cache.writer import ExtractResult, extract
+from featlab.data import load_dataset
+from featlab.data.base import SegmentationDataset
+from featlab.errors import ConfigError, FeatlabWarning, ModelModeError
+from featlab.models import BackboneSpec
+
+SPEC = BackboneSpec("tiny", "none", (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), 32, 10)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the same arithmetic in every run, and no OpenMP stalls when other
+    processes load this 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ArrayDataset(SegmentationDataset):
+    """A featlab data set over given uint8 images [N, H, W, 3] and masks [N, H, W]."""
+
+    name = "arrays"
+
+    def __init__(self, images, masks, tag="a"):
+        super().__init__("all", size=images.shape[1])
+        self.images, self.masks, self.tag = images, masks, tag
+        self.classes = ("background", "thing")
+        self.ids = [f"img{i:03d}" for i in range(len(images))]
+
+    def sample(self, i):
+        return self.images[i], self.masks[i]
+
+    def options(self):
+        return {"tag": self.tag}
+
+
+def arrays(n=6, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    masks = rng.integers(0, 2, (n, size, size), dtype=np.uint8)
+    masks[:, 0] = 255
+    return ArrayDataset(images, masks)
+
+
+def reference(model, ds, names, batch_size):
+    """Float32 activations by featlab.capture over the same batches (the way a user would)."""
+    out = {name: [] for name in names}
+    with torch.inference_mode(), featlab.capture(model, names) as acts:
+        for start in range(0, len(ds), batch_size):
+            stop = min(len(ds), start + batch_size)
+            x = torch.stack([ds[i]["image"] for i in range(start, stop)])
+            model(SPEC.normalize(x))
+            for name in names:
+                out[name].append(acts[name])
+    return {name: torch.cat(v) for name, v in out.items()}
+
+
+def test_points_labels_ids_and_images_are_stored_as_computed(tmp_path):
+    torch.set_num_threads(2)  # the hooks' serial copies between parallel operations
+    model = ft.TinyResNet()
+    ds = load_dataset("shapes", "val", size=32, length=7)
+    result = extract(model, ds, "stages", tmp_path / "c.h5", spec=SPEC, batch_size=3,
+                     save_images=True, num_workers=0, progress=False)
+    names = ["layer1.0", "layer1.1"]
+    ref = reference(model, ds, names, batch_size=3)
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        assert [i.decode() for i in f[schema.IDS][:]] == ds.ids
+        assert f[schema.INDEX][:].tolist() == list(range(7))
+        assert f[schema.WRITTEN][:].tolist() == [1] * 7
+        for name in names:
+            stored = f[f"points/{name}"]
+            assert stored.dtype == np.float16 and stored.shape == (7, *ref[name].shape[1:])
+            # the same batches through capture, cast by torch: bit for bit the same values
+            np.testing.assert_array_equal(stored[:], ref[name].half().numpy())
+            assert json.loads(stored.attrs["skip_point"])["name"] == name
+            assert stored.attrs["pooling"] == "none"
+        masks = np.stack([ds[i]["mask"].numpy() for i in range(7)])
+        np.testing.assert_array_equal(f[schema.LABELS][:], masks)
+        images = np.stack([ds.sample(i)[0].transpose(2, 0, 1) for i in range(7)])
+        np.testing.assert_array_equal(f[schema.IMAGES][:], images)  # the uint8 the data set made
+        # R-4.3: the float16 rounding error per sample and point, computed here independently
+        expected = np.stack([(ref[n] - ref[n].half().float()).abs().flatten(1).amax(1).numpy()
+                             for n in names], axis=1)
+        np.testing.assert_allclose(f[schema.ABS_ERROR][:], expected, rtol=0, atol=0)
+        assert (f[schema.ABS_ERROR][:] > 0).all()
+        assert (f[schema.NONFINITE][:] == 0).all()
+        attrs = f.attrs
+        assert attrs["schema"] == schema.SCHEMA and bool(attrs["complete"])
+        assert set(schema.ROOT_ATTRS) <= set(attrs)
+        assert json.loads(attrs["point_names"]) == names
+        assert json.loads(attrs["input_size"]) == [32, 32] and attrs["dtype"] == "float16"
+        runtime = json.loads(attrs["runtime"])
+        assert runtime["training"] is False and runtime["amp"] is False and "cudnn" in runtime
+        settings = json.loads(attrs["settings"])
+        assert settings["model"] == SPEC.to_dict() and settings["data"] == ds.settings()
+        assert "batch_size" not in settings and "device" not in settings
+    assert isinstance(result, ExtractResult)
+    assert (result.num_samples, result.written, result.skipped) == (7, 7, 0)
+    assert result.points == tuple(names) and result.nonfinite == ()
+    assert result.bytes == (tmp_path / "c.h5").stat().st_size
+    assert ExtractResult.from_dict(result.to_dict()) == result
+    assert not (tmp_path / "c.h5.partial").exists()
+
+
+def test_area_pooling_to_max_size_float32_and_limit(tmp_path):
+    model = ft.TinyResNet()
+    ds = arrays(n=9, size=32)
+    extract(model, ds, ["conv1", "layer1.1"], tmp_path / "c.h5", spec=SPEC, batch_size=4,
+            dtype="float32", max_size=4, limit=5, num_workers=0, progress=False)
+    ref = reference(model, ds, ["conv1", "layer1.1"], batch_size=4)
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        conv1 = f["points/conv1"]  # 16x16 -> 4x4: each cell the mean of a 4x4 block
+        assert conv1.shape == (5, 8, 4, 4) and conv1.dtype == np.float32
+        blocks = ref["conv1"][:5].reshape(5, 8, 4, 4, 4, 4).mean(dim=(3, 5))
+        np.testing.assert_allclose(conv1[:], blocks.numpy(), rtol=1e-5, atol=1e-6)
+        assert conv1.attrs["pooling"] == "area"
+        assert json.loads(conv1.attrs["stored_size"]) == [4, 4]
+        assert json.loads(conv1.attrs["skip_point"])["size"] == [16, 16]
+        layer = ref["layer1.1"][:5].reshape(5, 16, 4, 2, 4, 2).mean(dim=(3, 5))  # 8x8 -> 4x4
+        np.testing.assert_allclose(f["points/layer1.1"][:], layer.numpy(), rtol=1e-5, atol=1e-6)
+        assert f.attrs["max_size"] == 4 and f.attrs["num_samples"] == 5
+        assert (f[schema.ABS_ERROR][:] == 0).all()  # float32 loses nothing
+        assert [i.decode() for i in f[schema.IDS][:]] == ds.ids[:5]
+
+
+def test_chunks_hold_whole_samples_and_batches(tmp_path):
+    ds = load_dataset("shapes", "val", size=128, length=24)
+    extract(ft.TinyResNet(), ds, "all", tmp_path / "c.h5", spec=SPEC, batch_size=8,
+            num_workers=0, progress=False)
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        for name, dset in f["points"].items():
+            rows = dset.chunks[0]
+            assert dset.chunks[1:] == dset.shape[1:], name  # a chunk is whole samples
+            assert rows % 8 == 0 or 8 % rows == 0, name  # aligned with the batches
+            assert dset.compression is None
+            assert rows * dset[0].nbytes <= 4 * 2**20 or rows == 1, name
+        assert f["points/conv1"].chunks[0] == 16  # 64 kB rows: two batches of 8 make 1 MiB
+        assert f["points/layer1.1"].chunks[0] == 24  # 32 kB rows: 4 batches, capped at N = 24
+        assert f[schema.LABELS].chunks == (24, 128, 128)  # 16 kB rows, capped at N
+
+
+def test_nonfinite_values_are_counted_reported_and_warned(tmp_path):
+    class Sqrt(nn.Module):
+        def forward(self, x):
+            return torch.sqrt(x)
+
+    class NaNNet(nn.Module):  # sqrt of the channel sum: NaN wherever the sum is negative
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+            with torch.no_grad():
+                self.conv.weight.fill_(1.0)
+                self.conv.bias.zero_()
+            self.sqrt = Sqrt()
+
+        def forward(self, x):
+            return self.sqrt(self.conv(x)).mean((2, 3))
+
+    ds = arrays(n=5, size=8)
+    ds.images[:] = 230
+    ds.images[3] = 0  # normalized below zero: NaN in every value of sqrt for sample 3 only
+    model = NaNNet()
+    with pytest.warns(FeatlabWarning, match=r"'sqrt' in sample 'img003' \(128 values\)"):
+        result = extract(model, ds, "all", tmp_path / "c.h5", spec=SPEC, batch_size=2,
+                         num_workers=0, progress=False)
+    assert result.nonfinite == (("sqrt", "img003", 128),)
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        counts = f[schema.NONFINITE][:]
+        assert json.loads(f.attrs["point_names"]) == ["conv", "sqrt"]
+        assert counts[:, 1].tolist() == [0, 0, 0, 2 * 8 * 8, 0] and (counts[:, 0] == 0).all()
+        assert np.isnan(f["points/sqrt"][3]).all() and np.isfinite(f["points/sqrt"][[0, 4]]).all()
+        assert np.isfinite(f[schema.ABS_ERROR][:]).all()  # measured over the finite values
+
+
+def test_float16_overflow_is_counted_with_an_infinite_error(tmp_path):
+    class Big(nn.Module):
+        def forward(self, x):
+            return x * 1e5  # beyond float16's 65504 wherever |x| > 0.655
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big = Big()
+
+        def forward(self, x):
+            return self.big(x).mean((2, 3))
+
+    ds = arrays(n=2, size=4)
+    with pytest.warns(FeatlabWarning, match="65504"):
+        extract(Net(), ds, "all", tmp_path / "c.h5", spec=SPEC, num_workers=0, progress=False)
+    x = SPEC.normalize(torch.stack([ds[i]["image"] for i in range(2)])) * 1e5
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        expected = (x.abs() > 65504).flatten(1).sum(1).tolist()
+        assert f[schema.NONFINITE][:, 0].tolist() == expected and sum(expected) > 0
+        assert np.isinf(f[schema.ABS_ERROR][:, 0]).all()
+
+
+def test_eval_mode_is_forced_checked_per_batch_and_restored(tmp_path):
+    model = ft.TinyResNet().train()
+    ds = arrays(n=4, size=16)
+    extract(model, ds, "stages", tmp_path / "a.h5", spec=SPEC, batch_size=2, num_workers=0,
+            progress=False)
+    assert all(m.training for m in model.modules())  # left as it came
+    ref = reference(model.eval(), ds, ["layer1.1"], batch_size=2)  # running BN statistics
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        np.testing.assert_array_equal(f["points/layer1.1"][:], ref["layer1.1"].half().numpy())
+
+    class Sneaky(nn.Module):  # switches a module to training mode during its first forward
+        def __init__(self):
+            super().__init__()
+            self.net = ft.TinyCNN()
+
+        def forward(self, x):
+            self.net.features[1].train()
+            return self.net(x)
+
+    with pytest.raises(ModelModeError, match="features.1"):
+        extract(Sneaky(), ds, "stages", tmp_path / "b.h5", spec=SPEC, batch_size=2,
+                num_workers=0, progress=False)
+
+
+def test_spec_comes_from_the_model_or_must_be_given(tmp_path):
+    model = ft.TinyCNN()
+    ds = arrays(n=2, size=16)
+    with pytest.raises(ConfigError, match="`spec` must give the normalization"):
+        extract(model, ds, "stages", tmp_path / "a.h5", num_workers=0, progress=False)
+    assert not list(tmp_path.iterdir())
+    model.featlab_spec = SPEC
+    result = extract(model, ds, "stages", tmp_path / "a.h5", num_workers=0, progress=False)
+    with h5py.File(result.path, "r") as f:
+        assert json.loads(f.attrs["model"]) == SPEC.to_dict()
+
+
+def test_bad_inputs_fail_with_typed_errors(tmp_path):
+    model = ft.TinyCNN()
+    ds = arrays(n=2, size=16)
+    loader = torch.utils.data.DataLoader(ds)
+    with pytest.raises(ConfigError, match="not a DataLoader"):
+        extract(model, loader, "stages", tmp_path / "a.h5", spec=SPEC)
+    with pytest.raises(ConfigError, match="`dtype` must be one of float16, float32"):
+        extract(model, ds, "stages", tmp_path / "a.h5", spec=SPEC, dtype="int8")
+    with pytest.raises(featlab.errors.SkipPointNotFoundError, match="features.9"):
+        extract(model, ds, "features.9", tmp_path / "a.h5", spec=SPEC, progress=False)
+    with pytest.raises(ConfigError, match="`batch_size` must be an int >= 1"):
+        extract(model, ds, "stages", tmp_path / "a.h5", spec=SPEC, batch_size=0)
+
+
+def test_samples_of_different_sizes_are_refused_one_native_size_is_stored(tmp_path):
+    ds = arrays(n=4, size=16)
+    sample = ds.sample
+    ds.sample = lambda i: tuple(a[:12] for a in sample(i)) if i == 3 else sample(i)  # 12x16
+    with pytest.raises(ConfigError, match="same size.*Fix: load the data set with size=S"):
+        extract(ft.TinyCNN(), ds, "stages", tmp_path / "c.h5", spec=SPEC, batch_size=4,
+                num_workers=0, progress=False)
+    from featlab.data.fakes import write_voc
+
+    write_voc(tmp_path / "voc", {"val": ["a", "b", "c"]}, size=(30, 44))
+    voc = load_dataset("voc", "val", root=str(tmp_path / "voc"))  # native size, not square
+    result = extract(ft.TinyCNN(), voc, "stages", tmp_path / "v.h5", spec=SPEC, num_workers=0,
+                     progress=False)
+    with h5py.File(result.path, "r") as f:
+        assert f[schema.LABELS].shape == (3, 30, 44)
+        assert json.loads(f.attrs["input_size"]) == [30, 44]
+
+
+def test_progress_bar_shows_images_per_second_unless_turned_off(tmp_path, capsys, monkeypatch):
+    ds = arrays(n=4, size=16)
+    monkeypatch.delenv("FEATLAB_PROGRESS", raising=False)
+    extract(ft.TinyCNN(), ds, "stages", tmp_path / "a.h5", spec=SPEC, num_workers=0)
+    assert "4/4" in capsys.readouterr().err
+    monkeypatch.setenv("FEATLAB_PROGRESS", "0")
+    extract(ft.TinyCNN(), ds, "stages", tmp_path / "b.h5", spec=SPEC, num_workers=0)
+    monkeypatch.delenv("FEATLAB_PROGRESS")
+    extract(ft.TinyCNN(), ds, "stages", tmp_path / "c.h5", spec=SPEC, num_workers=0,
+            progress=False)
+    assert "4/4" not in capsys.readouterr().err

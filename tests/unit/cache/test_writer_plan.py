@@ -1,0 +1,121 @@
+"""The dry-run estimate (pure function and `featlab extract --dry-run`) and the shard layer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from featlab import cli, distributed
+from featlab.cache.plan import ExtractPlan, plan_extract, stored_size
+from featlab.errors import ConfigError
+from featlab.points import SkipPoint
+
+POINTS = [SkipPoint("layer1", 0, "layer1", 64, (56, 56), 4, 35, 4, 13),
+          SkipPoint("layer4", 1, "layer4", 512, (7, 7), 32, 427, 32, 211)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: no OpenMP stalls when other processes load this 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_plan_counts_bytes_per_point_and_sample_by_hand():
+    plan = plan_extract(POINTS, num_samples=1000, input_size=224, dtype="float16", max_size=14,
+                        save_images=True, batch_size=16, id_bytes=20)
+    layer1, layer4 = plan.points
+    assert (layer1.stored_size, layer1.pooling) == ((14, 14), "area")
+    assert (layer4.stored_size, layer4.pooling) == ((7, 7), "none")
+    assert layer1.bytes_per_sample == 64 * 14 * 14 * 2
+    assert layer4.bytes_per_sample == 512 * 7 * 7 * 2
+    assert layer1.total_bytes == 1000 * layer1.bytes_per_sample
+    assert plan.label_bytes_per_sample == 224 * 224
+    assert plan.image_bytes_per_sample == 3 * 224 * 224
+    # id + int64 index + uint8 flag + (int64 count + float32 error) per point
+    assert plan.other_bytes_per_sample == 20 + 8 + 1 + 2 * 12
+    per_sample = 25088 + 50176 + 50176 + 150528 + 53
+    assert plan.bytes_per_sample == per_sample
+    assert per_sample * 1000 < plan.total_bytes < per_sample * 1000 + 2**20  # + metadata
+    assert ExtractPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_plan_memory_in_flight_does_not_grow_with_n_and_disk_fit():
+    small = plan_extract(POINTS, 100, 224, batch_size=8)
+    large = plan_extract(POINTS, 10**6, 224, batch_size=8)
+    assert small.host_bytes == large.host_bytes
+    assert large.total_bytes > 1000 * small.total_bytes
+    # the queue holds whole batches: the estimate grows with the batch size
+    assert plan_extract(POINTS, 100, 224, batch_size=16).host_bytes > small.host_bytes
+    need = small.total_bytes
+    assert plan_extract(POINTS, 100, 224, batch_size=8, free_bytes=need).fits
+    assert not plan_extract(POINTS, 100, 224, batch_size=8, free_bytes=need - 1).fits
+    assert plan_extract(POINTS, 100, 224).fits  # free space unknown
+
+
+def test_stored_size_keeps_the_aspect_and_never_grows():
+    assert stored_size((56, 56), 14) == (14, 14)
+    assert stored_size((64, 32), 16) == (16, 8)
+    assert stored_size((7, 7), 14) == (7, 7)
+    assert stored_size((100, 3), 10) == (10, 1)
+    assert stored_size((33, 33), None) == (33, 33)
+    with pytest.raises(ConfigError, match="`max_size` must be a positive int"):
+        plan_extract(POINTS, 10, 224, max_size=-1)
+
+
+@pytest.fixture
+def cli_state(monkeypatch):
+    log = logging.getLogger("featlab")
+    saved = (list(log.handlers), log.level, log.propagate)
+    monkeypatch.setenv("FEATLAB_PROGRESS", os.environ.get("FEATLAB_PROGRESS", "1"))
+    yield
+    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
+
+
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, cli_state):
+    out = tmp_path / "sub" / "c.h5"
+    argv = ["extract", "--model", "resnet18", "--data", "shapes", "--input-size", "64",
+            "--points", "layer1.1,layer4.1", "--max-size", "8", "--limit", "50", "--out",
+            str(out), "--dry-run"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
+    # layer1.1: 64 x 16x16 at 64 px, pooled to 8x8 float16 = 8 KiB per sample, 400 KiB for 50
+    assert lines["layer1.1"][1:7] == ["64", "16x16", "8x8", "area", "4", "8.0"]
+    assert "400.0 KiB" in " ".join(lines["layer1.1"])
+    assert lines["layer4.1"][1:5] == ["512", "2x2", "2x2", "none"]
+    assert "free disk" in text and "fits" in text and "host memory in flight" in text
+    assert not out.parent.exists()
+    assert cli.main(argv + ["--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["num_samples"] == 50 and plan["free_bytes"] > 0
+    assert [p["bytes_per_sample"] for p in plan["points"]] == [64 * 8 * 8 * 2, 512 * 2 * 2 * 2]
+
+
+def test_shard_ranges_are_disjoint_contiguous_and_cover_the_sorted_order():
+    for n in (0, 1, 5, 17, 100):
+        for k in (1, 2, 3, 8):
+            parts = [distributed.shard_range(n, r, k) for r in range(k)]
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ConfigError):
+        distributed.shard_range(10, 2, 2)
+
+
+def test_dist_info_from_torchrun_environment():
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+    info = distributed.info_from_env(env)
+    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (5, 8, 1, 4)
+    assert not info.is_main and distributed.info_from_env({}).is_main
+    assert distributed.DistInfo.from_dict(info.to_dict()) == info
+    with pytest.raises(ConfigError, match="RANK must be an integer"):
+        distributed.info_from_env({"RANK": "x"})
+    with pytest.raises(ConfigError, match="ranks must lie in"):
+        distributed.info_from_env({"RANK": "3", "WORLD_SIZE": "2"})
+    assert distributed.init().world_size == 1 or distributed.is_distributed()

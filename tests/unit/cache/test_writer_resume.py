@@ -1,0 +1,202 @@
+"""featlab.extract on existing files: refusal, resume, write failures, the disk check."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import featlab.testing as ft
+from featlab import cli
+from featlab.cache import schema
+from featlab.cache.writer import extract
+from featlab.data import load_dataset
+from featlab.errors import CacheError
+from featlab.models import BackboneSpec
+
+SPEC = BackboneSpec("tiny", "none", (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), 32, 10)
+ARGS = dict(spec=SPEC, batch_size=3, num_workers=0, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the same arithmetic in every run, and no OpenMP stalls when other
+    processes load this 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def dataset(n=10):
+    return load_dataset("shapes", "val", size=32, length=n)
+
+
+def contents(path):
+    with h5py.File(path, "r") as f:
+        out = {}
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[...])
+                     if isinstance(obj, h5py.Dataset) else None)
+        return out
+
+
+def fail_writes_after(monkeypatch, calls):
+    """Make the HDF5 write path raise ENOSPC after `calls` point-row writes."""
+    original = h5py.Dataset.__setitem__
+    count = {"n": 0}
+
+    def setitem(self, key, value):
+        if self.name.startswith("/points/"):
+            count["n"] += 1
+            if count["n"] > calls:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", setitem)
+
+
+def test_disk_full_mid_run_leaves_a_cache_that_resumes_to_the_same_values(tmp_path, monkeypatch):
+    model, ds = ft.TinyResNet(), dataset()
+    reference = extract(model, ds, "stages", tmp_path / "ref.h5", **ARGS)
+    out = tmp_path / "c.h5"
+    fail_writes_after(monkeypatch, calls=2 * 2)  # two batches of the two points go through
+    with pytest.raises(CacheError, match="No space left on device.*resumable"):
+        extract(model, ds, "stages", out, **ARGS)
+    monkeypatch.undo()
+    assert not out.exists()
+    with h5py.File(str(out) + schema.PARTIAL_SUFFIX, "r", locking=False) as f:
+        assert f[schema.WRITTEN][:].tolist() == [1] * 6 + [0] * 4
+        assert not f.attrs["complete"]
+    resumed = extract(model, ds, "stages", out, **ARGS)
+    assert (resumed.written, resumed.skipped) == (4, 6)
+    assert resumed.num_samples == reference.num_samples == 10
+    got, expected = contents(out), contents(tmp_path / "ref.h5")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_resuming_with_other_settings_names_the_setting(tmp_path, monkeypatch):
+    model, ds = ft.TinyResNet(), dataset()
+    out = tmp_path / "c.h5"
+    fail_writes_after(monkeypatch, calls=2)
+    with pytest.raises(CacheError):
+        extract(model, ds, "stages", out, **ARGS)
+    monkeypatch.undo()
+    partial = str(out) + schema.PARTIAL_SUFFIX
+    cases = [
+        (dict(dtype="float32"), f"`--dtype` differs from the partial cache at {partial}: "
+                                "float16 there, float32 now. Fix: re-run with the same settings, "
+                                "or --force"),
+        (dict(max_size=2), "`--max-size` differs .*: 0 there, 2 now"),
+        (dict(limit=5), "`--limit` differs .*: None there, 5 now"),
+        (dict(save_images=True), "`--save-images` differs"),
+        (dict(points="layer1.1"), "`--points` differs .*: layer1.0,layer1.1 there, layer1.1 now"),
+    ]
+    for change, message in cases:
+        with pytest.raises(CacheError, match=message):
+            extract(model, ds, change.pop("points", "stages"), out, **{**ARGS, **change})
+    with pytest.raises(CacheError, match="the data set option `length` differs .*10 there, 11"):
+        extract(model, dataset(11), "stages", out, **ARGS)
+    with pytest.raises(CacheError, match="`--input-size` differs"):
+        extract(model, load_dataset("shapes", "val", size=16, length=10), "stages", out, **ARGS)
+    other = ft.TinyResNet(seed=1)
+    with pytest.raises(CacheError, match=r"the model's weights \(sha256 of its state_dict\)"):
+        extract(other, ds, "stages", out, **ARGS)
+    # batch size and workers are not part of the identity: this resumes
+    result = extract(model, ds, "stages", out, **{**ARGS, "batch_size": 4})
+    assert (result.written, result.skipped) == (7, 3)
+
+
+def test_a_complete_cache_is_never_overwritten_without_force(tmp_path, capsys):
+    model, ds = ft.TinyResNet(), dataset(4)
+    out = tmp_path / "c.h5"
+    extract(model, ds, "stages", out, **ARGS)
+    before = out.stat().st_mtime_ns
+    with pytest.raises(CacheError, match="never overwrites a cache.*--force"):
+        extract(model, ds, "stages", out, **ARGS)
+    assert out.stat().st_mtime_ns == before
+    result = extract(model, ds, "all", out, force=True, **ARGS)  # other settings, rebuilt
+    assert result.written == 4 and len(result.points) > 2
+
+
+@pytest.fixture
+def cli_state(monkeypatch):
+    """cli.main configures the "featlab" logger and FEATLAB_PROGRESS: undo that afterwards."""
+    import logging
+
+    log = logging.getLogger("featlab")
+    saved = (list(log.handlers), log.level, log.propagate)
+    monkeypatch.setenv("FEATLAB_PROGRESS", os.environ.get("FEATLAB_PROGRESS", "1"))
+    yield
+    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
+
+
+def test_cli_refuses_an_existing_cache_with_exit_code_2_and_one_line(tmp_path, capsys,
+                                                                      cli_state):
+    out = tmp_path / "c.h5"
+    argv = ["extract", "--model", "resnet18", "--data", "shapes", "--input-size", "32",
+            "--limit", "2", "--batch-size", "2", "--out", str(out), "--quiet", "--workers", "0"]
+    assert cli.main(argv) == 0 and out.exists()
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("featlab extract: error:") and "--force" in err
+
+
+def test_unwritable_folder_fails_before_any_compute(tmp_path):
+    model = ft.TinyCNN()
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache's folder should be")
+    with pytest.raises(CacheError, match="must be in a folder featlab can write"):
+        extract(model, dataset(4), "stages", blocker / "c.h5", **ARGS)
+    assert calls == []
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(CacheError, match="must be in a folder featlab can write"):
+            extract(model, dataset(4), "stages", locked / "c.h5", **ARGS)
+        assert calls == []
+
+
+def test_disk_check_refuses_what_does_not_fit(tmp_path, monkeypatch):
+    import featlab.cache.writer as writer
+
+    monkeypatch.setattr(writer, "free_disk_bytes", lambda path: 1000)
+    with pytest.raises(CacheError, match="needs .* more and has 1000 B free.*--no-disk-check"):
+        extract(ft.TinyCNN(), dataset(4), "stages", tmp_path / "c.h5", **ARGS)
+    assert not list(tmp_path.iterdir())
+    result = extract(ft.TinyCNN(), dataset(4), "stages", tmp_path / "c.h5", disk_check=False,
+                     **ARGS)
+    assert result.written == 4
+
+
+def test_a_batch_recomputed_after_a_kill_is_the_same_batch(tmp_path):
+    # a partial file whose flags say rows 0-2 and 6 were written (as if batch 2 of a run with
+    # batch size 3 was cut short and the run then continued with batch size... 1 elsewhere)
+    model, ds = ft.TinyResNet(), dataset(8)
+    ref = tmp_path / "ref.h5"
+    extract(model, ds, "stages", ref, **ARGS)
+    partial = str(tmp_path / "c.h5") + schema.PARTIAL_SUFFIX
+    os.rename(ref, partial)
+    with h5py.File(partial, "r+", locking=False) as f:
+        f.attrs.modify("complete", False)
+        f[schema.WRITTEN][...] = np.array([1, 1, 1, 0, 0, 0, 1, 0], np.uint8)
+        sentinel = f["points/layer1.1"][6].copy()
+        for name in ("points/layer1.1", "points/layer1.0"):
+            f[name][3:6] = np.full(f[name].shape[1:], 7.0, np.float16)  # stale junk rows
+    result = extract(model, ds, "stages", tmp_path / "c.h5", **ARGS)
+    assert (result.written, result.skipped) == (4, 4)
+    extract(model, ds, "stages", ref, **ARGS)
+    got, expected = contents(tmp_path / "c.h5"), contents(ref)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    np.testing.assert_array_equal(got["points/layer1.1"][6], sentinel)
+    assert torch.is_inference_mode_enabled() is False
