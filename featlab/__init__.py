@@ -25,6 +25,8 @@ _LAZY = {
     "Recorder": "featlab.capture",
     "load_dataset": "featlab.data",
     "list_datasets": "featlab.data",
+    "extract": "featlab.cache.writer",
+    "open_cache": "featlab.cache.reader",
 }
 
 __all__ = ["__version__", *_LAZY]
