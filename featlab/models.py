@@ -285,9 +285,9 @@ def get_backbone(
     if w == "none":
         n = 1000 if num_classes is None else num_classes
         spec = BackboneSpec(name, "none", IMAGENET_MEAN, IMAGENET_STD, 224, n, None, seed)
-        return _build(entry, n, seed), spec
+        return _attach(_build(entry, n, seed), spec)
     if w == "imagenet":
-        return _imagenet(name, entry, num_classes)
+        return _attach(*_imagenet(name, entry, num_classes))
     if w == "shapes" or w.startswith("shapes:"):
         path = _default_shapes_path(name) if w == "shapes" else shapes_checkpoint_path(name, w[7:])
         if not path.is_file():
@@ -297,9 +297,9 @@ def get_backbone(
                 f"take a few minutes on a laptop CPU)."
             )
         model, spec = _load_file(name, entry, path, num_classes)
-        return model, dataclasses.replace(spec, weights=f"shapes:{path.stem.rsplit('-', 1)[-1]}")
+        return _attach(model, dataclasses.replace(spec, weights=f"shapes:{path.stem.rsplit('-', 1)[-1]}"))
     if os.path.isfile(os.path.expanduser(w)):
-        return _load_file(name, entry, Path(w).expanduser(), num_classes)
+        return _attach(*_load_file(name, entry, Path(w).expanduser(), num_classes))
     if os.sep in w or "." in w or w.startswith("~"):
         raise WeightsNotFoundError(
             f"`weights` must be none, imagenet, shapes or an existing checkpoint file; got {w!r}, "
@@ -309,6 +309,13 @@ def get_backbone(
         f"`weights` must be one of {', '.join(WEIGHTS_KINDS)} or a checkpoint path; got {w!r}."
         f"{did_you_mean(w, WEIGHTS_KINDS)}"
     )
+
+
+def _attach(model: nn.Module, spec: BackboneSpec) -> tuple[nn.Module, BackboneSpec]:
+    # the spec rides on the model so that featlab.extract(model, ...) normalizes as the weights
+    # expect without the caller passing it again
+    model.featlab_spec = spec
+    return model, spec
 
 
 def _build(entry: _Entry, num_classes: int, seed: int) -> nn.Module:
