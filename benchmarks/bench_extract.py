@@ -7,7 +7,9 @@ resnet18 (random init) at 128 px on ``shapes``, every skip point, float16, in on
 * **featlab extract**: ``featlab.extract`` end to end (points, file creation, a ``DataLoader``
   over the samples, the forward, pooling/cast/copy in hooks, the writer thread, finalisation);
 * **plain**: the usual script -- forward hooks keeping the outputs, ``.cpu().numpy()``,
-  ``astype(float16)`` and h5py writes in the loop, from the same ``DataLoader``.
+  ``astype(float16)`` and h5py writes in the loop, from the same ``DataLoader``. (It keeps
+  references, as timm's FeatureHooks do, so ``bn1`` is stored after the in-place ReLU rewrote it:
+  wrong values, shown only for its speed.)
 
 The samples are rendered once up front and served from memory, so that all three measure the
 model and the cache, not the procedural data generator (its rate is printed separately).
@@ -118,7 +120,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="folder for the files (default: a temp dir)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.2f}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,12 @@ from featlab.cache.taps import Slot, Taps, check_eval
 from featlab.errors import CacheError, ConfigError, FeatlabError
 
 __all__ = ["stream", "pending_batches", "Writer"]
+
+# The writer thread runs at a lower priority: on a CPU that the forward keeps busy, writing then
+# fills the forward's gaps instead of preempting one of its threads (which stalls the whole
+# parallel region that thread belongs to). If it falls behind, the bounded queue makes the main
+# thread wait, and it catches up; on a GPU machine there are idle cores and it makes no difference.
+WRITER_NICE = 10
 
 
 def pending_batches(rows: int, batch_size: int, written: np.ndarray
@@ -45,8 +52,13 @@ def pending_batches(rows: int, batch_size: int, written: np.ndarray
     return out
 
 
-def stream(job: Job, path: str, written: np.ndarray, *, progress: bool,
-            stop_early: bool) -> None:
+def stream(job: Job, path: str, written: np.ndarray, *, progress: bool, stop_early: bool
+           ) -> None:
+    """Compute and write every row of ``path`` (the open partial file) not flagged in ``written``.
+
+    The model is run in eval mode on ``job.device`` and left in the training mode and on the
+    device it came with; errors of the writer thread are raised here.
+    """
     from torch.utils.data import DataLoader
 
     batches = pending_batches(len(job.shard), job.batch_size, written)
@@ -118,17 +130,15 @@ def stream(job: Job, path: str, written: np.ndarray, *, progress: bool,
             bar.close()
 
 
-WRITER_NICE = 10
-
-
 def _lower_priority(nice: int) -> None:
-    """Lower this thread's CPU priority (Linux: threads are scheduled as tasks, each has its own
-    nice value). On a CPU that the forward keeps busy, writing then happens in the forward's gaps
-    instead of preempting one of its threads, which stalls the whole parallel region it is in."""
+    """Lower the calling thread's CPU priority by ``nice`` (Linux only: there each thread is a
+    task with its own nice value; elsewhere the call would renice the whole process)."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except (AttributeError, OSError):  # not Linux, or not permitted: write at normal priority
+    except OSError:  # not permitted: write at normal priority
         pass
 
 

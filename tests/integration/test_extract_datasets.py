@@ -13,7 +13,6 @@ import torch
 
 import featlab
 from featlab import cli
-from featlab.cache.writer import extract
 from featlab.data import load_dataset
 from featlab.data.fakes import write_voc
 
@@ -63,12 +62,13 @@ def test_cli_extracts_a_miniature_voc_tree(tmp_path, capsys, cli_state):
 
 def test_python_api_on_shapes_matches_a_forward_of_the_same_samples(tmp_path):
     model, spec = featlab.get_backbone("resnet18", seed=3)
-    model.featlab_spec = spec  # what get_backbone attaches (the lead's change), set by hand here
-    ds = load_dataset("shapes", "val", size=32, length=6)
-    result = extract(model, ds, "layer2.1", tmp_path / "val.h5", batch_size=6, dtype="float32",
-                     num_workers=1, progress=False)
+    ds = featlab.load_dataset("shapes", "val", size=32, length=6)
+    # the public API; the normalization comes from the spec get_backbone attached to the model
+    result = featlab.extract(model, ds, "layer2.1", tmp_path / "val.h5", batch_size=6,
+                             dtype="float32", num_workers=1, progress=False)
     x = spec.normalize(torch.stack([ds[i]["image"] for i in range(6)]))
     with torch.inference_mode(), featlab.capture(model, ["layer2.1"]) as acts:
         model(x)
     with h5py.File(result.path, "r") as f:  # through a DataLoader worker process: the same
         np.testing.assert_array_equal(f["points/layer2.1"][:], acts["layer2.1"].numpy())
+        assert json.loads(f.attrs["model"]) == spec.to_dict() and spec.seed == 3

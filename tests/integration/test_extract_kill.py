@@ -80,7 +80,6 @@ def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_pa
         if sum(0 < (w or 0) < N for w in seen) >= 3:
             break
     # kills landed while rows were streaming, so something was really resumed
-    print("SEEN", seen)
     assert sum(0 < (w or 0) < N for w in seen) >= 3, seen
     done = subprocess.run(CMD + ["--out", str(out), "--json"], env=ENV, capture_output=True,
                           text=True, check=True)
