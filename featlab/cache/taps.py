@@ -16,7 +16,8 @@ only inside the ``with`` block of :class:`Taps`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from featlab.errors import ConfigError, ReusedModuleError, SkipPointNotFiredError
 
-__all__ = ["Slot", "Taps"]
+__all__ = ["Slot", "Taps", "serial", "check_eval"]
 
 
 # On the CPU the hooks' copies and statistics are memory-bound: one thread moves the bytes about
@@ -34,6 +35,20 @@ __all__ = ["Slot", "Taps"]
 # scheduler tick. Measured on a loaded 2-core machine: 3-4x slower with 2 threads than with 1.
 # Only with the OpenMP backend, where changing the thread count between operations is cheap.
 SERIAL_COPIES = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+@contextlib.contextmanager
+def serial() -> Iterator[None]:
+    """Run the CPU operations inside on one intra-op thread (see :data:`SERIAL_COPIES`)."""
+    threads = torch.get_num_threads()
+    if not SERIAL_COPIES or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Slot:
@@ -176,15 +191,9 @@ class Taps:
         dst = slot.points[k][:n]
         if t.is_cuda:
             self._device_stats(k, t, dst)
-        elif SERIAL_COPIES and torch.get_num_threads() > 1:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                self._host_stats(k, t, dst, slot)
-            finally:
-                torch.set_num_threads(threads)
         else:
-            self._host_stats(k, t, dst, slot)  # cast and copy into memory reused batch to batch
+            with serial():  # cast and copy into memory reused batch to batch
+                self._host_stats(k, t, dst, slot)
 
     def _device_stats(self, k: int, t: torch.Tensor, dst: torch.Tensor) -> None:
         stored = t.to(self._dtype)
