@@ -87,8 +87,8 @@ class BackboneSpec:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError(
-                f"`mean` and `std` of BackboneSpec must be 3 values (std > 0); got mean={self.mean}, "
-                f"std={self.std}. Fix: give one value per RGB channel."
+                f"`mean` and `std` of BackboneSpec must be 3 values (std > 0); got "
+                f"mean={self.mean}, std={self.std}. Fix: give one value per RGB channel."
             )
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -297,7 +297,8 @@ def get_backbone(
                 f"take a few minutes on a laptop CPU)."
             )
         model, spec = _load_file(name, entry, path, num_classes)
-        return _attach(model, dataclasses.replace(spec, weights=f"shapes:{path.stem.rsplit('-', 1)[-1]}"))
+        key = path.stem.rsplit("-", 1)[-1]
+        return _attach(model, dataclasses.replace(spec, weights=f"shapes:{key}"))
     if os.path.isfile(os.path.expanduser(w)):
         return _attach(*_load_file(name, entry, Path(w).expanduser(), num_classes))
     if os.sep in w or "." in w or w.startswith("~"):
@@ -353,12 +354,12 @@ def _imagenet(name: str, entry: _Entry, num_classes: int | None) -> tuple[nn.Mod
     model = _build(entry, n_imagenet, 0)
     _load_state(model, name, _read_checkpoint(path)[0], path)
     sha = _sha256(path)
-    # torchvision names its files <name>-<first hex digits of sha256>.pth; check it as torchvision does.
+    # torchvision names its files <name>-<first hex digits of sha256>.pth; check as it does.
     m = re.search(r"-([a-f0-9]{6,})\.", file)
     if m and not sha.startswith(m.group(1)):
         warnings.warn(
-            f"{path} has sha256 {sha[:12]}..., not the {m.group(1)}... its name promises; it may be "
-            f"corrupt or not torchvision's file.", FeatlabWarning, stacklevel=3)
+            f"{path} has sha256 {sha[:12]}..., not the {m.group(1)}... its name promises; it may "
+            f"be corrupt or not torchvision's file.", FeatlabWarning, stacklevel=3)
     size = enum.transforms().crop_size[0]
     mean, std = tuple(enum.transforms().mean), tuple(enum.transforms().std)
     log.debug("loaded %s ImageNet weights from %s", name, path)
@@ -368,8 +369,8 @@ def _imagenet(name: str, entry: _Entry, num_classes: int | None) -> tuple[nn.Mod
 def _fix_densenet_keys(state: dict) -> dict:
     # Old torchvision DenseNet files name keys 'norm.1' where the modules are now 'norm1'
     # (the same rewrite torchvision.models.densenet._load_state_dict applies).
-    pattern = re.compile(
-        r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                         r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
     fixed = {}
     for key, value in state.items():
         m = pattern.match(key)
@@ -435,8 +436,8 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], BackboneSpec 
     if bad is None or bad or not obj:
         what = type(obj).__name__ if bad is None else f"non-tensor entries {bad[:5]}"
         raise CheckpointError(
-            f"checkpoint {path} must be a state_dict (names -> tensors), or a dict holding one under "
-            f"'state_dict' or 'model'; got {what or 'an empty dict'}. Fix: save "
+            f"checkpoint {path} must be a state_dict (names -> tensors), or a dict holding one "
+            f"under 'state_dict' or 'model'; got {what or 'an empty dict'}. Fix: save "
             f"model.state_dict()."
         )
     if all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
@@ -449,6 +450,9 @@ def _load_state(model: nn.Module, name: str, state: dict, path: Path) -> None:
     if name.startswith("densenet"):
         state = _fix_densenet_keys(state)
     own = model.state_dict()
+    # files saved before torch 0.4.1 (e.g. torchvision's DenseNet and VGG-BN) lack this counter
+    state = {**{k: torch.zeros_like(v) for k, v in own.items()
+                if k.endswith(".num_batches_tracked")}, **state}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}"

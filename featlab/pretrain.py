@@ -274,8 +274,8 @@ def _with_overrides(settings: PretrainSettings, overrides: dict) -> PretrainSett
     fields = [f.name for f in dataclasses.fields(PretrainSettings)]
     for name in overrides:
         if name not in fields:
-            raise ConfigError(f"pretrain options must be PretrainSettings fields ({', '.join(fields)}"
-                              f"); got {name!r}.{did_you_mean(name, fields)}")
+            raise ConfigError(f"pretrain options must be PretrainSettings fields "
+                              f"({', '.join(fields)}); got {name!r}.{did_you_mean(name, fields)}")
     return dataclasses.replace(settings, **overrides)
 
 

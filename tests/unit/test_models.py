@@ -73,6 +73,7 @@ def test_every_backbone_builds_as_the_torchvision_classifier_in_eval_mode(name):
     assert not any(m.training for m in model.modules())
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert (spec.name, spec.weights, spec.num_classes, spec.seed) == (name, "none", 7, 0)
+    assert model.featlab_spec == spec  # featlab.extract reads the preprocessing from the model
 
 
 def test_unknown_model_and_weights_suggest_close_names():
@@ -165,7 +166,8 @@ def test_checkpoint_path_infers_classes_and_accepts_wrapped_state_dicts(tmp_path
     torch.save(source.state_dict(), plain)
     model, spec = featlab.get_backbone("resnet18", weights=str(plain))
     assert _params_equal(model, source) and spec.num_classes == 6
-    assert spec.weights == f"file:{plain.resolve()}" and spec.weights_sha256 == models._sha256(plain)
+    assert spec.weights == f"file:{plain.resolve()}"
+    assert spec.weights_sha256 == models._sha256(plain)
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}, "epoch": 3},
                wrapped)
@@ -240,3 +242,17 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     assert models.user_cache_dir() == tmp_path / "mine"
     with pytest.raises(WeightsNotFoundError, match="featlab pretrain --model resnet34"):
         featlab.get_backbone("resnet34", weights="shapes")
+
+
+def test_densenet_files_with_legacy_key_names_load(hub):
+    """torchvision's DenseNet files name keys 'norm.1'; the modules are now called 'norm1'."""
+    source = torchvision.models.densenet121(weights=None)
+    legacy = {k.replace("norm1", "norm.1").replace("conv2", "conv.2"): v  # and no BN counters
+              for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
+    hub.mkdir(parents=True)
+    torch.save(legacy, hub / models.imagenet_file_name("densenet121"))
+    with pytest.warns(FeatlabWarning, match="sha256"):
+        model, spec = featlab.get_backbone("densenet121", weights="imagenet")
+    assert _params_equal(model, source)
+    assert spec.weights == "imagenet:DenseNet121_Weights.IMAGENET1K_V1"
