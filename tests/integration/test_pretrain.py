@@ -30,10 +30,11 @@ def tiny_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEATLAB_CACHE_DIR", str(folder))
         torch.manual_seed(99)
-        before = torch.random.get_rng_state()
-        result = pretrain.pretrain("resnet18", progress=False, num_workers=1, **TINY)
-        rng_untouched = torch.equal(before, torch.random.get_rng_state())
-    return folder, result, rng_untouched
+        before, threads = torch.random.get_rng_state(), torch.get_num_threads()
+        result = pretrain.pretrain("resnet18", progress=False, num_workers=1, threads=1, **TINY)
+        untouched = torch.equal(before, torch.random.get_rng_state()) and (
+            threads == torch.get_num_threads())
+    return folder, result, untouched
 
 
 def _not_again(*args, **kwargs):
@@ -41,7 +42,7 @@ def _not_again(*args, **kwargs):
 
 
 def test_tiny_run_writes_its_checkpoint_under_the_cache(tiny_run):
-    folder, result, rng_untouched = tiny_run
+    folder, result, untouched = tiny_run
     settings = pretrain.PretrainSettings(**TINY)
     key = pretrain.settings_key("resnet18", settings)
     expected = folder / "weights" / f"resnet18-shapes-{key}.pt"
@@ -50,11 +51,12 @@ def test_tiny_run_writes_its_checkpoint_under_the_cache(tiny_run):
     assert (result.key, result.steps, result.reused, result.device) == (key, 8, False, "cpu")
     assert [h["step"] for h in result.history] == [4, 8]
     assert result.accuracy == result.history[-1]["val_accuracy"]
-    assert rng_untouched
+    assert untouched  # the caller's RNG state and torch thread count
     ckpt = torch.load(expected, weights_only=True)
     assert {"state_dict", "spec", "result", "versions", "settings"} <= set(ckpt)
     assert ckpt["versions"]["torch"] == str(torch.__version__)
     assert ckpt["versions"]["featlab"] == featlab.__version__
+    assert ckpt["versions"]["threads"] == 1  # what the run used, not the caller's setting
     assert pretrain.PretrainSettings.from_dict(ckpt["settings"]) == settings
 
 
@@ -113,9 +115,10 @@ def test_get_backbone_restores_the_spec_from_shapes_and_from_the_path(tiny_run, 
 
 def test_training_is_deterministic_on_cpu(cache):
     small = dict(steps=3, batch_size=4, image_size=32, val_images=8, eval_every=3)
-    first = pretrain.pretrain("resnet18", progress=False, num_workers=0, **small)
+    first = pretrain.pretrain("resnet18", progress=False, num_workers=0, threads=1, **small)
     state = torch.load(first.checkpoint, weights_only=True)["state_dict"]
-    second = pretrain.pretrain("resnet18", progress=False, num_workers=1, force=True, **small)
+    second = pretrain.pretrain("resnet18", progress=False, num_workers=1, threads=1, force=True,
+                               **small)
     again = torch.load(second.checkpoint, weights_only=True)["state_dict"]
     assert all(torch.equal(state[k], again[k]) for k in state)
     assert first.history[-1]["loss"] == second.history[-1]["loss"]
@@ -123,7 +126,8 @@ def test_training_is_deterministic_on_cpu(cache):
 
 @pytest.mark.slow
 def test_another_family_trains_and_loads(cache):
-    result = pretrain.pretrain("mobilenet_v3_large", progress=False, num_workers=0, steps=2,
+    result = pretrain.pretrain("mobilenet_v3_large", progress=False, num_workers=0, threads=1,
+                               steps=2,
                                batch_size=4, image_size=32, val_images=4, eval_every=2)
     model, spec = featlab.get_backbone("mobilenet_v3_large", weights=f"shapes:{result.key}")
     assert spec.num_classes == 9 and model.classifier[-1].out_features == 9
