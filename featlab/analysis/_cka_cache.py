@@ -1,0 +1,172 @@
+"""The cache-aware part of :func:`featlab.analysis.similarity.cka_matrix`: read, represent, CKA."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from featlab.analysis._cka_estimators import choose_form
+from featlab.analysis._io import cache_identity, versions
+from featlab.analysis._representations import (SPATIAL, batch_plan, represent,
+                                               rescale_positions, sample_positions)
+from featlab.analysis.similarity import (_MAX_BYTES, KINDS, CKAResult, MinibatchAccumulator,
+                                         cka_arrays)
+from featlab.errors import ConfigError
+
+logger = logging.getLogger("featlab")
+
+_READ_BATCH = 64   # images per read in the full (non-minibatch) kinds
+
+
+def _open(cache: Any):
+    if isinstance(cache, (str, os.PathLike)):
+        from featlab.cache.reader import open_cache
+
+        return open_cache(cache)
+    return cache
+
+
+def _check_settings(kind: str, spatial: str, estimator: str | None, bandwidth: float
+                    ) -> str:
+    if kind not in KINDS:
+        raise ConfigError(f"kind must be one of {KINDS}; got {kind!r}. Fix: --kind linear.")
+    if spatial not in SPATIAL:
+        raise ConfigError(f"spatial must be one of {SPATIAL}; got {spatial!r}. Fix: 'gap' "
+                          "(pool each map), 'flatten' (whole map) or 'pixels' (positions).")
+    if kind == "minibatch":
+        if estimator not in (None, "debiased"):
+            raise ConfigError(f"minibatch CKA uses the unbiased HSIC estimator; got estimator="
+                              f"{estimator!r}. Fix: drop estimator or use kind='linear'.")
+        return "debiased"
+    if estimator not in (None, "biased", "debiased"):
+        raise ConfigError(f"estimator must be 'biased' or 'debiased'; got {estimator!r}.")
+    if not (isinstance(bandwidth, (int, float)) and bandwidth > 0):
+        raise ConfigError(f"bandwidth must be a number > 0 (a fraction of the median "
+                          f"distance); got {bandwidth!r}. Fix: e.g. 1.0.")
+    return estimator or "biased"
+
+
+class _Side:
+    """One cache, its chosen points and, for ``pixels``, the sampled input positions."""
+
+    def __init__(self, cache, names: list[str], spatial: str, coords: np.ndarray | None):
+        self.cache, self.names, self.spatial, self.coords = cache, names, spatial, coords
+        self.points = [cache.point(n) for n in names]
+        self.input_size = tuple(cache.input_size)
+        self.alignment: dict[str, str] = {}
+
+    def widths(self) -> list[int]:
+        out = []
+        for p in self.points:
+            c, (h, w) = p.channels, self.cache.stored_size(p.name)
+            out.append(c * h * w if self.spatial == "flatten" else c)
+        return out
+
+    def represent(self, rows: np.ndarray, data: dict[str, np.ndarray]) -> list[np.ndarray]:
+        reps = []
+        for p in self.points:
+            coords = None if self.coords is None else self.coords[rows]
+            x, how = represent(data[p.name], self.spatial, point=p, coords=coords,
+                               input_size=self.input_size)
+            if how is not None:
+                self.alignment[p.name] = how
+            reps.append(x)
+        return reps
+
+    def read(self, rows: np.ndarray) -> list[np.ndarray]:
+        return self.represent(rows, {n: self.cache[n][rows] for n in self.names})
+
+
+def cka_matrix(cache: Any, cache2: Any = None, kind: str = "linear", *, points: Any = None,
+               points2: Any = None, spatial: str = "gap", estimator: str | None = None,
+               form: str = "auto", bandwidth: float = 1.0, batch_size: int = 256,
+               positions: int = 16, seed: int = 0, device: Any = None, progress: bool = True,
+               max_bytes: int = _MAX_BYTES) -> CKAResult:
+    """See :func:`featlab.analysis.similarity.cka_matrix`."""
+    from tqdm.auto import tqdm
+
+    from featlab.cache.joins import check_same_samples
+    from featlab.distributed import default_device
+    from featlab.pretrain import progress_enabled
+
+    started = time.perf_counter()
+    estimator = _check_settings(kind, spatial, estimator, bandwidth)
+    device = device or default_device()
+    a = _open(cache)
+    b = None if cache2 is None else _open(cache2)
+    if b is not None:
+        check_same_samples(a, b)
+    n = len(a)
+    if n < 2:
+        raise ConfigError(f"CKA needs at least 2 samples; {str(a.path)!r} has {n}.")
+    coords = coords2 = None
+    if spatial == "pixels":
+        coords = sample_positions(n, tuple(a.input_size), positions, seed)
+        if b is not None:
+            coords2 = rescale_positions(coords, tuple(a.input_size), tuple(b.input_size))
+    side_a = _Side(a, a.select(points), spatial, coords)
+    side_b = None if b is None else _Side(b, b.select(points if points2 is None else points2),
+                                          spatial, coords2)
+    per_image = positions if spatial == "pixels" else 1
+    show = progress_enabled(progress)
+    if kind == "minibatch":
+        plan = batch_plan(n, batch_size, seed)
+        acc = MinibatchAccumulator(device)
+        for rows in tqdm(plan, desc="minibatch CKA", unit="batch", disable=not show):
+            acc.update(side_a.read(rows), None if side_b is None else side_b.read(rows),
+                       form=form)
+        matrix, reasons = acc.result(side_a.names, (side_b or side_a).names)
+        used_form = acc.form
+    else:
+        samples = n * per_image
+        widths = side_a.widths() + ([] if side_b is None else side_b.widths())
+        need = 8 * samples * sum(widths)
+        planned = form if form != "auto" else choose_form(
+            samples, side_a.widths(), None if side_b is None else side_b.widths())
+        if kind == "rbf" or planned == "gram":   # one n x n float64 Gram matrix per point
+            need += 8 * samples * samples * len(widths)
+        if need > max_bytes:
+            raise ConfigError(
+                f"{kind} CKA must fit its float64 matrices in memory (max_bytes={max_bytes:,}); "
+                f"{samples} samples x {len(widths)} points need about {need:,} bytes. Fix: use "
+                "kind='minibatch' (memory bounded by the batch), spatial='gap', fewer points, or "
+                "fewer positions.")
+        xs: list[list[np.ndarray]] = [[] for _ in side_a.names]
+        ys: list[list[np.ndarray]] = [[] for _ in (side_b.names if side_b else [])]
+        total = -(-n // _READ_BATCH)
+        for side, store in ((side_a, xs), (side_b, ys)):
+            if side is None:
+                continue
+            for batch in tqdm(side.cache.batches(side.names, _READ_BATCH, labels=False),
+                              total=total, desc=f"reading {os.path.basename(side.cache.path)}",
+                              unit="batch", disable=not show):
+                for i, x in enumerate(side.represent(np.asarray(batch["rows"]), batch)):
+                    store[i].append(x)
+        matrix, reasons, used_form = cka_arrays(
+            [np.concatenate(x) for x in xs], None if side_b is None else
+            [np.concatenate(y) for y in ys], kernel="rbf" if kind == "rbf" else "linear",
+            estimator=estimator, form=form, bandwidth=bandwidth, device=device,
+            names=side_a.names, names2=None if side_b is None else side_b.names)
+    settings = {"seed": seed, "form_requested": form}
+    if kind == "minibatch":
+        settings["batch_size"] = batch_size
+    if kind == "rbf":
+        settings["bandwidth"] = float(bandwidth)
+    if spatial == "pixels":
+        settings["positions"] = positions
+        settings["alignment"] = {**side_a.alignment,
+                                 **({f"b:{k}": v for k, v in side_b.alignment.items()}
+                                    if side_b else {})}
+    for key, reason in reasons.items():
+        logger.warning("CKA undefined for %s: %s", key, reason)
+    result = CKAResult(side_a.names, (side_b or side_a).names, matrix, kind, estimator, spatial,
+                       used_form, n * per_image, n, settings, reasons, cache_identity(a),
+                       cache_identity(b), versions(device))
+    logger.info("%s CKA (%s, %s) of %d x %d points over %d samples in %.2f s", kind, estimator,
+                spatial, len(result.names), len(result.columns), result.num_samples,
+                time.perf_counter() - started)
+    return result
