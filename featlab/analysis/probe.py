@@ -1,0 +1,256 @@
+"""Linear separability of every skip point: per-pixel linear probes on cached features.
+
+:class:`~featlab.analysis.pixel_probe.PixelProbe` (re-exported here) is the estimator;
+:func:`probe_points` fits one per selected point on a train-split cache and scores it on a
+val-split cache: pixel accuracy, mean class accuracy, mIoU and per-class IoU from one
+data-set-level confusion matrix at full label resolution (logits upsampled bilinearly; ignore
+index 255). With ``null=True`` each point also gets the null baseline of R-10.3: the same probe
+trained on spatially shuffled training labels (it can learn class priors, nothing spatial).
+:func:`write_result` writes the table as ``.json`` and ``.csv``.
+
+Examples:
+    >>> result = probe_points("train.h5", "val.h5", points="stages")  # doctest: +SKIP
+    >>> [(r["point"], round(r["miou"], 3)) for r in result.rows()]  # doctest: +SKIP
+    [('layer1', 0.412), ('layer2', 0.538), ('layer3', 0.611), ('layer4', 0.597)]
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from featlab.analysis.pixel_probe import PixelProbe
+from featlab.errors import CacheError, ConfigError
+
+__all__ = ["PixelProbe", "PointScore", "ProbeResult", "probe_points", "write_result",
+           "read_result"]
+
+log = logging.getLogger("featlab")
+
+_SETTINGS = ("alpha", "alphas", "holdout", "standardize", "class_weight", "max_pixels",
+             "max_iter", "tol", "dtype")
+
+
+def _clean(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+@dataclass(frozen=True)
+class PointScore:
+    """Probe scores of one skip point on the val cache (None where a value is undefined)."""
+
+    point: str
+    stride: int | None
+    channels: int
+    pixel_accuracy: float | None
+    mean_accuracy: float | None
+    miou: float | None
+    iou: tuple[float | None, ...]
+    alpha: float
+    n_pixels: int
+    n_iter: int
+    seconds: float
+    null_pixel_accuracy: float | None = None
+    null_miou: float | None = None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["iou"] = list(self.iou)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PointScore:
+        return _from_dict(cls, {**d, "iou": tuple(d.get("iou", ()))})
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Per-point probe scores with everything that produced them.
+
+    Attributes:
+        scores: one :class:`PointScore` per probed point, in execution order.
+        classes: class names (the ``iou`` entries follow this order).
+        settings: the probe hyper-parameters, ``null`` and ``points``.
+        seed: seed of pixel sampling, held-out split and label shuffles.
+        versions: featlab, torch, numpy, ... (``featlab.pretrain.run_versions``).
+        train, val: cache identities (``path``, ``ids_sha256``, ``samples``).
+    """
+
+    scores: tuple[PointScore, ...]
+    classes: tuple[str, ...]
+    settings: dict = field(default_factory=dict)
+    seed: int = 0
+    versions: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    val: dict = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        """One flat dict per point (``point`` first; per-class IoU as ``iou_<class>``)."""
+        out = []
+        for s in self.scores:
+            row = {k: v for k, v in s.to_dict().items() if k != "iou"}
+            if self.settings.get("null") is not True:
+                row.pop("null_pixel_accuracy")
+                row.pop("null_miou")
+            row.update({f"iou_{name}": v for name, v in zip(self.classes, s.iou)})
+            out.append(row)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"scores": [s.to_dict() for s in self.scores], "classes": list(self.classes),
+                "settings": dict(self.settings), "seed": self.seed,
+                "versions": dict(self.versions), "train": dict(self.train),
+                "val": dict(self.val)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ProbeResult:
+        d = dict(d)
+        d["scores"] = tuple(PointScore.from_dict(s) for s in d.get("scores", ()))
+        d["classes"] = tuple(d.get("classes", ()))
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls, d: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} keys must be among {sorted(names)}; got unknown "
+                          f"{unknown}. Fix: drop them (written by another featlab version?).")
+    return cls(**d)
+
+
+def _identity(cache) -> dict:
+    return {"path": str(cache.path), "ids_sha256": cache.ids_sha256, "samples": len(cache)}
+
+
+def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
+                 alpha: float | None = None, alphas: tuple[float, ...] = (1e-4, 1e-3, 1e-2),
+                 holdout: float = 0.2, standardize: bool = True, class_weight: str | None = None,
+                 max_pixels: int | None = 100_000, max_iter: int = 100, tol: float = 1e-4,
+                 batch_size: int = 16, null: bool = False, seed: int = 0,
+                 device: str | None = None, dtype: str = "float32",
+                 progress: bool = True) -> ProbeResult:
+    """Fit a :class:`PixelProbe` per selected point on ``train_cache``; score on ``val_cache``.
+
+    Args:
+        train_cache, val_cache: cache paths or readers (``featlab.open_cache``) of the same
+            model and points, with labels (train split for fitting, val split for scoring).
+        points: a selection of stored points (``"all"``, ``"stages"``, globs, names).
+        alpha ... tol, dtype: :class:`PixelProbe` hyper-parameters (``max_pixels`` training
+            pixels per point; evaluation uses every non-ignored val pixel).
+        batch_size: images read at a time (memory does not grow with the cache).
+        null: also fit each point on spatially shuffled training labels (R-10.3) and report
+            ``null_pixel_accuracy`` / ``null_miou``.
+        seed: seeds pixel sampling, the held-out split and shuffles.
+        device: solver device; None: CUDA when available.
+        progress: a progress bar over points (also off with ``FEATLAB_PROGRESS=0``).
+
+    Returns:
+        A :class:`ProbeResult`; ``rows()`` has ``point, stride, channels, pixel_accuracy,
+        mean_accuracy, miou, ...`` per point.
+
+    Raises:
+        CacheError: the caches do not share model, points or classes.
+        ConfigError: bad hyper-parameters.
+    """
+    from tqdm.auto import tqdm
+
+    from featlab.cache.reader import CacheReader, open_cache
+    from featlab.pretrain import progress_enabled, run_versions
+
+    train = train_cache if isinstance(train_cache, CacheReader) else open_cache(train_cache)
+    val = val_cache if isinstance(val_cache, CacheReader) else open_cache(val_cache)
+    _check_pair(train, val)
+    names = train.select(points)
+    missing = [n for n in names if n not in val]
+    if missing:
+        raise CacheError(f"the val cache must store every probed point; {str(val.path)!r} lacks "
+                         f"{missing}. Fix: choose --points stored in both, or re-extract.")
+    classes = tuple(train.classes)
+    params = dict(alpha=alpha, alphas=tuple(alphas), holdout=holdout, standardize=standardize,
+                  class_weight=class_weight, max_pixels=max_pixels, num_classes=len(classes),
+                  max_iter=max_iter, tol=tol, batch_size=batch_size, device=device, dtype=dtype,
+                  seed=seed)
+    PixelProbe(**params)._check_params()
+    show = progress_enabled(progress)
+    scores = []
+    for name in tqdm(names, desc="probe", unit="point", disable=not show):
+        rec = train.point(name)
+        probe = PixelProbe(**params).fit(train[name], train.labels)
+        cm = probe.evaluate(val[name], val.labels)
+        extra = {}
+        if null:
+            shuffled = PixelProbe(**params, shuffle_labels=True).fit(train[name], train.labels)
+            ncm = shuffled.evaluate(val[name], val.labels)
+            extra = {"null_pixel_accuracy": _clean(ncm.pixel_accuracy()),
+                     "null_miou": _clean(ncm.miou())}
+        scores.append(PointScore(
+            name, rec.stride, rec.channels, _clean(cm.pixel_accuracy()),
+            _clean(cm.mean_accuracy()), _clean(cm.miou()),
+            tuple(_clean(v) for v in cm.iou()), probe.alpha_, probe.n_pixels_, probe.n_iter_,
+            round(probe.fit_seconds_, 4), **extra))
+        log.info("probe %s: mIoU %.4f, pixel accuracy %.4f (alpha %.3g, %d pixels, %.1f s)",
+                 name, cm.miou(), cm.pixel_accuracy(), probe.alpha_, probe.n_pixels_,
+                 probe.fit_seconds_)
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    settings = {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in params.items() if k in _SETTINGS}
+    settings.update(null=null, points=points if isinstance(points, str) else list(points))
+    return ProbeResult(tuple(scores), classes, settings, seed, run_versions(dev),
+                       _identity(train), _identity(val))
+
+
+def _check_pair(train, val) -> None:
+    for what, a, b in (("model", train.model, val.model), ("classes", train.classes,
+                                                            val.classes)):
+        if a != b:
+            raise CacheError(f"train and val caches must share the {what}; got {a!r} in "
+                             f"{str(train.path)!r} and {b!r} in {str(val.path)!r}. Fix: extract "
+                             "both splits with the same model and data set.")
+    if not train.classes:
+        raise CacheError(f"the train cache must record its classes; {str(train.path)!r} has "
+                         "none. Fix: re-extract it with featlab extract.")
+    if train.ids_sha256 is not None and train.ids_sha256 == val.ids_sha256:
+        log.warning("probe: train and val caches hold the same samples (%s); scores are not "
+                    "held out", train.path)
+
+
+def write_result(result: ProbeResult, path: str | os.PathLike, *, force: bool = False
+                 ) -> tuple[Path, Path]:
+    """Write ``<path>.json`` (the whole result) and ``<path>.csv`` (``rows()``).
+
+    A ``.json`` or ``.csv`` suffix of ``path`` is replaced. Existing files are an error unless
+    ``force``.
+    """
+    base = Path(path)
+    if base.suffix in (".json", ".csv"):
+        base = base.with_suffix("")
+    out_json, out_csv = Path(f"{base}.json"), Path(f"{base}.csv")
+    existing = [str(p) for p in (out_json, out_csv) if p.exists()]
+    if existing and not force:
+        raise ConfigError(f"probe results must not overwrite existing files without force; "
+                          f"got {existing}. Fix: pass --force (force=True) or another --out.")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result.to_dict(), indent=2))
+    rows = result.rows()
+    with out_csv.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["point"])
+        writer.writeheader()
+        writer.writerows(rows)
+    log.info("wrote %s and %s", out_json, out_csv)
+    return out_json, out_csv
+
+
+def read_result(path: str | os.PathLike) -> ProbeResult:
+    """Read a result written by :func:`write_result` (the ``.json`` file)."""
+    return ProbeResult.from_dict(json.loads(Path(path).read_text()))

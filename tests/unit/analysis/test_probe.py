@@ -1,0 +1,275 @@
+"""PixelProbe and probe_points: checked against scikit-learn and against direct computations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+
+import featlab
+import featlab.testing as ft
+from featlab.analysis._logreg import sklearn_C
+from featlab.analysis._pixels import bilinear_at
+from featlab.analysis.probe import (PixelProbe, ProbeResult, probe_points, read_result,
+                                    write_result)
+from featlab.errors import CacheError, ConfigError
+from featlab.models import BackboneSpec
+from featlab.segment.metrics import ConfusionMatrix
+
+SPEC = BackboneSpec("tiny", "none", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, 10)
+
+
+def blobs(n=3000, c=12, k=4, sep=0.6, seed=0, scale=None):
+    """Overlapping Gaussian classes (accuracy well below 100%, so differences show)."""
+    centers = np.random.default_rng(100 + c + k).normal(size=(k, c)) * sep  # same per (c, k)
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    X = centers[y] + rng.normal(size=(n, c))
+    if scale is not None:
+        X = X * scale
+    return X.astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    net = ft.TinyResNet()
+    out = {}
+    for split, n in (("train", 12), ("val", 8)):
+        ds = featlab.load_dataset("shapes", split=split, size=32, length=n)
+        featlab.extract(net, ds, "all", root / f"{split}.h5", spec=SPEC, batch_size=8,
+                        dtype="float32", num_workers=0, progress=False)
+        out[split] = featlab.open_cache(root / f"{split}.h5")
+    return out
+
+
+# ---- the pixel model ------------------------------------------------------------------------
+@pytest.mark.parametrize("src,dst", [((4, 5), (11, 16)), ((8, 8), (32, 32)), ((3, 3), (3, 3)),
+                                     ((5, 7), (4, 6))])
+def test_bilinear_at_equals_interpolate(src, dst):
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(3, 6, *src, generator=g)
+    up = F.interpolate(f, size=dst, mode="bilinear", align_corners=False)
+    b, y, x = torch.meshgrid(torch.arange(3), torch.arange(dst[0]), torch.arange(dst[1]),
+                             indexing="ij")
+    got = bilinear_at(f, b.flatten(), y.flatten(), x.flatten(), dst)
+    torch.testing.assert_close(got, up.permute(0, 2, 3, 1).reshape(-1, 6), atol=1e-5, rtol=0)
+
+
+# ---- against scikit-learn --------------------------------------------------------------------
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+def test_matches_sklearn_logistic_regression(class_weight):
+    X, y = blobs(scale=np.linspace(0.5, 3, 12))
+    y[y == 3] = np.where(np.arange((y == 3).sum()) % 3 == 0, 3, 0)  # imbalance for "balanced"
+    Xv, yv = blobs(seed=1, scale=np.linspace(0.5, 3, 12))
+    yv[yv == 3] = 0
+    alpha = 1e-3
+    probe = PixelProbe(alpha, standardize=False, class_weight=class_weight, device="cpu",
+                       dtype="float64", tol=1e-6, max_iter=500).fit(X, y)
+    # scikit-learn's C for the same L2: sum of sample weights = n (balanced weights sum to n)
+    sk = LogisticRegression(C=sklearn_C(alpha, len(y)), class_weight=class_weight, tol=1e-8,
+                            max_iter=2000).fit(X, y)
+    assert abs(probe.score(Xv, yv) - sk.score(Xv, yv)) <= 0.005
+    assert 0.4 < sk.score(Xv, yv) < 0.95  # a problem where a wrong model would show
+    # the same optimum: (multinomial coefficients are unique under L2)
+    np.testing.assert_allclose(probe.coef_, sk.coef_, atol=2e-3)
+    np.testing.assert_allclose(probe.intercept_, sk.intercept_, atol=2e-3)
+
+
+def test_standardized_probe_matches_sklearn_on_scaled_features():
+    X, y = blobs(scale=np.geomspace(0.01, 100, 12))
+    Xv, yv = blobs(seed=1, scale=np.geomspace(0.01, 100, 12))
+    probe = PixelProbe(1e-3, device="cpu", dtype="float64", tol=1e-6).fit(X, y)
+    mean, std = X.mean(0), X.std(0)
+    sk = LogisticRegression(C=sklearn_C(1e-3, len(y)), tol=1e-8, max_iter=2000).fit(
+        (X - mean) / std, y)
+    assert abs(probe.score(Xv, yv) - sk.score((Xv - mean) / std, yv)) <= 0.005
+    np.testing.assert_allclose(probe.coef_ * std, sk.coef_, atol=2e-3)  # folded weights
+
+
+def test_float32_default_solver_within_half_a_point_of_sklearn():
+    X, y = blobs(n=4000, c=16, k=5, seed=3)
+    Xv, yv = blobs(n=4000, c=16, k=5, seed=4)
+    probe = PixelProbe(1e-4, device="cpu").fit(X, y)
+    sk = LogisticRegression(C=sklearn_C(1e-4, len(y)), max_iter=1000).fit(X, y)
+    assert abs(probe.score(Xv, yv) - sk.score(Xv, yv)) <= 0.005
+
+
+# ---- image-shaped data -----------------------------------------------------------------------
+@pytest.mark.parametrize("stride", [1, 2, 4, 8])
+def test_sign_of_channel_zero_is_learned_at_every_stride(stride):
+    """R-10.2: class = sign of channel 0 (at label resolution) -> > 99% pixel accuracy."""
+    g = torch.Generator().manual_seed(stride)
+    size = 32
+    feats = torch.randn(8, 6, size // stride, size // stride, generator=g)
+    up = F.interpolate(feats[:, :1], size=(size, size), mode="bilinear", align_corners=False)
+    labels = (up[:, 0] > 0).to(torch.uint8)
+    labels[:, :2] = 255  # ignored rows never count
+    probe = PixelProbe(1e-5, device="cpu").fit(feats[:6].numpy(), labels[:6].numpy())
+    assert probe.score(feats[6:].numpy(), labels[6:].numpy()) > 0.99
+    cm = probe.evaluate(feats[6:].numpy(), labels[6:].numpy())
+    assert cm.matrix.sum() == 2 * 30 * 32
+
+
+def test_image_fit_is_pixel_fit_on_bilinear_features():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(4, 5, 4, 4)).astype(np.float32)
+    labels = rng.integers(0, 3, size=(4, 8, 8)).astype(np.uint8)
+    labels[0, :3] = 255
+    img = PixelProbe(1e-3, device="cpu", dtype="float64", tol=1e-7).fit(feats, labels)
+    up = F.interpolate(torch.from_numpy(feats), size=(8, 8), mode="bilinear",
+                       align_corners=False).permute(0, 2, 3, 1).reshape(-1, 5).numpy()
+    flat = labels.reshape(-1)
+    pix = PixelProbe(1e-3, device="cpu", dtype="float64", tol=1e-7).fit(up, flat)
+    np.testing.assert_allclose(img.coef_, pix.coef_, atol=1e-4)
+    assert img.n_pixels_ == (flat != 255).sum()
+    assert img.predict(feats).shape == (4, 8, 8)
+    logits = img.decision_function(feats)
+    expected = np.einsum("nchw,kc->nkhw", feats, img.coef_) + img.intercept_[:, None, None]
+    expected = F.interpolate(torch.from_numpy(expected), size=(8, 8), mode="bilinear",
+                             align_corners=False).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    np.testing.assert_allclose(img.predict_proba(feats).sum(1), 1.0, atol=1e-5)
+
+
+def test_subsampling_is_seeded_and_bounded():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(6, 4, 4, 4)).astype(np.float32)
+    labels = (rng.random((6, 16, 16)) > 0.5).astype(np.uint8)
+    a = PixelProbe(1e-3, max_pixels=300, seed=5, device="cpu", batch_size=4).fit(feats, labels)
+    b = PixelProbe(1e-3, max_pixels=300, seed=5, device="cpu", batch_size=2).fit(feats, labels)
+    c = PixelProbe(1e-3, max_pixels=300, seed=6, device="cpu").fit(feats, labels)
+    assert a.n_pixels_ == 300
+    np.testing.assert_array_equal(a.coef_, b.coef_)  # batch size does not change the sample
+    assert not np.array_equal(a.coef_, c.coef_)
+
+
+def test_alpha_is_chosen_on_held_out_data():
+    X, y = blobs(n=2000, c=30, k=3, sep=0.3)
+    probe = PixelProbe(alphas=(1e-4, 1e-2, 10.0), device="cpu").fit(X, y)
+    assert set(probe.alpha_scores_) == {1e-4, 1e-2, 10.0}
+    assert probe.alpha_ == max(probe.alpha_scores_, key=probe.alpha_scores_.get)
+    assert probe.alpha_ != 10.0  # a crushing penalty cannot win on this data
+
+
+def test_sklearn_conventions():
+    probe = PixelProbe(1e-3, max_pixels=1000, device="cpu")
+    assert probe.get_params()["alpha"] == 1e-3
+    assert clone(probe).set_params(alpha=0.1).alpha == 0.1
+    with pytest.raises(NotFittedError):
+        probe.predict(np.zeros((2, 3), np.float32))
+    X, y = blobs(n=500, c=4, k=3)
+    assert probe.fit(X, y) is probe
+    assert probe.classes_.tolist() == [0, 1, 2] and probe.n_features_in_ == 4
+    from sklearn.model_selection import cross_val_score
+
+    assert cross_val_score(PixelProbe(1e-3, device="cpu"), X, y, cv=2).mean() > 0.5
+
+
+def test_class_absent_from_training_is_never_predicted():
+    X, y = blobs(n=600, c=4, k=3)
+    probe = PixelProbe(1e-3, num_classes=5, device="cpu").fit(X, y)
+    assert probe.coef_.shape == (5, 4)
+    assert set(np.unique(probe.predict(X))) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("X,y,match", [
+    (np.zeros((4, 3)), np.zeros((5,)), "X and y must"),
+    (np.zeros((2, 3, 4, 4)), np.zeros((2, 8)), "X and y must"),
+    (np.zeros((4, 3)), np.full(4, 255), "non-ignored"),
+])
+def test_bad_inputs_are_one_line_errors(X, y, match):
+    with pytest.raises(ConfigError, match=match):
+        PixelProbe(1e-3, device="cpu").fit(X, y)
+
+
+def test_bad_labels_and_params():
+    X, y = blobs(n=50, c=3, k=3)
+    with pytest.raises(ConfigError, match="num_classes"):
+        PixelProbe(1e-3, num_classes=2, device="cpu").fit(X, y)
+    with pytest.raises(ConfigError, match="class_weight"):
+        PixelProbe(class_weight="auto").fit(X, y)
+
+
+# ---- caches ----------------------------------------------------------------------------------
+def test_fit_streams_over_a_cache_like_in_memory_arrays(caches):
+    train = caches["train"]
+    lazy = PixelProbe(1e-3, device="cpu", batch_size=5).fit(train["layer1.0"], train.labels)
+    eager = PixelProbe(1e-3, device="cpu").fit(np.asarray(train["layer1.0"]),
+                                               np.asarray(train.labels))
+    np.testing.assert_allclose(lazy.coef_, eager.coef_, atol=1e-6)
+
+
+def test_probe_points_scores_every_point(caches):
+    train, val = caches["train"], caches["val"]
+    result = probe_points(train, val, "all", alpha=1e-3, null=True, device="cpu",
+                          progress=False)
+    rows = result.rows()
+    assert [r["point"] for r in rows] == train.point_names
+    assert list(rows[0])[:3] == ["point", "stride", "channels"]
+    # independent check of one point: fit directly, confusion matrix by hand
+    name = "layer1.1"
+    probe = PixelProbe(1e-3, num_classes=len(train.classes), device="cpu").fit(
+        train[name], train.labels)
+    logits = torch.from_numpy(probe.decision_function(val[name], size=val.input_size))
+    cm = ConfusionMatrix(len(train.classes)).update(logits.argmax(1), np.asarray(val.labels)
+                                                   .astype(np.int64))
+    row = rows[train.point_names.index(name)]
+    assert row["miou"] == pytest.approx(cm.miou())
+    assert row["pixel_accuracy"] == pytest.approx(cm.pixel_accuracy())
+    assert row["mean_accuracy"] == pytest.approx(cm.mean_accuracy())
+    assert row["iou_background"] == pytest.approx(cm.iou()[0])
+    assert all(0 <= r["null_pixel_accuracy"] <= 1 for r in rows)
+    assert result.train["ids_sha256"] == train.ids_sha256
+    assert result.versions["torch"] == str(torch.__version__) and result.seed == 0
+
+
+def test_result_round_trip_and_no_overwrite(caches, tmp_path):
+    result = probe_points(caches["train"], caches["val"], "stages", alpha=1e-3, device="cpu",
+                          progress=False)
+    js, cs = write_result(result, tmp_path / "probe")
+    assert read_result(js) == result
+    assert cs.read_text().splitlines()[0].startswith("point,stride,channels,pixel_accuracy")
+    with pytest.raises(ConfigError, match="overwrite"):
+        write_result(result, tmp_path / "probe.json")
+    write_result(result, tmp_path / "probe.json", force=True)
+    d = json.loads(js.read_text())
+    d["bogus"] = 1
+    with pytest.raises(ConfigError, match="bogus"):
+        ProbeResult.from_dict(d)
+    assert all(r["miou"] is None or not math.isnan(r["miou"]) for r in result.rows())
+
+
+def test_probe_points_refuses_mismatched_caches(caches, tmp_path):
+    other = tmp_path / "other.h5"
+    ds = featlab.load_dataset("shapes", split="val", size=32, length=2)
+    featlab.extract(ft.TinyResNet(seed=3), ds, "stages", other,
+                    spec=BackboneSpec("tiny2", "none", (0.5,) * 3, (0.25,) * 3, 32, 10),
+                    dtype="float32", num_workers=0, progress=False)
+    with pytest.raises(CacheError, match="share the model"):
+        probe_points(caches["train"], other, progress=False)
+
+
+@pytest.mark.parametrize("h,max_pixels", [(2, None), (8, 40)])  # cells < pixels; > pixels
+def test_fit_uses_exactly_the_sampled_pixels(h, max_pixels):
+    from featlab.analysis._pixels import sample_pixels
+
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(5, 3, h, h)).astype(np.float32)
+    labels = rng.integers(0, 3, size=(5, 8, 8)).astype(np.uint8)
+    kw = dict(max_pixels=max_pixels, seed=4)
+    img = PixelProbe(1e-3, device="cpu", dtype="float64", tol=1e-7, **kw).fit(feats, labels)
+    s = sample_pixels(feats, labels, ignore_index=255, batch_size=16, **kw)
+    assert (len(s.cells) < len(s.y)) == (max_pixels is None)
+    pix = PixelProbe(1e-3, device="cpu", dtype="float64", tol=1e-7, max_pixels=None).fit(
+        s.X, s.y)
+    np.testing.assert_allclose(img.coef_, pix.coef_, atol=1e-4)
+    np.testing.assert_allclose(s.X.mean(0), s.mean, atol=1e-5)
+    np.testing.assert_allclose(s.X.var(0), s.var, atol=1e-5)
