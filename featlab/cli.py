@@ -241,6 +241,248 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Linear probe per skip point: fit on --train, score on --val, write CSV + JSON."""
+    from pathlib import Path
+
+    from featlab.analysis.probe import probe_points, write_result
+
+    out = Path(args.out) if args.out else Path(args.train).with_suffix("").with_name(
+        Path(args.train).stem + ".probe")
+    for p in (Path(f"{out.with_suffix('') if out.suffix in ('.json', '.csv') else out}{s}")
+              for s in (".json", ".csv")):
+        if p.exists() and not args.force:
+            from featlab.errors import ConfigError
+
+            raise ConfigError(f"probe results must not overwrite {str(p)!r} without --force; "
+                              "it exists. Fix: pass --force or another --out.")
+    result = probe_points(args.train, args.val, args.points, alpha=args.alpha,
+                          class_weight=args.class_weight, max_pixels=args.max_pixels,
+                          standardize=not args.no_standardize, null=args.null, seed=args.seed,
+                          device=args.device, batch_size=args.batch_size,
+                          progress=not args.quiet)
+    write_result(result, out, force=args.force)
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    cols = ["point", "stride", "channels", "pixel_accuracy", "mean_accuracy", "miou", "alpha"]
+    cols += ["null_miou"] if args.null else []
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else v  # noqa: E731
+    print(_table([[fmt(r[c]) for c in cols] for r in result.rows()], cols))
+    print(f"\nlinear probes of {len(result.rows())} points -> {out}.json, {out}.csv")
+    return 0
+
+
+def cmd_saliency(args: argparse.Namespace) -> int:
+    """Saliency maps per skip point on a data set: a PNG grid and a pointing-game summary."""
+    from pathlib import Path
+
+    from featlab.analysis.saliency_summary import (plot_saliency_grid, saliency_examples,
+                                                   saliency_summary, write_summary)
+    from featlab.data import load_dataset
+    from featlab.errors import ConfigError
+    from featlab.models import get_backbone
+
+    out = Path(args.out)
+    grid = out / f"saliency_{args.method}.png"
+    if not args.force and any(p.exists() for p in (grid, out / "saliency.json")):
+        raise ConfigError(f"saliency results must not overwrite files in {str(out)!r} without "
+                          "--force; they exist. Fix: pass --force or another --out.")
+    model, spec = get_backbone(args.model, weights=args.weights)
+    ds = load_dataset(args.data, split=args.split, root=args.root, size=args.size or
+                      spec.input_size)
+    kwargs = dict(method=args.method, spec=spec, relu=not args.no_relu, seed=args.seed,
+                  device=args.device)
+    result = saliency_summary(model, ds, args.points, limit=args.limit,
+                              batch_size=args.batch_size, progress=not args.quiet, **kwargs)
+    examples = saliency_examples(model, ds, args.points, count=min(args.show, len(ds)),
+                                 **kwargs)
+    plot_saliency_grid(examples, grid, class_names=ds.classes,
+                       title=f"{args.method} - {args.model} ({args.weights}) on {args.data}")
+    write_summary(result, out, force=args.force)
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    cols = ["point", "stride", "energy_in_mask", "energy_std", "mask_fraction", "samples"]
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else v  # noqa: E731
+    print(_table([[fmt(r[c]) for c in cols] for r in result.rows()], cols))
+    print(f"\n{args.method} on {args.model}: grid {grid}, summary {out / 'saliency.json'}")
+    return 0
+
+
+def _fmt(value: object, digits: int = 4) -> object:
+    return f"{value:.{digits}f}" if isinstance(value, float) else value
+
+
+def cmd_analyze_resolution(args: argparse.Namespace) -> int:
+    """Size, stride, receptive fields and resolution ceiling per point of a cache."""
+    from featlab.analysis._io import check_writable, output_stem
+    from featlab.analysis.resolution import (erf_inputs_from_cache, resolution_table,
+                                             write_result)
+    from featlab.cache.reader import open_cache
+
+    cache = open_cache(args.cache)
+    stem = output_stem(cache.path, "resolution", args.out)
+    check_writable(stem, force=args.force)
+    model = images = None
+    if args.erf:
+        model, images = erf_inputs_from_cache(cache, args.erf)
+    result = resolution_table(cache, model=model, images=images, device=args.device,
+                              progress=not args.quiet)
+    paths = write_result(result, stem, force=args.force)
+    log.info("wrote %s", ", ".join(str(p) for p in paths))
+    if args.json:
+        _print_json(result.to_dict(with_maps=False))
+        return 0
+    cols = ["point", "channels", "size", "width", "stride", "rf_size", "rf_stride", "rf_padding",
+            "ceiling_miou_nearest", "ceiling_miou_majority"]
+    cols += ["erf_radius50", "erf_radius90"] if args.erf else []
+    heads = [c.replace("ceiling_miou_", "ceiling_") for c in cols]
+    print(_table([[_fmt(r.get(c)) for c in cols] for r in result.rows()], heads))
+    print(f"\n{len(result.points)} points of {cache.path} ({result.num_images} label maps) -> "
+          f"{paths[0]}, {paths[1]}")
+    return 0
+
+
+def cmd_analyze_cka(args: argparse.Namespace) -> int:
+    """The CKA matrix between the skip points of a cache (or across two caches)."""
+    from pathlib import Path
+
+    from featlab.analysis._io import check_writable, output_stem
+    from featlab.analysis.similarity import cka_matrix, write_result
+    from featlab.cache.reader import open_cache
+
+    cache = open_cache(args.cache)
+    cache2 = None if args.cache2 is None else open_cache(args.cache2)
+    tag = f"cka-{args.kind}-{args.spatial}"
+    if cache2 is not None:
+        tag += f"-vs-{Path(str(cache2.path).removesuffix('.partial')).stem}"
+    stem = output_stem(cache.path, tag, args.out)
+    check_writable(stem, force=args.force)
+    result = cka_matrix(cache, cache2, args.kind, points=args.points, points2=args.points2,
+                        spatial=args.spatial, estimator=args.estimator,
+                        bandwidth=args.bandwidth, batch_size=args.batch_size,
+                        positions=args.positions, seed=args.seed, device=args.device,
+                        progress=not args.quiet)
+    paths = write_result(result, stem, force=args.force)
+    log.info("wrote %s", ", ".join(str(p) for p in paths))
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    heads = ["point"] + [str(j) for j in range(len(result.columns))]
+    print(_table([[name] + [_fmt(None if v != v else float(v), 3) for v in row]
+                  for name, row in zip(result.names, result.matrix)], heads))
+    legend = ", ".join(f"{j}={c}" for j, c in enumerate(result.columns))
+    print(f"\ncolumns: {legend}")
+    print(f"{args.kind} CKA ({result.estimator}, {result.spatial}, {result.form} form) over "
+          f"{result.num_samples} samples -> {paths[0]}, {paths[1]}")
+    for key, reason in result.nan_reasons.items():
+        print(f"NaN for {key}: {reason}")
+    return 0
+
+
+def _head_overrides(args: argparse.Namespace) -> dict:
+    keys = ("fusion", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "mid_channels")
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "finetune", False):
+        out["finetune"] = True
+    return out
+
+
+def cmd_train_head(args: argparse.Namespace) -> int:
+    """Train a baseline or single-skip segmentation head from two caches."""
+    from featlab.segment.train import HeadSettings, train_head
+
+    settings = HeadSettings(skip=args.skip, seed=args.seed, **_head_overrides(args))
+    result = train_head(args.train, args.val, settings, out=args.out, device=args.device,
+                        progress=not args.quiet, force=args.force,
+                        preload=not args.no_preload)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    print(_table([[h["epoch"], f"{h['loss']:.4f}", f"{h['val_miou']:.4f}",
+                   f"{h['val_pixel_accuracy']:.4f}", h["seconds"]] for h in result.history],
+                 ["epoch", "loss", "val mIoU", "val pixel acc", "train s"]))
+    kind = f"skip {args.skip} ({settings.fusion})" if args.skip else "baseline"
+    print(f"\n{kind}: val mIoU {result.miou:.4f}, pixel accuracy {result.pixel_accuracy:.4f}, "
+          f"mean accuracy {result.mean_accuracy:.4f} ({result.train_images_per_second:.0f} "
+          f"train images/s, {result.seconds:.0f} s, {result.world_size} process(es)) -> "
+          f"{result.folder}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Baseline vs one single-skip head per point, over seeds; which properties predict gain."""
+    from pathlib import Path
+
+    from featlab.errors import ConfigError
+    from featlab.segment import runs
+    from featlab.segment.sweep import predictors, property_table, sweep, write_sweep
+    from featlab.segment.train import HeadSettings
+
+    out = Path(args.out) if args.out else Path(args.train).resolve().parent / "sweep"
+    if (out / "sweep.json").exists() and not args.force:
+        raise ConfigError(f"the sweep folder must not hold a finished sweep; {out} has "
+                          "sweep.json. Fix: pass --force to train every run again, or choose "
+                          "another --out.")
+    seeds = args.seed_list if args.seed_list else args.seeds
+    result = sweep(args.train, args.val, args.points, seeds,
+                   HeadSettings(**_head_overrides(args)), out=out, device=args.device,
+                   progress=not args.quiet, force=args.force, bootstrap=args.bootstrap)
+    paths = write_sweep(result, out)
+    preds, notes = [], []
+    if not args.no_properties:
+        props = property_table(args.train, args.val, list(result.points), notes=notes)
+        preds = predictors(result, props)
+        runs.write_json(out / "predictors.json", {"properties": props, "predictors": preds,
+                                                  "notes": notes})
+        paths.append(out / "predictors.json")
+    if args.json:
+        _print_json({"sweep": result.to_dict(), "rows": result.rows(), "predictors": preds,
+                     "notes": notes})
+        return 0
+
+    def ci(pair):
+        return "-" if not pair or pair[0] is None else f"[{pair[0]:+.4f}, {pair[1]:+.4f}]"
+
+    rows = [[r["point"], r["stride"], f"{r['miou_mean']:.4f}",
+             "-" if r["miou_std"] is None else f"{r['miou_std']:.4f}",
+             " ".join(f"{v:.4f}" for v in r["per_seed"]), f"{r['gain']:+.4f}",
+             ci(r["gain_ci_seeds"]), ci(r["gain_ci_images"]),
+             {True: "yes", False: "no", None: "-"}[r["beats_2std"]], r["rank"]]
+            for r in result.rows()]
+    print(_table(rows, ["point", "stride", "mIoU", "std", "per seed", "gain", "CI seeds",
+                        "CI images", "> 2 std", "rank"]))
+    if preds:
+        print("\nSpearman correlation of each property with the gain across points:")
+        print(_table([[p["property"], p["spearman_rho"], p["p_value"], p["n_points"]]
+                      for p in preds], ["property", "rho", "p", "points"]))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"\n{len(result.points) + 1} configurations x {len(result.seeds)} seeds in "
+          f"{result.seconds:.0f} s -> {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _add_head_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", required=True, help="cache of the training split (.h5)")
+    p.add_argument("--val", required=True, help="cache of the validation split (.h5)")
+    p.add_argument("--fusion", choices=["sum", "concat"], help="skip fusion (default sum)")
+    p.add_argument("--epochs", type=int, help="epochs (default 8)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 16)")
+    p.add_argument("--lr", type=float, help="peak learning rate, poly decay (default 3e-3)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], help="default adamw")
+    p.add_argument("--weight-decay", type=float, help="on conv weights (default 1e-4)")
+    p.add_argument("--mid-channels", type=int, help="concat fusion width (default 64)")
+    p.add_argument("--finetune", action="store_true",
+                   help="run and train the backbone on the images (default: frozen, from caches)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda:LOCAL_RANK when available)")
+    p.add_argument("--force", action="store_true", help="replace existing runs")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -332,6 +574,114 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cache")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("probe", parents=[common],
+                       help="per-pixel linear probe at every skip point (train -> val caches)")
+    p.add_argument("--train", required=True, help="train-split cache (.h5)")
+    p.add_argument("--val", required=True, help="val-split cache (.h5) of the same model")
+    p.add_argument("--points", default="all",
+                   help="all | stages | glob (layer3.*) | re:REGEX | comma-separated names")
+    p.add_argument("--alpha", type=float,
+                   help="L2 strength per pixel (default: chosen on held-out train images)")
+    p.add_argument("--class-weight", choices=["balanced"], help="weight classes by 1/frequency")
+    p.add_argument("--max-pixels", type=int, default=100_000,
+                   help="training pixels sampled per point (default 100000)")
+    p.add_argument("--no-standardize", action="store_true", help="do not standardise features")
+    p.add_argument("--null", action="store_true",
+                   help="also fit on spatially shuffled labels (null baseline)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="images read at a time")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--out", help="result path without suffix (default: next to --train, "
+                   "TRAIN.probe.json/.csv)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing result")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("saliency", parents=[common],
+                       help="saliency / Grad-CAM maps at every skip point: PNG grid + summary")
+    p.add_argument("--model", required=True, help="backbone name, see `featlab models`")
+    p.add_argument("--weights", default="shapes", help="none | imagenet | shapes | PATH")
+    p.add_argument("--data", default="shapes", help="data set name, see `featlab datasets`")
+    p.add_argument("--root", help="folder of the data set (not for shapes)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--size", type=int, help="input side in pixels (default: the weights' size)")
+    p.add_argument("--points", default="stages",
+                   help="stages | all | glob | names, and/or 'input' (comma-separated)")
+    p.add_argument("--method", default="gradcam", choices=["gradcam", "saliency", "smoothgrad",
+                                                           "ig"])
+    p.add_argument("--no-relu", action="store_true", help="Grad-CAM without the final ReLU")
+    p.add_argument("--limit", type=int, default=64, help="samples summarised (default 64)")
+    p.add_argument("--show", type=int, default=4, help="samples drawn in the grid (default 4)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="SmoothGrad noise seed")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cpu, where the model is)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite existing results")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_saliency)
+
+    p = sub.add_parser("analyze",   # no common options here: the leaves take them
+                       help="layer properties of a cache: resolution, CKA similarity")
+    analyses = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    p = analyses.add_parser("resolution", parents=[common],
+                            help="size, stride, receptive fields, resolution ceiling per point")
+    p.add_argument("cache", help="the .h5 cache (its points, labels, classes)")
+    p.add_argument("--erf", type=int, metavar="N", default=0,
+                   help="also the effective receptive field on the first N stored images "
+                        "(needs --save-images at extraction and the same local weights)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N for --erf (default: cuda when available)")
+    p.add_argument("--out", help="result path without suffix (default: next to the cache, "
+                   "CACHE.resolution.json/.csv)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing result")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_analyze_resolution)
+
+    p = analyses.add_parser("cka", parents=[common],
+                            help="CKA similarity matrix between skip points (or two caches)")
+    p.add_argument("cache", help="the .h5 cache")
+    p.add_argument("cache2", nargs="?", help="a second cache of the same samples (cross-model)")
+    p.add_argument("--kind", default="linear", choices=["linear", "rbf", "minibatch"])
+    p.add_argument("--spatial", default="gap", choices=["gap", "pixels", "flatten"],
+                   help="gap: pooled per image; pixels: sampled positions; flatten: whole maps")
+    p.add_argument("--points", help="selection in CACHE (default all stored points)")
+    p.add_argument("--points2", help="selection in CACHE2 (default: as --points)")
+    p.add_argument("--estimator", choices=["biased", "debiased"],
+                   help="HSIC estimator (default biased; minibatch is always debiased)")
+    p.add_argument("--bandwidth", type=float, default=1.0,
+                   help="rbf: sigma as a fraction of the median distance (default 1.0)")
+    p.add_argument("--batch-size", type=int, default=256, help="minibatch: images per batch")
+    p.add_argument("--positions", type=int, default=16, help="pixels: positions per image")
+    p.add_argument("--seed", type=int, default=0, help="batches and positions seed")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--out", help="result path without suffix (default: next to the cache, "
+                   "CACHE.cka-KIND-SPATIAL.json/.csv)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing result")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_analyze_cka)
+
+    p = sub.add_parser("train-head", parents=[common],
+                       help="train a segmentation head (baseline or one skip) from two caches")
+    _add_head_options(p)
+    p.add_argument("--skip", help="skip point, e.g. layer2.1 (omit for the baseline)")
+    p.add_argument("--seed", type=int, default=0, help="head init and shuffling seed")
+    p.add_argument("--out", help="run folder (default TRAIN_DIR/heads/RUN_NAME)")
+    p.add_argument("--no-preload", action="store_true",
+                   help="read features per batch instead of loading them into memory")
+    p.set_defaults(func=cmd_train_head)
+
+    p = sub.add_parser("sweep", parents=[common],
+                       help="baseline vs a single skip per point over seeds; what predicts gain")
+    _add_head_options(p)
+    p.add_argument("--points", default="stages",
+                   help="skip points: stages | all | glob | comma-separated names")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default 3)")
+    p.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds instead of --seeds")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of images")
+    p.add_argument("--no-properties", action="store_true",
+                   help="skip the property join (probe, ceiling, CKA) and the correlations")
+    p.add_argument("--out", help="sweep folder (default TRAIN_DIR/sweep)")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
