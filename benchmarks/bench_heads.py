@@ -1,0 +1,128 @@
+"""Head training throughput from a cache vs from images through the frozen backbone, and the
+wall time of the full ``stages`` sweep with 3 seeds on ``shapes``.
+
+The same single-skip head (resnet18 with the ``shapes`` weights, skip ``layer2.1``, sum fusion)
+trains one epoch on the same images twice in one process: from an activation cache (features
+read from HDF5, no backbone compute; the default of ``featlab train-head``) and from the images
+through a ``FrozenBackbone`` (render, normalize, forward, capture). It prints train images/s of
+both and their ratio, and the one-off extraction rate that the cache path pays up front. Then
+(unless ``--no-sweep``) it extracts train/val caches and times ``featlab.segment.sweep`` over the
+``stages`` points with 3 seeds — the experiment of the README — with its table.
+
+    python benchmarks/bench_heads.py [--quick] [--size 128] [--images 256] [--no-sweep]
+
+``--quick``: 64 images, 64 px, and a small sweep (200/100 images, 2 epochs) to check the script.
+Run it with ``OMP_NUM_THREADS=1`` on a shared machine; the figures depend on the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import featlab
+from featlab.segment.heads import FrozenBackbone, SegHead
+from featlab.segment.sources import CacheSource, ImageSource
+from featlab.segment.train import HeadSettings, fit
+
+
+def extract(model, spec, split, n, size, path):
+    ds = featlab.load_dataset("shapes", split=split, size=size)
+    t0 = time.perf_counter()
+    featlab.extract(model, ds, "stages", path, spec=spec, batch_size=32, dtype="float16",
+                    limit=n, num_workers=1, progress=False, force=True)
+    return n / (time.perf_counter() - t0)
+
+
+def head_for(cache, points, seed=0):
+    last, skip = (cache.point(p) for p in points)
+    torch.manual_seed(seed)
+    return SegHead(last.name, last.channels, len(cache.classes), skip=skip.name,
+                   skip_channels=skip.channels)
+
+
+def throughput(tmp: Path, size: int, n: int, batch_size: int) -> None:
+    model, spec = featlab.get_backbone("resnet18", weights="shapes")
+    rate = extract(model, spec, "train", n, size, tmp / "t.h5")
+    extract(model, spec, "val", 8, size, tmp / "v.h5")
+    train, val = featlab.open_cache(tmp / "t.h5"), featlab.open_cache(tmp / "v.h5")
+    points = [train.point_names[-1], "layer2.1"]
+    settings = HeadSettings(skip="layer2.1", epochs=1, batch_size=batch_size)
+    frozen = FrozenBackbone(model, points)
+    results = {}
+    for kind in ("cache", "images", "cache again"):
+        head = head_for(train, points)
+        if kind == "images":
+            src = ImageSource(featlab.load_dataset("shapes", "train", size=size), train.index,
+                              frozen, spec, points)
+            vsrc = ImageSource(featlab.load_dataset("shapes", "val", size=size), val.index,
+                               frozen, spec, points)
+        else:
+            src, vsrc = CacheSource(train, points), CacheSource(val, points)
+        head.set_input_stats(CacheSource(train, points).stats())
+        r = fit(head, src, vsrc, settings, tmp / f"run-{kind}", device="cpu", progress=False,
+                backbone=frozen if kind == "images" else None, classes=train.classes)
+        results[kind] = r.train_images_per_second
+    cache_rate = max(results["cache"], results["cache again"])
+    print(f"resnet18 (shapes weights), {size} px, {n} images, batch {batch_size}, skip layer2.1 "
+          f"(sum), {torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.2f}")
+    print(f"  train from cache      {cache_rate:8.1f} img/s   (runs: {results['cache']:.1f}, "
+          f"{results['cache again']:.1f})")
+    print(f"  train from images     {results['images']:8.1f} img/s   (frozen backbone forward "
+          "every step)")
+    print(f"  ratio cache / images  {cache_rate / results['images']:8.1f}x")
+    saved = 1 / results["images"] - 1 / cache_rate  # seconds saved per image and epoch
+    even = (1 / rate) / saved if saved > 0 else float("inf")
+    print(f"  one-off extraction    {rate:8.1f} img/s   (the cache pays for itself after "
+          f"{even:.1f} epochs)")
+
+
+def sweep_time(tmp: Path, size: int, n_train: int, n_val: int, epochs: int | None) -> None:
+    from featlab.segment.sweep import sweep
+
+    model, spec = featlab.get_backbone("resnet18", weights="shapes")
+    t0 = time.perf_counter()
+    extract(model, spec, "train", n_train, size, tmp / "train.h5")
+    extract(model, spec, "val", n_val, size, tmp / "val.h5")
+    t_extract = time.perf_counter() - t0
+    kwargs = {"epochs": epochs} if epochs else {}
+    t1 = time.perf_counter()
+    r = sweep(tmp / "train.h5", tmp / "val.h5", "stages", 3, out=tmp / "sweep", progress=False,
+              **kwargs)
+    t_sweep = time.perf_counter() - t1
+    print(f"\nstages sweep, 3 seeds, {len(r.points) + 1} configurations, {n_train}/{n_val} "
+          f"images at {size} px, {r.settings['epochs']} epochs, load "
+          f"{os.getloadavg()[0]:.2f}:")
+    print(f"  extraction {t_extract:.0f} s + sweep {t_sweep:.0f} s = "
+          f"{t_extract + t_sweep:.0f} s wall")
+    for row in r.rows():
+        print(f"  {row['point']:<10} mIoU {row['miou_mean']:.4f} ± {row['miou_std'] or 0:.4f}"
+              f"  gain {row['gain']:+.4f}  > 2 std: {row['beats_2std']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check the script")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--no-sweep", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("FEATLAB_PROGRESS", "0")
+    size, n = (64, 64) if args.quick else (args.size, args.images)
+    with tempfile.TemporaryDirectory(prefix="featlab-bench-heads-") as tmp:
+        throughput(Path(tmp), size, n, args.batch_size)
+        if not args.no_sweep:
+            if args.quick:
+                sweep_time(Path(tmp), 64, 200, 100, 2)
+            else:
+                sweep_time(Path(tmp), 128, 1000, 300, None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The files of one head-training run: checkpoint, per-epoch log, ``run.json``.
+
+A run folder holds ``checkpoint.pt`` (rewritten atomically after every epoch: head, optimizer,
+scheduler, epoch, history; the backbone too when fine-tuning), ``log.csv`` and ``log.json`` (loss
+and val metrics per epoch), ``run.json`` (settings, seed, versions, git hash, device, the caches'
+identities, final metrics; ``"finished": true`` once training ended) and ``val_confusion.npy``
+(per-image ``[N, C, C]`` confusion matrices of the final head on the val set, for bootstrap
+confidence intervals over images).
+
+Examples:
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> write_log(d, [{"epoch": 1, "loss": 0.5, "val_miou": 0.25}])
+    >>> (d / "log.csv").read_text().splitlines()
+    ['epoch,loss,val_miou', '1,0.5,0.25']
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+from featlab.errors import CheckpointError
+
+log = logging.getLogger("featlab")
+
+__all__ = ["CHECKPOINT", "RUN_JSON", "save_checkpoint", "load_checkpoint", "write_log",
+           "write_json", "read_run", "git_hash"]
+
+CHECKPOINT, RUN_JSON, LOG_CSV, LOG_JSON = "checkpoint.pt", "run.json", "log.csv", "log.json"
+VAL_CONFUSION = "val_confusion.npy"
+FORMAT = 1  # bump when the checkpoint layout changes
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # a kill leaves the old file or the new one, never a part
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(folder: Path, state: dict) -> None:
+    """Write ``checkpoint.pt`` atomically (``state`` gets the format number)."""
+    _atomic(Path(folder) / CHECKPOINT, lambda p: torch.save({"format": FORMAT, **state}, p))
+
+
+def load_checkpoint(folder: Path) -> dict | None:
+    """The checkpoint of ``folder``, or None when there is none."""
+    path = Path(folder) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file means the same to the user
+        raise CheckpointError(f"head checkpoint {path} must be readable to resume; it is not "
+                              f"({err}). Fix: pass --force to start over.") from err
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"head checkpoint {path} must have format {FORMAT}; got "
+                              f"{state.get('format')!r}. Fix: pass --force to start over.")
+    return state
+
+
+def write_json(path: Path, obj) -> None:
+    _atomic(Path(path), lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def write_log(folder: Path, history: list[dict]) -> None:
+    """``log.csv`` and ``log.json``: one row per finished epoch."""
+    folder = Path(folder)
+    write_json(folder / LOG_JSON, history)
+    if not history:
+        return
+    keys = list(history[0])
+
+    def write(p: Path) -> None:
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, keys, lineterminator="\n")
+            w.writeheader()
+            w.writerows(history)
+
+    _atomic(folder / LOG_CSV, write)
+
+
+def read_run(folder: Path) -> dict | None:
+    """``run.json`` of ``folder`` as a dict, or None when absent."""
+    path = Path(folder) / RUN_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def git_hash() -> str | None:
+    """The commit of the featlab source tree, when it is a git checkout (else None)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -1,0 +1,182 @@
+"""Where a head's training features come from: a cache (frozen backbone, no backbone compute) or
+images through the backbone (frozen or fine-tuned).
+
+A source maps sample positions to ``(inputs, labels)`` on a device: ``inputs`` a dict
+``point -> float32 [b, C, h, w]`` (caches) or normalized images ``[b, 3, H, W]`` (the model runs
+the backbone), ``labels`` ``[b, H, W]`` int64 at the label's native resolution (never resized).
+:func:`check_caches` is the R-8.3 check that a train and a val cache
+(and a head's recorded config) come from the same backbone, weights, input size and points.
+
+Examples:
+    >>> import torch
+    >>> src = TensorSource({"a": torch.ones(4, 2, 2, 2)}, torch.zeros(4, 8, 8, dtype=torch.uint8))
+    >>> feats, labels = src.get([3, 1], "cpu")
+    >>> feats["a"].shape, labels.dtype
+    (torch.Size([2, 2, 2, 2]), torch.int64)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from featlab.errors import CacheError
+
+log = logging.getLogger("featlab")
+
+__all__ = ["CacheSource", "TensorSource", "ImageSource", "check_caches", "cache_identity"]
+
+_STATS_SAMPLES = 256  # first samples whose features fix the per-channel standardisation
+
+
+def cache_identity(cache) -> dict:
+    """What identifies a cache in a run record: path, sample count, ids fingerprint, backbone."""
+    model = cache.model or {}
+    return {"path": str(cache.path), "num_samples": len(cache), "ids_sha256": cache.ids_sha256,
+            "split": (cache.data or {}).get("split"), "data": (cache.data or {}).get("name"),
+            "model": model.get("name"), "weights": model.get("weights"),
+            "weights_sha256": model.get("weights_sha256"),
+            "model_state": (cache.settings or {}).get("model_state"),
+            "input_size": list(cache.input_size), "dtype": cache.dtype}
+
+
+def check_caches(train, val, points: Sequence[str]) -> None:
+    """Raise :class:`CacheError` unless both caches hold ``points`` from the same backbone.
+
+    Compared: backbone name, weights identity and hash, the hash of the model state the
+    features were computed with, the network input size, the classes and each point's record
+    (channels, stride). Different splits are the point; identical sample ids are refused (a
+    head validated on its training images measures nothing).
+    """
+    a, b = cache_identity(train), cache_identity(val)
+    for key in ("model", "weights", "weights_sha256", "model_state", "input_size"):
+        if a[key] != b[key]:
+            raise CacheError(f"train and val caches must come from the same backbone setup; "
+                             f"{key} differs: {a[key]!r} in {a['path']} vs {b[key]!r} in "
+                             f"{b['path']}. Fix: extract both with the same --model, --weights "
+                             "and --input-size.")
+    if tuple(train.classes) != tuple(val.classes):
+        raise CacheError(f"train and val caches must have the same classes; got "
+                         f"{list(train.classes)} and {list(val.classes)}. Fix: extract both "
+                         "from the same data set.")
+    for name in points:
+        for cache in (train, val):
+            cache.point(name)  # PointNotInCacheError lists what is there
+        pa, pb = train.point(name), val.point(name)
+        if (pa.channels, pa.stride) != (pb.channels, pb.stride):
+            raise CacheError(f"point {name!r} must have the same record in both caches; got "
+                             f"{pa.channels} channels / stride {pa.stride} and {pb.channels} / "
+                             f"{pb.stride}. Fix: extract both with the same settings.")
+        if train.stored_size(name) != tuple(pa.size) or val.stored_size(name) != tuple(pb.size):
+            raise CacheError(f"point {name!r} must be stored at full size to train a head; it "
+                             f"was pooled (max_size). Fix: re-extract without --max-size.")
+    if a["ids_sha256"] == b["ids_sha256"]:
+        raise CacheError(f"train and val caches must hold different samples; both hold the "
+                         f"same ids ({a['path']}, {b['path']}). Fix: extract --split val for "
+                         "the validation cache.")
+
+
+def _stats(batches) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and std (float64 sums) over an iterable of feature dicts."""
+    sums: dict[str, list] = {}
+    for feats in batches:
+        for name, x in feats.items():
+            x = x.to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)
+            s = sums.setdefault(name, [0, 0.0, 0.0])
+            s[0] += x.shape[1]
+            s[1] = s[1] + x.sum(1)
+            s[2] = s[2] + (x * x).sum(1)
+    out = {}
+    for name, (n, s1, s2) in sums.items():
+        mean = s1 / n
+        out[name] = (mean.float(), (s2 / n - mean * mean).clamp_min(0).sqrt().float())
+    return out
+
+
+class TensorSource:
+    """Features and labels held in memory (a preloaded cache, or tensors in tests)."""
+
+    def __init__(self, features: dict[str, torch.Tensor], labels: torch.Tensor):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get(self, positions, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        idx = torch.as_tensor(np.asarray(positions, dtype=np.int64))
+        feats = {k: v[idx].to(device, torch.float32) for k, v in self.features.items()}
+        return feats, self.labels[idx].to(device, torch.int64)
+
+    def stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        n = min(len(self), _STATS_SAMPLES)
+        return _stats(self.get(range(i, min(n, i + 32)), "cpu")[0] for i in range(0, n, 32))
+
+
+class CacheSource(TensorSource):
+    """Points of a cache, read per batch (or all at once with ``preload``, as stored dtype)."""
+
+    def __init__(self, cache, points: Sequence[str], preload: bool = True):
+        self.cache, self.points, self.preload = cache, list(points), preload
+        if preload:
+            super().__init__({p: cache[p].torch() for p in self.points}, cache.labels.torch())
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def get(self, positions, device):
+        if self.preload:
+            return super().get(positions, device)
+        pos = np.asarray(positions, dtype=np.int64)
+        feats = {p: torch.from_numpy(self.cache[p][pos]).to(device, torch.float32)
+                 for p in self.points}
+        return feats, torch.from_numpy(self.cache.labels[pos]).to(device, torch.int64)
+
+
+class ImageSource:
+    """Samples of a data set run through the backbone on every access.
+
+    Args:
+        dataset: a featlab data set (items with ``"image"`` in [0, 1] and ``"mask"``).
+        rows: which data-set indices make up the source (e.g. a cache's ``index``).
+        backbone: a :class:`~featlab.segment.heads.FrozenBackbone` (no gradients), or the model
+            to fine-tune (``finetune=True``); used here only for the feature statistics.
+        spec: the :class:`~featlab.models.BackboneSpec` whose normalization the weights expect.
+        points: the points to return.
+    """
+
+    def __init__(self, dataset, rows: Sequence[int], backbone: nn.Module, spec,
+                 points: Sequence[str], finetune: bool = False):
+        self.dataset, self.rows = dataset, np.asarray(rows, dtype=np.int64)
+        self.backbone, self.spec, self.points = backbone, spec, list(points)
+        self.finetune = finetune
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def images(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self.dataset[int(self.rows[p])] for p in positions]
+        x = torch.stack([it["image"] for it in items]).float()
+        y = torch.stack([torch.as_tensor(it["mask"]) for it in items]).to(torch.int64)
+        return self.spec.normalize(x), y
+
+    def get(self, positions, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized images ``[b, 3, H, W]`` (the model runs the backbone) and labels."""
+        x, y = self.images(positions)
+        return x.to(device), y.to(device)
+
+    def stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        from featlab.segment.heads import FrozenBackbone
+
+        frozen = FrozenBackbone(self.backbone, self.points) if self.finetune else self.backbone
+        n = min(len(self), 64)
+        with torch.no_grad():
+            feats = [frozen(self.images(range(i, min(n, i + 16)))[0].to(
+                next(iter(frozen.parameters())).device)) for i in range(0, n, 16)]
+        if self.finetune:  # FrozenBackbone froze the shared parameters: unfreeze them again
+            for p in self.backbone.parameters():
+                p.requires_grad_(True)
+        return _stats({k: v.cpu() for k, v in f.items()} for f in feats)

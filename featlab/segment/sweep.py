@@ -1,0 +1,256 @@
+"""The skip sweep — ``featlab sweep``: which single skip connection helps, and by how much.
+
+For every chosen skip point and every seed, a single-skip head is trained with the same schedule
+as the baseline (last point only) of the same seed; the table reports each point's mIoU over
+seeds (mean ± std and per-seed values), the gain over the baseline, two 95% confidence
+intervals for the gain — paired over seeds (Student t on the per-seed differences) and a seeded
+bootstrap over val images (per-image confusion matrices resampled, data-set mIoU recomputed) —
+whether the gain exceeds twice the seed-to-seed std, and a rank. Runs live in
+``<out>/runs/<run name>/``; a killed sweep re-run with the same command skips finished runs and
+resumes the unfinished one from its checkpoint. :func:`property_table` and :func:`predictors`
+(in :mod:`featlab.segment.predict`) join the gains with cheap per-point properties.
+
+Examples:
+    >>> r = sweep("train.h5", "val.h5", points="stages", seeds=3)  # doctest: +SKIP
+    >>> [row["point"] for row in r.rows()][:2]  # doctest: +SKIP
+    ['baseline', 'relu']
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featlab.errors import ConfigError
+from featlab.segment import runs
+from featlab.segment.predict import predictors, property_table
+from featlab.segment.train import HeadSettings, run_name, train_head
+
+log = logging.getLogger("featlab")
+
+__all__ = ["SweepResult", "sweep", "write_sweep", "gain_stats", "property_table", "predictors"]
+
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Per-seed val mIoU of the baseline and of each single-skip head, and the gain statistics.
+
+    Attributes:
+        last: the last point (the baseline's features).
+        points: the skip points, in execution order.
+        seeds: the seeds every configuration was trained with.
+        baseline: baseline mIoU per seed.
+        skips: ``{point: [mIoU per seed]}``.
+        gain_ci_images: ``{point: [lo, hi]}`` bootstrap interval over val images.
+        settings: the shared :class:`HeadSettings` (skip and seed left at their defaults).
+        stride, rf_size: per point, from the cache's skip-point records.
+        bootstrap, confidence, bootstrap_seed: the bootstrap's settings.
+        train, val: identities of the caches; versions: what produced it; seconds: wall time.
+    """
+
+    last: str
+    points: tuple
+    seeds: tuple
+    baseline: tuple
+    skips: dict
+    gain_ci_images: dict
+    settings: dict
+    stride: dict
+    rf_size: dict
+    bootstrap: int
+    confidence: float
+    bootstrap_seed: int
+    train: dict
+    val: dict
+    versions: dict
+    seconds: float
+    folder: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SweepResult:
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"SweepResult keys must be among "
+                              f"{sorted(cls.__dataclass_fields__)}; got unknown {unknown}.")
+        return cls(**{**d, **{k: tuple(d[k]) for k in ("points", "seeds", "baseline")}})
+
+    def gains(self) -> dict[str, float]:
+        """Mean gain over the baseline per point (paired by seed)."""
+        return {p: float(np.mean(np.subtract(v, self.baseline))) for p, v in self.skips.items()}
+
+    def rows(self) -> list[dict]:
+        """The table: the baseline first, then one row per point in execution order."""
+        base = np.asarray(self.baseline, dtype=np.float64)
+        out = [{"point": BASELINE, "stride": None, "rf_size": None, **_spread(base),
+                "per_seed": [round(float(v), 4) for v in base], "gain": 0.0, "gain_std": None,
+                "gain_ci_seeds": None, "gain_ci_images": None, "beats_2std": None,
+                "rank": None}]
+        gains = self.gains()
+        order = sorted(self.points, key=lambda p: -gains[p])
+        for p in self.points:
+            vals = np.asarray(self.skips[p], dtype=np.float64)
+            g = gain_stats(vals, base, self.confidence)
+            noise = max(np.std(vals, ddof=1) if len(vals) > 1 else 0.0,
+                        np.std(base, ddof=1) if len(base) > 1 else 0.0)
+            out.append({"point": p, "stride": self.stride.get(p), "rf_size": self.rf_size.get(p),
+                        **_spread(vals), "per_seed": [round(float(v), 4) for v in vals],
+                        "gain": round(g["gain"], 4), "gain_std": _r(g["std"]),
+                        "gain_ci_seeds": [_r(g["lo"]), _r(g["hi"])],
+                        "gain_ci_images": [_r(v) for v in self.gain_ci_images.get(p, (None,
+                                                                                      None))],
+                        "beats_2std": bool(len(vals) > 1 and g["gain"] > 2 * noise),
+                        "rank": order.index(p) + 1})
+        return out
+
+
+def _r(x, n: int = 4):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), n)
+
+
+def _spread(v: np.ndarray) -> dict:
+    return {"miou_mean": round(float(v.mean()), 4),
+            "miou_std": round(float(v.std(ddof=1)), 4) if len(v) > 1 else None}
+
+
+def gain_stats(skip: Sequence[float], base: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean paired gain, its std over seeds and a Student-t interval (NaN with one seed).
+
+    Examples:
+        >>> g = gain_stats([0.52, 0.55, 0.53], [0.50, 0.52, 0.51])
+        >>> round(g["gain"], 3), g["lo"] < g["gain"] < g["hi"]
+        (0.023, True)
+    """
+    from scipy import stats
+
+    d = np.subtract(skip, base).astype(np.float64)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return {"gain": mean, "std": math.nan, "lo": math.nan, "hi": math.nan}
+    sd = float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1)) * sd / math.sqrt(len(d))
+    return {"gain": mean, "std": sd, "lo": mean - half, "hi": mean + half}
+
+
+def _miou(m: np.ndarray) -> np.ndarray:
+    """mIoU of a stack of confusion matrices ``[..., C, C]`` (classes with empty union left out)."""
+    tp = np.diagonal(m, axis1=-2, axis2=-1).astype(np.float64)
+    union = m.sum(-1) + m.sum(-2) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    return np.nanmean(iou, axis=-1)
+
+
+def bootstrap_gain(skip: Sequence[np.ndarray], base: Sequence[np.ndarray], *, n: int = 1000,
+                   confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the seed-averaged mIoU gain, resampling val images.
+
+    ``skip`` and ``base``: per-seed per-image confusion matrices ``[N, C, C]`` (same images in
+    the same order). Each resample draws N images with replacement (one draw shared by every
+    seed and both heads: a paired bootstrap).
+    """
+    rng = np.random.default_rng(seed)
+    s, b = np.stack(skip).astype(np.float64), np.stack(base).astype(np.float64)
+    num = s.shape[1]
+    weights = np.stack([np.bincount(rng.integers(0, num, num), minlength=num)
+                        for _ in range(n)]).astype(np.float64)  # [n, N]
+    gs = _miou(np.einsum("bn,snij->bsij", weights, s)).mean(1)
+    gb = _miou(np.einsum("bn,snij->bsij", weights, b)).mean(1)
+    lo, hi = np.percentile(gs - gb, [50 * (1 - confidence), 50 * (1 + confidence)])
+    return float(lo), float(hi)
+
+
+def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Sequence[int] = 3,
+          settings: HeadSettings | None = None, *, out=None, device=None, progress: bool = True,
+          force: bool = False, bootstrap: int = 1000, confidence: float = 0.95,
+          bootstrap_seed: int = 0, **overrides) -> SweepResult:
+    """Train the baseline and one single-skip head per point per seed; compare them.
+
+    Args:
+        train, val: caches (paths or readers) of one backbone on two splits.
+        points: skip points (a selection over the cache's points; the last point is the
+            baseline's and is left out).
+        seeds: a count (seeds ``0 .. n-1``) or the seeds themselves.
+        settings: shared :class:`HeadSettings` (``overrides`` replace fields, e.g. ``epochs``).
+        out: sweep folder (default ``<train cache folder>/sweep``); runs go to ``out/runs``.
+        force: train every run again (else finished runs are reused, unfinished ones resumed).
+        bootstrap, confidence, bootstrap_seed: the bootstrap over val images.
+
+    Returns:
+        The :class:`SweepResult` (write it with :func:`write_sweep`).
+    """
+    from featlab.cache.reader import open_cache
+    from featlab.pretrain import run_versions
+    from featlab.segment.sources import cache_identity
+
+    started = time.perf_counter()
+    train = train if hasattr(train, "select") else open_cache(train, allow_partial=False)
+    val = val if hasattr(val, "select") else open_cache(val, allow_partial=False)
+    settings = dataclasses.replace(settings or HeadSettings(), **overrides)
+    if settings.skip is not None:
+        raise ConfigError(f"sweep settings must leave `skip` unset (the sweep sets it); got "
+                          f"skip={settings.skip!r}. Fix: choose points with `points`.")
+    seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(int(s) for s in seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be a positive count or distinct seeds; got {seeds!r}.")
+    last = train.point_names[-1]
+    names = [p for p in train.select(points) if p != last]
+    if not names:
+        raise ConfigError(f"points must select at least one point before the last one "
+                          f"({last!r}); got {points!r}. Fix: --points stages or all.")
+    folder = Path(out) if out is not None else train.path.parent / "sweep"
+    configs = [None, *names]
+    total, done = len(configs) * len(seeds), 0
+    results: dict = {}
+    for seed in seeds:  # seed-major: a partial sweep already holds complete comparisons
+        for skip in configs:
+            s = dataclasses.replace(settings, skip=skip, seed=seed)
+            done += 1
+            log.info("sweep run %d/%d: %s", done, total, run_name(s))
+            results[(skip, seed)] = train_head(train, val, s, out=folder / "runs" / run_name(s),
+                                               device=device, progress=progress, force=force,
+                                               reuse=True)
+    per_image = {k: np.load(Path(r.folder) / runs.VAL_CONFUSION) for k, r in results.items()}
+    ci = {p: list(bootstrap_gain([per_image[(p, s)] for s in seeds],
+                                 [per_image[(None, s)] for s in seeds], n=bootstrap,
+                                 confidence=confidence, seed=bootstrap_seed)) for p in names}
+    records = {p.name: p for p in train.points}
+    import torch
+
+    return SweepResult(
+        last=last, points=tuple(names), seeds=seeds,
+        baseline=tuple(results[(None, s)].miou for s in seeds),
+        skips={p: [results[(p, s)].miou for s in seeds] for p in names},
+        gain_ci_images=ci, settings=dataclasses.replace(settings, seed=0).to_dict(),
+        stride={p: records[p].stride for p in names},
+        rf_size={p: records[p].rf_size for p in names}, bootstrap=bootstrap,
+        confidence=confidence, bootstrap_seed=bootstrap_seed, train=cache_identity(train),
+        val=cache_identity(val), versions=run_versions(torch.device("cpu")),
+        seconds=round(time.perf_counter() - started, 1), folder=str(folder))
+
+
+def write_sweep(result: SweepResult, folder=None) -> list[Path]:
+    """Write ``sweep.json`` (the result) and ``sweep.csv`` (the table) into ``folder``."""
+    folder = Path(folder or result.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    runs.write_json(folder / "sweep.json", result.to_dict())
+    rows = result.rows()
+    with open(folder / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()}
+                    for r in rows)
+    return [folder / "sweep.json", folder / "sweep.csv"]

@@ -1,0 +1,60 @@
+"""`torchrun --nproc_per_node=2 -m featlab train-head` (gloo, CPU) matches one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import featlab
+import featlab.testing as ft
+from featlab.models import BackboneSpec
+from featlab.segment.train import train_head
+
+SPEC = BackboneSpec("tiny", "none", (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), 32, 10)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_the_single_process_val_miou(tmp_path):
+    for split, n in (("train", 48), ("val", 17)):  # 17: uneven val shards (8 + 9)
+        ds = featlab.load_dataset("shapes", split=split, size=32, length=n)
+        featlab.extract(ft.TinyResNet(), ds, "all", tmp_path / f"{split}.h5", spec=SPEC,
+                        batch_size=16, dtype="float32", num_workers=0, progress=False)
+    train, val = tmp_path / "train.h5", tmp_path / "val.h5"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "featlab",
+           "train-head", "--train", str(train), "--val", str(val), "--skip", "layer1.0",
+           "--epochs", "3", "--batch-size", "8", "--lr", "0.01", "--out",
+           str(tmp_path / "ddp"), "--json", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEATLAB_PROGRESS": "0"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = json.loads(done.stdout)  # printed by rank 0 only
+    assert ddp["world_size"] == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train_head(train, val, skip="layer1.0", epochs=3, batch_size=8, lr=0.01,
+                            out=tmp_path / "one", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    # every val pixel counted once, summed over the ranks
+    counts = np.asarray(ddp["metrics"]["matrix"])
+    assert counts.sum() == np.asarray(single.metrics["matrix"]).sum() == 17 * 32 * 32
+    assert abs(ddp["miou"] - single.miou) < 0.02
+    assert np.load(tmp_path / "ddp" / "val_confusion.npy").shape[0] == 17
+    losses = [h["loss"] for h in ddp["history"]], [h["loss"] for h in single.history]
+    np.testing.assert_allclose(*losses, rtol=1e-3)  # same global batches, averaged gradients

@@ -1,0 +1,148 @@
+"""Trainer: determinism, resume, records, refusals, R-8.3 cache checks, native-size metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import featlab
+from featlab.errors import CacheError, CheckpointError, ConfigError
+from featlab.segment import runs
+from featlab.segment.loop import per_image_confusion
+from featlab.segment.metrics import ConfusionMatrix
+from featlab.segment.train import HeadResult, HeadSettings, train_head
+
+from .conftest import make_caches
+
+FAST = dict(epochs=2, batch_size=8, lr=0.01)
+
+
+def matrix(result):
+    return np.asarray(result.metrics["matrix"])
+
+
+def test_two_runs_give_identical_confusion_matrices_and_weights(caches, tmp_path):
+    a = train_head(*caches, skip="layer1.0", fusion="concat", out=tmp_path / "a",
+                   progress=False, **FAST)
+    b = train_head(*caches, skip="layer1.0", fusion="concat", out=tmp_path / "b",
+                   progress=False, **FAST)
+    np.testing.assert_array_equal(matrix(a), matrix(b))
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    wa = torch.load(tmp_path / "a" / runs.CHECKPOINT, weights_only=True)["head"]
+    wb = torch.load(tmp_path / "b" / runs.CHECKPOINT, weights_only=True)["head"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    train_head(*caches, skip="layer1.0", fusion="concat", out=tmp_path / "c",
+               progress=False, **{**FAST, "seed": 1})
+    assert not all(torch.equal(wa[k], v) for k, v in torch.load(
+        tmp_path / "c" / runs.CHECKPOINT, weights_only=True)["head"].items())
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(caches, tmp_path):
+    full = train_head(*caches, skip="relu", out=tmp_path / "full", progress=False,
+                      preload=False, **{**FAST, "epochs": 3})
+    killed = tmp_path / "killed"
+    _run_one_epoch_then_stop(caches, killed)
+    resumed = train_head(*caches, skip="relu", out=killed, progress=False,
+                         **{**FAST, "epochs": 3})
+    assert full.resumed_from_epoch == 0 and resumed.resumed_from_epoch == 1
+    np.testing.assert_array_equal(matrix(resumed), matrix(full))
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    wa = torch.load(tmp_path / "full" / runs.CHECKPOINT, weights_only=True)["head"]
+    wb = torch.load(killed / runs.CHECKPOINT, weights_only=True)["head"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _run_one_epoch_then_stop(caches, folder):
+    """Train the 3-epoch plan but stop after epoch 1 (what a kill after a checkpoint leaves)."""
+    import featlab.segment.loop as loop_mod
+
+    original = loop_mod.Loop.run_epoch
+
+    def run_epoch(self, epoch):
+        if epoch > 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    loop_mod.Loop.run_epoch = run_epoch
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_head(*caches, skip="relu", out=folder, progress=False,
+                       **{**FAST, "epochs": 3})
+    finally:
+        loop_mod.Loop.run_epoch = original
+    assert json.loads((folder / runs.LOG_JSON).read_text())[0]["epoch"] == 1
+    assert not (folder / runs.RUN_JSON).exists()
+
+
+def test_run_folder_records_and_refusals(caches, tmp_path):
+    out = tmp_path / "run"
+    r = train_head(*caches, out=out, progress=False, **FAST)
+    record = json.loads((out / runs.RUN_JSON).read_text())
+    assert record["finished"] and record["seed"] == 0 and record["settings"]["skip"] is None
+    assert record["train"]["ids_sha256"] == featlab.open_cache(caches[0]).ids_sha256
+    assert {"torch", "numpy", "featlab"} <= set(record["versions"]) and record["device"] == "cpu"
+    assert HeadResult.from_dict({k: v for k, v in record.items() if k != "finished"} | {
+        "finished": True}).miou == r.miou
+    with open(out / runs.LOG_CSV) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(x["epoch"]) for x in rows] == [1, 2] and "val_miou" in rows[0]
+    per_image = np.load(out / runs.VAL_CONFUSION)
+    assert per_image.shape == (16, 9, 9)
+    np.testing.assert_array_equal(per_image.sum(0), matrix(r))
+    with pytest.raises(ConfigError, match="finished run"):
+        train_head(*caches, out=out, progress=False, **FAST)
+    assert train_head(*caches, out=out, progress=False, reuse=True, **FAST).miou == r.miou
+    with pytest.raises(CheckpointError, match="requested settings"):
+        train_head(*caches, out=out, progress=False, reuse=True, **{**FAST, "lr": 0.1})
+    again = train_head(*caches, out=out, progress=False, force=True, **{**FAST, "lr": 0.1})
+    assert again.settings["lr"] == 0.1
+
+
+def test_metrics_at_the_label_resolution_match_an_independent_count(caches, tmp_path):
+    r = train_head(*caches, skip="layer1.0", out=tmp_path / "r", progress=False, **FAST)
+    val = featlab.open_cache(caches[1])
+    labels = val.labels[:]
+    assert labels.shape[1:] == (32, 32)  # stride-4 logits were upsampled to 32 x 32 labels
+    assert matrix(r).sum() == (labels != 255).sum()
+    np.testing.assert_array_equal(matrix(r).sum(1), np.bincount(labels[labels != 255].ravel(),
+                                                                minlength=9))
+    cm = ConfusionMatrix.from_dict(r.metrics)
+    assert cm.miou() == pytest.approx(r.miou)
+
+
+def test_per_image_confusion_equals_confusion_matrix_per_image():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, 3, (4, 5, 6), generator=g)
+    target = torch.randint(0, 4, (4, 5, 6), generator=g)
+    target[target == 3] = 255
+    per = per_image_confusion(pred, target, 3)
+    for i in range(4):
+        np.testing.assert_array_equal(per[i].numpy(),
+                                      ConfusionMatrix(3).update(pred[i], target[i]).matrix)
+
+
+def test_caches_of_another_backbone_or_the_same_samples_are_refused(caches, tmp_path):
+    other = make_caches(tmp_path, n_train=8, n_val=8, seed=1)
+    with pytest.raises(CacheError, match="same backbone"):
+        train_head(caches[0], other[1], out=tmp_path / "x", progress=False, **FAST)
+    with pytest.raises(CacheError, match="different samples"):
+        train_head(caches[0], caches[0], out=tmp_path / "y", progress=False, **FAST)
+    with pytest.raises(featlab.cache.reader.PointNotInCacheError, match="layer9"):
+        train_head(*caches, skip="layer9", out=tmp_path / "z", progress=False, **FAST)
+    with pytest.raises(ConfigError, match="before the last"):
+        train_head(*caches, skip="layer1.1", out=tmp_path / "z", progress=False, **FAST)
+    with pytest.raises(ConfigError, match="optimizer"):
+        HeadSettings(optimizer="adam")
+
+
+def test_sgd_and_a_checkpoint_of_other_settings(caches, tmp_path):
+    out = tmp_path / "sgd"
+    r = train_head(*caches, out=out, optimizer="sgd", progress=False, **FAST)
+    assert r.history[-1]["lr"] == 0.0  # poly schedule reaches zero at the last step
+    (out / runs.RUN_JSON).unlink()
+    with pytest.raises(CheckpointError, match="same settings"):
+        train_head(*caches, out=out, progress=False, **FAST)
