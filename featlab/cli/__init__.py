@@ -1,0 +1,66 @@
+"""The ``featlab`` command: parse arguments, call the library, print.
+
+Each sub-command lives in a small module of this package (``backbones``, ``caches``,
+``analyses``, ``heads``) as a ``cmd_*`` function plus its ``add_commands`` parser block. Heavy
+modules are imported inside each command so that ``featlab --help`` is instant. Errors that
+featlab raises on purpose (``FeatlabError``) become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from featlab import __version__
+from featlab.cli import analyses, backbones, caches, heads
+from featlab.errors import FeatlabError
+
+log = logging.getLogger("featlab")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="featlab",
+        description="Study the skip points of CNN backbones for semantic segmentation.",
+    )
+    parser.add_argument("--version", action="version", version=f"featlab {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for group in (backbones, caches, analyses, heads):
+        group.add_commands(sub, common)
+    return parser
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("featlab: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    if quiet:
+        os.environ["FEATLAB_PROGRESS"] = "0"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``featlab`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet, args.verbose)
+    try:
+        return args.func(args)
+    except FeatlabError as err:
+        print(f"featlab {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("featlab: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())

@@ -1,0 +1,234 @@
+"""Commands that measure layer properties: analyze resolution|cka, probe, saliency."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from featlab.cli._output import _fmt, _print_json, _table
+
+log = logging.getLogger("featlab")
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add this module's sub-commands to the ``featlab`` parser."""
+    p = sub.add_parser("analyze",   # no common options here: the leaves take them
+                       help="layer properties of a cache: resolution, CKA similarity")
+    analyses = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    p = analyses.add_parser("resolution", parents=[common],
+                            help="size, stride, receptive fields, resolution ceiling per point")
+    p.add_argument("cache", help="the .h5 cache (its points, labels, classes)")
+    p.add_argument("--erf", type=int, metavar="N", default=0,
+                   help="also the effective receptive field on the first N stored images "
+                        "(needs --save-images at extraction and the same local weights)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N for --erf (default: cuda when available)")
+    p.add_argument("--out", help="result path without suffix (default: next to the cache, "
+                   "CACHE.resolution.json/.csv)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing result")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_analyze_resolution)
+
+    p = analyses.add_parser("cka", parents=[common],
+                            help="CKA similarity matrix between skip points (or two caches)")
+    p.add_argument("cache", help="the .h5 cache")
+    p.add_argument("cache2", nargs="?", help="a second cache of the same samples (cross-model)")
+    p.add_argument("--kind", default="linear", choices=["linear", "rbf", "minibatch"])
+    p.add_argument("--spatial", default="gap", choices=["gap", "pixels", "flatten"],
+                   help="gap: pooled per image; pixels: sampled positions; flatten: whole maps")
+    p.add_argument("--points", help="selection in CACHE (default all stored points)")
+    p.add_argument("--points2", help="selection in CACHE2 (default: as --points)")
+    p.add_argument("--estimator", choices=["biased", "debiased"],
+                   help="HSIC estimator (default biased; minibatch is always debiased)")
+    p.add_argument("--bandwidth", type=float, default=1.0,
+                   help="rbf: sigma as a fraction of the median distance (default 1.0)")
+    p.add_argument("--batch-size", type=int, default=256, help="minibatch: images per batch")
+    p.add_argument("--positions", type=int, default=16, help="pixels: positions per image")
+    p.add_argument("--seed", type=int, default=0, help="batches and positions seed")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--out", help="result path without suffix (default: next to the cache, "
+                   "CACHE.cka-KIND-SPATIAL.json/.csv)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing result")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_analyze_cka)
+
+    p = sub.add_parser("probe", parents=[common],
+                       help="per-pixel linear probe at every skip point (train -> val caches)")
+    p.add_argument("--train", required=True, help="train-split cache (.h5)")
+    p.add_argument("--val", required=True, help="val-split cache (.h5) of the same model")
+    p.add_argument("--points", default="all",
+                   help="all | stages | glob (layer3.*) | re:REGEX | comma-separated names")
+    p.add_argument("--alpha", type=float,
+                   help="L2 strength per pixel (default: chosen on held-out train images)")
+    p.add_argument("--class-weight", choices=["balanced"], help="weight classes by 1/frequency")
+    p.add_argument("--max-pixels", type=int, default=100_000,
+                   help="training pixels sampled per point (default 100000)")
+    p.add_argument("--no-standardize", action="store_true", help="do not standardise features")
+    p.add_argument("--null", action="store_true",
+                   help="also fit on spatially shuffled labels (null baseline)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="images read at a time")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--out", help="result path without suffix (default: next to --train, "
+                   "TRAIN.probe.json/.csv)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing result")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("saliency", parents=[common],
+                       help="saliency / Grad-CAM maps at every skip point: PNG grid + summary")
+    p.add_argument("--model", required=True, help="backbone name, see `featlab models`")
+    p.add_argument("--weights", default="shapes", help="none | imagenet | shapes | PATH")
+    p.add_argument("--data", default="shapes", help="data set name, see `featlab datasets`")
+    p.add_argument("--root", help="folder of the data set (not for shapes)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--size", type=int, help="input side in pixels (default: the weights' size)")
+    p.add_argument("--points", default="stages",
+                   help="stages | all | glob | names, and/or 'input' (comma-separated)")
+    p.add_argument("--method", default="gradcam", choices=["gradcam", "saliency", "smoothgrad",
+                                                           "ig"])
+    p.add_argument("--no-relu", action="store_true", help="Grad-CAM without the final ReLU")
+    p.add_argument("--limit", type=int, default=64, help="samples summarised (default 64)")
+    p.add_argument("--show", type=int, default=4, help="samples drawn in the grid (default 4)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="SmoothGrad noise seed")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cpu, where the model is)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite existing results")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_saliency)
+
+
+def cmd_analyze_resolution(args: argparse.Namespace) -> int:
+    """Size, stride, receptive fields and resolution ceiling per point of a cache."""
+    from featlab.analysis._io import check_writable, output_stem
+    from featlab.analysis.resolution import (erf_inputs_from_cache, resolution_table,
+                                             write_result)
+    from featlab.cache.reader import open_cache
+
+    cache = open_cache(args.cache)
+    stem = output_stem(cache.path, "resolution", args.out)
+    check_writable(stem, force=args.force)
+    model = images = None
+    if args.erf:
+        model, images = erf_inputs_from_cache(cache, args.erf)
+    result = resolution_table(cache, model=model, images=images, device=args.device,
+                              progress=not args.quiet)
+    paths = write_result(result, stem, force=args.force)
+    log.info("wrote %s", ", ".join(str(p) for p in paths))
+    if args.json:
+        _print_json(result.to_dict(with_maps=False))
+        return 0
+    cols = ["point", "channels", "size", "width", "stride", "rf_size", "rf_stride", "rf_padding",
+            "ceiling_miou_nearest", "ceiling_miou_majority"]
+    cols += ["erf_radius50", "erf_radius90"] if args.erf else []
+    heads = [c.replace("ceiling_miou_", "ceiling_") for c in cols]
+    print(_table([[_fmt(r.get(c)) for c in cols] for r in result.rows()], heads))
+    print(f"\n{len(result.points)} points of {cache.path} ({result.num_images} label maps) -> "
+          f"{paths[0]}, {paths[1]}")
+    return 0
+
+
+def cmd_analyze_cka(args: argparse.Namespace) -> int:
+    """The CKA matrix between the skip points of a cache (or across two caches)."""
+    from pathlib import Path
+
+    from featlab.analysis._io import check_writable, output_stem
+    from featlab.analysis.similarity import cka_matrix, write_result
+    from featlab.cache.reader import open_cache
+
+    cache = open_cache(args.cache)
+    cache2 = None if args.cache2 is None else open_cache(args.cache2)
+    tag = f"cka-{args.kind}-{args.spatial}"
+    if cache2 is not None:
+        tag += f"-vs-{Path(str(cache2.path).removesuffix('.partial')).stem}"
+    stem = output_stem(cache.path, tag, args.out)
+    check_writable(stem, force=args.force)
+    result = cka_matrix(cache, cache2, args.kind, points=args.points, points2=args.points2,
+                        spatial=args.spatial, estimator=args.estimator,
+                        bandwidth=args.bandwidth, batch_size=args.batch_size,
+                        positions=args.positions, seed=args.seed, device=args.device,
+                        progress=not args.quiet)
+    paths = write_result(result, stem, force=args.force)
+    log.info("wrote %s", ", ".join(str(p) for p in paths))
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    heads = ["point"] + [str(j) for j in range(len(result.columns))]
+    print(_table([[name] + [_fmt(None if v != v else float(v), 3) for v in row]
+                  for name, row in zip(result.names, result.matrix)], heads))
+    legend = ", ".join(f"{j}={c}" for j, c in enumerate(result.columns))
+    print(f"\ncolumns: {legend}")
+    print(f"{args.kind} CKA ({result.estimator}, {result.spatial}, {result.form} form) over "
+          f"{result.num_samples} samples -> {paths[0]}, {paths[1]}")
+    for key, reason in result.nan_reasons.items():
+        print(f"NaN for {key}: {reason}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Linear probe per skip point: fit on --train, score on --val, write CSV + JSON."""
+    from pathlib import Path
+
+    from featlab.analysis.probe import probe_points, write_result
+
+    out = Path(args.out) if args.out else Path(args.train).with_suffix("").with_name(
+        Path(args.train).stem + ".probe")
+    for p in (Path(f"{out.with_suffix('') if out.suffix in ('.json', '.csv') else out}{s}")
+              for s in (".json", ".csv")):
+        if p.exists() and not args.force:
+            from featlab.errors import ConfigError
+
+            raise ConfigError(f"probe results must not overwrite {str(p)!r} without --force; "
+                              "it exists. Fix: pass --force or another --out.")
+    result = probe_points(args.train, args.val, args.points, alpha=args.alpha,
+                          class_weight=args.class_weight, max_pixels=args.max_pixels,
+                          standardize=not args.no_standardize, null=args.null, seed=args.seed,
+                          device=args.device, batch_size=args.batch_size,
+                          progress=not args.quiet)
+    write_result(result, out, force=args.force)
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    cols = ["point", "stride", "channels", "pixel_accuracy", "mean_accuracy", "miou", "alpha"]
+    cols += ["null_miou"] if args.null else []
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else v  # noqa: E731
+    print(_table([[fmt(r[c]) for c in cols] for r in result.rows()], cols))
+    print(f"\nlinear probes of {len(result.rows())} points -> {out}.json, {out}.csv")
+    return 0
+
+
+def cmd_saliency(args: argparse.Namespace) -> int:
+    """Saliency maps per skip point on a data set: a PNG grid and a pointing-game summary."""
+    from pathlib import Path
+
+    from featlab.analysis.saliency_summary import (plot_saliency_grid, saliency_examples,
+                                                   saliency_summary, write_summary)
+    from featlab.data import load_dataset
+    from featlab.errors import ConfigError
+    from featlab.models import get_backbone
+
+    out = Path(args.out)
+    grid = out / f"saliency_{args.method}.png"
+    if not args.force and any(p.exists() for p in (grid, out / "saliency.json")):
+        raise ConfigError(f"saliency results must not overwrite files in {str(out)!r} without "
+                          "--force; they exist. Fix: pass --force or another --out.")
+    model, spec = get_backbone(args.model, weights=args.weights)
+    ds = load_dataset(args.data, split=args.split, root=args.root, size=args.size or
+                      spec.input_size)
+    kwargs = dict(method=args.method, spec=spec, relu=not args.no_relu, seed=args.seed,
+                  device=args.device)
+    result = saliency_summary(model, ds, args.points, limit=args.limit,
+                              batch_size=args.batch_size, progress=not args.quiet, **kwargs)
+    examples = saliency_examples(model, ds, args.points, count=min(args.show, len(ds)),
+                                 **kwargs)
+    plot_saliency_grid(examples, grid, class_names=ds.classes,
+                       title=f"{args.method} - {args.model} ({args.weights}) on {args.data}")
+    write_summary(result, out, force=args.force)
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    cols = ["point", "stride", "energy_in_mask", "energy_std", "mask_fraction", "samples"]
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else v  # noqa: E731
+    print(_table([[fmt(r[c]) for c in cols] for r in result.rows()], cols))
+    print(f"\n{args.method} on {args.model}: grid {grid}, summary {out / 'saliency.json'}")
+    return 0

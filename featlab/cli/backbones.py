@@ -1,0 +1,162 @@
+"""Commands about backbones, data sets and skip points: models, datasets, points, pretrain, demo."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from featlab.cli._output import _print_json, _table
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add this module's sub-commands to the ``featlab`` parser."""
+    p = sub.add_parser("models", parents=[common], help="list the backbones and local weights")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("datasets", parents=[common], help="list the data sets and their layouts")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("points", parents=[common], help="list the skip points of a backbone")
+    p.add_argument("model", help="backbone name, see `featlab models`")
+    p.add_argument("--weights", default="none", help="none | imagenet | shapes | PATH (default none)")
+    p.add_argument("--input-size", type=int, default=224, help="input side in pixels (default 224)")
+    p.add_argument("--select", default="all",
+                   help="all | stages | glob (layer3.*) | re:REGEX | comma-separated names")
+    p.add_argument("--json", action="store_true", help="print a JSON list of SkipPoint records")
+    p.set_defaults(func=cmd_points)
+
+    p = sub.add_parser("pretrain", parents=[common],
+                       help="train a backbone as a classifier on the embedded data set (cached)")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--data", default="shapes", choices=["shapes"])
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--image-size", type=int, help="training image side in pixels")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="train again even if a checkpoint exists")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("demo", parents=[common],
+                       help="pretrain on shapes (cached), list skip points, capture them on a batch")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from featlab import models
+
+    rows = [models.describe_backbone(name) for name in models.list_backbones()]
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(
+        _table(
+            [[r["name"], r["imagenet_file"], "yes" if r["imagenet_local"] else "no",
+              "yes" if r["shapes_local"] else "no"] for r in rows],
+            ["model", "imagenet weights file", "imagenet here", "shapes-trained here"],
+        )
+    )
+    print(f"\nImageNet weights are read from {models.hub_checkpoint_dir()} (never downloaded).")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from featlab import data
+
+    rows = [data.describe_dataset(name) for name in data.list_datasets()]
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(_table([[r["name"], r["classes"], r["layout"]] for r in rows],
+                 ["data set", "classes", "on-disk layout under --root"]))
+    return 0
+
+
+def cmd_points(args: argparse.Namespace) -> int:
+    from featlab.models import get_backbone
+    from featlab.points import skip_points
+
+    model, _ = get_backbone(args.model, weights=args.weights)
+    points = skip_points(model, input_size=args.input_size, select=args.select)
+    if args.json:
+        _print_json([p.to_dict() for p in points])
+        return 0
+    rows = [
+        [p.index, p.name, p.channels, f"{p.size[0]}x{p.size[1]}", p.stride,
+         p.rf_size, p.rf_stride, p.rf_padding, p.rf_status]
+        for p in points
+    ]
+    print(_table(rows, ["#", "name", "C", "HxW", "stride", "rf", "rf_stride", "rf_pad", "rf status"]))
+    print(f"\n{len(points)} skip points of {args.model} at input {args.input_size} px "
+          f"(selection {args.select!r}).")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from featlab.pretrain import PretrainSettings, pretrain
+
+    overrides = {
+        k: v for k, v in vars(args).items()
+        if k in PretrainSettings.__dataclass_fields__ and v is not None
+    }
+    settings = PretrainSettings(**overrides)
+    result = pretrain(args.model, data=args.data, settings=settings, device=args.device,
+                      progress=not args.quiet, force=args.force)
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    verb = "reused" if result.reused else "trained"
+    print(
+        f"{args.model} {verb} on {args.data}: val accuracy {result.accuracy:.3f} "
+        f"(chance {result.chance:.3f}, majority prior {result.prior:.3f}) "
+        f"in {result.seconds:.0f} s -> {result.checkpoint}"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded end-to-end job: backbone -> skip points -> capture on a batch of shapes."""
+    import torch
+
+    import featlab
+    from featlab.pretrain import pretrain
+
+    result = pretrain(args.model, data="shapes", progress=not args.quiet)
+    print(f"[1/3] {args.model} trained on shapes: val accuracy {result.accuracy:.3f} "
+          f"(chance {result.chance:.3f}) -> {result.checkpoint}"
+          + (" (reused)" if result.reused else f" ({result.seconds:.0f} s)"))
+
+    model, spec = featlab.get_backbone(args.model, weights="shapes")
+    points = featlab.skip_points(model, input_size=args.size)
+    print(f"[2/3] {len(points)} skip points at {args.size} px:")
+    print(_table([[p.index, p.name, p.channels, f"{p.size[0]}x{p.size[1]}", p.stride, p.rf_size]
+                  for p in points], ["#", "name", "C", "HxW", "stride", "rf"]))
+
+    ds = featlab.load_dataset("shapes", split="val", size=args.size)
+    batch = torch.stack([ds[i]["image"] for i in range(args.batch_size)])
+    x = spec.normalize(batch)
+    with torch.inference_mode():
+        model(x)  # warm-up
+        t0 = time.perf_counter()
+        model(x)
+        bare = time.perf_counter() - t0
+        with featlab.capture(model, points) as acts:
+            t0 = time.perf_counter()
+            model(x)
+            captured = time.perf_counter() - t0
+        total = sum(t.numel() * t.element_size() for t in acts.values())
+        shapes = {name: tuple(t.shape) for name, t in acts.items()}
+    print(f"[3/3] captured {len(shapes)} points on a batch of {args.batch_size} shapes images:")
+    for name, shape in shapes.items():
+        print(f"  {name:<28} {shape}")
+    print(f"bare forward {args.batch_size / bare:.0f} images/s, with capture of all points "
+          f"{args.batch_size / captured:.0f} images/s (ratio {bare / captured:.2f}); "
+          f"{total / 2**20:.1f} MiB captured")
+    return 0

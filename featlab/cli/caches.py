@@ -1,0 +1,133 @@
+"""Commands that write and check activation caches: extract, inspect, verify."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from featlab.cli._output import _print_json, _table
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add this module's sub-commands to the ``featlab`` parser."""
+    p = sub.add_parser("extract", parents=[common],
+                       help="write skip-point activations of a data set to an HDF5 cache")
+    p.add_argument("--model", required=True, help="backbone name, see `featlab models`")
+    p.add_argument("--weights", default="none", help="none | imagenet | shapes | PATH")
+    p.add_argument("--seed", type=int, default=0, help="seed of a random init (--weights none)")
+    p.add_argument("--data", required=True, help="data set name, see `featlab datasets`")
+    p.add_argument("--root", help="folder of the data set (not for shapes)")
+    p.add_argument("--split", default="val", help="split (default val)")
+    p.add_argument("--data-seed", type=int, default=0, help="data set seed (shapes: which scenes)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="data set option, e.g. length=100 (repeatable; JSON values)")
+    p.add_argument("--points", default="stages",
+                   help="all | stages | glob (layer3.*) | re:REGEX | comma-separated names")
+    p.add_argument("--input-size", type=int,
+                   help="side of the square network input (default: the weights' size)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--max-size", type=int, help="area-pool each point to at most this grid side")
+    p.add_argument("--limit", type=int, help="only the first N samples of the sorted order")
+    p.add_argument("--save-images", action="store_true", help="also store the input images (uint8)")
+    p.add_argument("--out", required=True, help="the cache file (.h5)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda:LOCAL_RANK when available)")
+    p.add_argument("--workers", type=int, help="data loader workers (default: by CPU count)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the stored shapes, sizes, free disk and memory; write nothing")
+    p.add_argument("--no-disk-check", action="store_true",
+                   help="start even when the free disk space looks too small")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing cache (complete or partial)")
+    p.add_argument("--json", action="store_true", help="print the result (or the plan) as JSON")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("inspect", parents=[common], help="summarise an activation cache")
+    p.add_argument("cache", help="path of the .h5 cache (or its .partial while being written)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", parents=[common],
+                       help="read a whole cache once and check shapes, flags, values, metadata")
+    p.add_argument("cache")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """Stream skip-point activations of a data set into an HDF5 cache (or --dry-run: estimate)."""
+    from featlab.cache.plan import format_bytes
+    from featlab.cache.writer import estimate, extract
+    from featlab.data import load_dataset
+    from featlab.errors import ConfigError
+    from featlab.models import get_backbone
+
+    options = {}
+    for item in args.option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"`--option` must be KEY=VALUE; got {item!r}. Fix: e.g. "
+                              "--option length=100.")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    model, spec = get_backbone(args.model, weights=args.weights, seed=args.seed)
+    size = args.input_size or spec.input_size
+    ds = load_dataset(args.data, split=args.split, root=args.root, size=size, seed=args.data_seed,
+                      **options)
+    kwargs = dict(spec=spec, batch_size=args.batch_size, dtype=args.dtype,
+                  max_size=args.max_size, limit=args.limit, save_images=args.save_images,
+                  device=args.device, num_workers=args.workers)
+    if args.dry_run:
+        plan = estimate(model, ds, args.points, args.out, **kwargs)
+        if args.json:
+            _print_json(plan.to_dict())
+            return 0
+        n = plan.num_samples
+        rows = [[p.name, p.channels, f"{p.size[0]}x{p.size[1]}",
+                 f"{p.stored_size[0]}x{p.stored_size[1]}", p.pooling, p.stride,
+                 format_bytes(p.bytes_per_sample), format_bytes(p.total_bytes)]
+                for p in plan.points]
+        h, w = plan.input_size
+        extra = [("labels", f"1x{h}x{w}", plan.label_bytes_per_sample)]
+        if plan.save_images:
+            extra.append(("images", f"3x{h}x{w}", plan.image_bytes_per_sample))
+        extra.append(("ids, flags, stats", "-", plan.other_bytes_per_sample))
+        rows += [[name, "-", shape, shape, "-", "-", format_bytes(b), format_bytes(b * n)]
+                 for name, shape, b in extra]
+        print(_table(rows, ["point", "C", "HxW", "stored", "pooling", "stride", "per sample",
+                            f"total (N={n})"]))
+        free = "unknown" if plan.free_bytes is None else format_bytes(plan.free_bytes)
+        verdict = "fits" if plan.fits else "DOES NOT FIT (extract refuses; --no-disk-check)"
+        print(f"\ncache {args.out}: {format_bytes(plan.total_bytes)} for {n} samples "
+              f"({plan.dtype}, {format_bytes(plan.bytes_per_sample)} per sample); free disk "
+              f"{free}: {verdict}")
+        print(f"host memory in flight: about {format_bytes(plan.host_bytes)} (batch "
+              f"{plan.batch_size}; does not grow with N)")
+        return 0
+    result = extract(model, ds, args.points, args.out, force=args.force,
+                     disk_check=not args.no_disk_check, progress=not args.quiet, **kwargs)
+    if args.json and os.environ.get("RANK", "0") == "0":
+        _print_json(result.to_dict())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from featlab.cache.summary import inspect_cache
+
+    print(inspect_cache(args.cache, as_json=args.json))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the cache is sound, 1 when problems were found (2: not a readable cache)."""
+    from featlab.cache.verify import verify
+
+    report = verify(args.cache, progress=not args.quiet)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report.text())
+    return 0 if report.ok else 1

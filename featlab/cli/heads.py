@@ -1,0 +1,136 @@
+"""Commands that train segmentation heads: train-head, sweep."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from featlab.cli._output import _print_json, _table
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add this module's sub-commands to the ``featlab`` parser."""
+    p = sub.add_parser("train-head", parents=[common],
+                       help="train a segmentation head (baseline or one skip) from two caches")
+    _add_head_options(p)
+    p.add_argument("--skip", help="skip point, e.g. layer2.1 (omit for the baseline)")
+    p.add_argument("--seed", type=int, default=0, help="head init and shuffling seed")
+    p.add_argument("--out", help="run folder (default TRAIN_DIR/heads/RUN_NAME)")
+    p.add_argument("--no-preload", action="store_true",
+                   help="read features per batch instead of loading them into memory")
+    p.set_defaults(func=cmd_train_head)
+
+    p = sub.add_parser("sweep", parents=[common],
+                       help="baseline vs a single skip per point over seeds; what predicts gain")
+    _add_head_options(p)
+    p.add_argument("--points", default="stages",
+                   help="skip points: stages | all | glob | comma-separated names")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default 3)")
+    p.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds instead of --seeds")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of images")
+    p.add_argument("--no-properties", action="store_true",
+                   help="skip the property join (probe, ceiling, CKA) and the correlations")
+    p.add_argument("--out", help="sweep folder (default TRAIN_DIR/sweep)")
+    p.set_defaults(func=cmd_sweep)
+
+
+def _head_overrides(args: argparse.Namespace) -> dict:
+    keys = ("fusion", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "mid_channels")
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "finetune", False):
+        out["finetune"] = True
+    return out
+
+
+def cmd_train_head(args: argparse.Namespace) -> int:
+    """Train a baseline or single-skip segmentation head from two caches."""
+    from featlab.segment.train import HeadSettings, train_head
+
+    settings = HeadSettings(skip=args.skip, seed=args.seed, **_head_overrides(args))
+    result = train_head(args.train, args.val, settings, out=args.out, device=args.device,
+                        progress=not args.quiet, force=args.force,
+                        preload=not args.no_preload)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    print(_table([[h["epoch"], f"{h['loss']:.4f}", f"{h['val_miou']:.4f}",
+                   f"{h['val_pixel_accuracy']:.4f}", h["seconds"]] for h in result.history],
+                 ["epoch", "loss", "val mIoU", "val pixel acc", "train s"]))
+    kind = f"skip {args.skip} ({settings.fusion})" if args.skip else "baseline"
+    print(f"\n{kind}: val mIoU {result.miou:.4f}, pixel accuracy {result.pixel_accuracy:.4f}, "
+          f"mean accuracy {result.mean_accuracy:.4f} ({result.train_images_per_second:.0f} "
+          f"train images/s, {result.seconds:.0f} s, {result.world_size} process(es)) -> "
+          f"{result.folder}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Baseline vs one single-skip head per point, over seeds; which properties predict gain."""
+    from pathlib import Path
+
+    from featlab.errors import ConfigError
+    from featlab.segment import runs
+    from featlab.segment.sweep import predictors, property_table, sweep, write_sweep
+    from featlab.segment.train import HeadSettings
+
+    out = Path(args.out) if args.out else Path(args.train).resolve().parent / "sweep"
+    if (out / "sweep.json").exists() and not args.force:
+        raise ConfigError(f"the sweep folder must not hold a finished sweep; {out} has "
+                          "sweep.json. Fix: pass --force to train every run again, or choose "
+                          "another --out.")
+    seeds = args.seed_list if args.seed_list else args.seeds
+    result = sweep(args.train, args.val, args.points, seeds,
+                   HeadSettings(**_head_overrides(args)), out=out, device=args.device,
+                   progress=not args.quiet, force=args.force, bootstrap=args.bootstrap)
+    paths = write_sweep(result, out)
+    preds, notes = [], []
+    if not args.no_properties:
+        props = property_table(args.train, args.val, list(result.points), notes=notes)
+        preds = predictors(result, props)
+        runs.write_json(out / "predictors.json", {"properties": props, "predictors": preds,
+                                                  "notes": notes})
+        paths.append(out / "predictors.json")
+    if args.json:
+        _print_json({"sweep": result.to_dict(), "rows": result.rows(), "predictors": preds,
+                     "notes": notes})
+        return 0
+
+    def ci(pair):
+        return "-" if not pair or pair[0] is None else f"[{pair[0]:+.4f}, {pair[1]:+.4f}]"
+
+    rows = [[r["point"], r["stride"], f"{r['miou_mean']:.4f}",
+             "-" if r["miou_std"] is None else f"{r['miou_std']:.4f}",
+             " ".join(f"{v:.4f}" for v in r["per_seed"]), f"{r['gain']:+.4f}",
+             ci(r["gain_ci_seeds"]), ci(r["gain_ci_images"]),
+             {True: "yes", False: "no", None: "-"}[r["beats_2std"]], r["rank"]]
+            for r in result.rows()]
+    print(_table(rows, ["point", "stride", "mIoU", "std", "per seed", "gain", "CI seeds",
+                        "CI images", "> 2 std", "rank"]))
+    if preds:
+        print("\nSpearman correlation of each property with the gain across points:")
+        print(_table([[p["property"], p["spearman_rho"], p["p_value"], p["n_points"]]
+                      for p in preds], ["property", "rho", "p", "points"]))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"\n{len(result.points) + 1} configurations x {len(result.seeds)} seeds in "
+          f"{result.seconds:.0f} s -> {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _add_head_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", required=True, help="cache of the training split (.h5)")
+    p.add_argument("--val", required=True, help="cache of the validation split (.h5)")
+    p.add_argument("--fusion", choices=["sum", "concat"], help="skip fusion (default sum)")
+    p.add_argument("--epochs", type=int, help="epochs (default 8)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 16)")
+    p.add_argument("--lr", type=float, help="peak learning rate, poly decay (default 3e-3)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], help="default adamw")
+    p.add_argument("--weight-decay", type=float, help="on conv weights (default 1e-4)")
+    p.add_argument("--mid-channels", type=int, help="concat fusion width (default 64)")
+    p.add_argument("--finetune", action="store_true",
+                   help="run and train the backbone on the images (default: frozen, from caches)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda:LOCAL_RANK when available)")
+    p.add_argument("--force", action="store_true", help="replace existing runs")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
