@@ -87,6 +87,8 @@ def run(args, data, weights) -> None:
     runs["featlab PixelProbe, from the cache"] = timed(
         lambda: streamed.fit(train["layer2.1"], train.labels))
     runs["featlab PixelProbe, pixel array"] = timed(lambda: probe.fit(X, y))
+    sampled = PixelProbe(args.alpha, device=args.device)  # the default: 100k sampled pixels
+    runs["featlab PixelProbe, default sampling"] = timed(lambda: sampled.fit(X, y))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning: reported through n_iter_
         runs["sklearn LogisticRegression (lbfgs)"] = timed(lambda: make_pipeline(
