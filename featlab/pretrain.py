@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 
 from featlab import models
 from featlab.errors import CheckpointError, ConfigError, UnknownNameError, did_you_mean
+from featlab.runinfo import progress_enabled, run_versions
 
 log = logging.getLogger("featlab")
 
@@ -305,22 +305,6 @@ def _reuse(path: Path) -> PretrainResult:
     return dataclasses.replace(result, checkpoint=str(path), reused=True)
 
 
-def run_versions(device: torch.device) -> dict:
-    """Versions and settings a result should record (R-9.2)."""
-    import torchvision
-
-    import featlab
-
-    info = {"featlab": featlab.__version__, "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "numpy": np.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cudnn_deterministic": torch.backends.cudnn.deterministic,
-            "cudnn_benchmark": torch.backends.cudnn.benchmark}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def lr_factor(step: int, settings: PretrainSettings) -> float:
     """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at ``steps``.
 
@@ -333,10 +317,6 @@ def lr_factor(step: int, settings: PretrainSettings) -> float:
         return (step + 1) / settings.warmup_steps
     span = max(1, settings.steps - settings.warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * (step - settings.warmup_steps) / span))
-
-
-def progress_enabled(progress: bool) -> bool:
-    return progress and os.environ.get("FEATLAB_PROGRESS", "1") != "0"
 
 
 def _train(name: str, data: str, settings: PretrainSettings, key: str, path: Path,

@@ -91,7 +91,7 @@ def cka_matrix(cache: Any, cache2: Any = None, kind: str = "linear", *, points: 
 
     from featlab.cache.joins import check_same_samples
     from featlab.distributed import default_device
-    from featlab.pretrain import progress_enabled
+    from featlab.runinfo import progress_enabled
 
     started = time.perf_counter()
     estimator = _check_settings(kind, spatial, estimator, bandwidth)

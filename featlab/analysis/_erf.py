@@ -115,7 +115,7 @@ def effective_receptive_fields(model: nn.Module, images: Iterable[torch.Tensor] 
     from tqdm.auto import tqdm
 
     import featlab
-    from featlab.pretrain import progress_enabled
+    from featlab.runinfo import progress_enabled
 
     if not points:
         raise ConfigError("effective_receptive_fields needs at least one skip point; got none.")

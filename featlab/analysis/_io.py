@@ -19,8 +19,8 @@ __all__ = ["versions", "cache_identity", "write_json_csv", "check_keys", "output
 
 
 def versions(device: torch.device | str = "cpu") -> dict:
-    """featlab / torch / numpy / ... versions, as :func:`featlab.pretrain.run_versions` gives."""
-    from featlab.pretrain import run_versions
+    """featlab / torch / numpy / ... versions, as :func:`featlab.runinfo.run_versions` gives."""
+    from featlab.runinfo import run_versions
 
     return run_versions(torch.device(device))
 

@@ -81,7 +81,7 @@ class ProbeResult:
         classes: class names (the ``iou`` entries follow this order).
         settings: the probe hyper-parameters, ``null`` and ``points``.
         seed: seed of pixel sampling, held-out split and label shuffles.
-        versions: featlab, torch, numpy, ... (``featlab.pretrain.run_versions``).
+        versions: featlab, torch, numpy, ... (``featlab.runinfo.run_versions``).
         train, val: cache identities (``path``, ``ids_sha256``, ``samples``).
     """
 
@@ -165,7 +165,7 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
     from tqdm.auto import tqdm
 
     from featlab.cache.reader import CacheReader, open_cache
-    from featlab.pretrain import progress_enabled, run_versions
+    from featlab.runinfo import progress_enabled, run_versions
 
     train = train_cache if isinstance(train_cache, CacheReader) else open_cache(train_cache)
     val = val_cache if isinstance(val_cache, CacheReader) else open_cache(val_cache)

@@ -172,7 +172,7 @@ def saliency_summary(model: torch.nn.Module, dataset: Any, points: Any = "stages
     from tqdm.auto import tqdm
 
     from featlab.points import skip_points
-    from featlab.pretrain import progress_enabled, run_versions
+    from featlab.runinfo import progress_enabled, run_versions
 
     if method not in METHODS:
         raise ConfigError(f"saliency method must be one of {', '.join(METHODS)}; got "

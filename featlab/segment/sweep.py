@@ -193,7 +193,7 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
         The :class:`SweepResult` (write it with :func:`write_sweep`).
     """
     from featlab.cache.reader import open_cache
-    from featlab.pretrain import run_versions
+    from featlab.runinfo import run_versions
     from featlab.segment.sources import cache_identity
 
     started = time.perf_counter()

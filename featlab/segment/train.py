@@ -315,7 +315,7 @@ def fit(head: SegHead, train_src, val_src, settings: HeadSettings, folder, *, de
         ignore_index: int = 255, identity=({}, {}), info=None) -> HeadResult:
     """The training loop over two sources (see :mod:`featlab.segment.sources`); resumes from
     ``folder/checkpoint.pt`` when one exists with the same settings."""
-    from featlab.pretrain import progress_enabled, run_versions
+    from featlab.runinfo import progress_enabled, run_versions
     from featlab.segment.loop import Loop
 
     info = info or fdist.init()
