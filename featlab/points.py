@@ -124,7 +124,7 @@ class SkipPoint:
 
 
 # -- discovery ---------------------------------------------------------------------------------
-def _unwrap(model: object) -> nn.Module:
+def unwrap_model(model: object) -> nn.Module:
     """Strip torch.compile (``_orig_mod``) and DataParallel / DDP (``.module``) wrappers."""
     while True:
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):
@@ -182,7 +182,7 @@ def skip_points(model: nn.Module, input_size: int | tuple[int, int] = 224, *,
         ['features.0', 'features.1', 'features.2', 'features.3', 'features.4', 'features.5']
     """
     started = time.perf_counter()
-    root = _unwrap(model)
+    root = unwrap_model(model)
     size = _pair(input_size)
     if in_channels is not None and not (isinstance(in_channels, int) and in_channels >= 1):
         raise ConfigError(f"`in_channels` must be a positive int or None; got {in_channels!r}.")

@@ -16,7 +16,6 @@ Examples:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from featlab.analysis._io import write_json_csv
 from featlab.analysis.pixel_probe import PixelProbe
 from featlab.errors import CacheError, ConfigError
 
@@ -235,18 +235,7 @@ def write_result(result: ProbeResult, path: str | os.PathLike, *, force: bool = 
     base = Path(path)
     if base.suffix in (".json", ".csv"):
         base = base.with_suffix("")
-    out_json, out_csv = Path(f"{base}.json"), Path(f"{base}.csv")
-    existing = [str(p) for p in (out_json, out_csv) if p.exists()]
-    if existing and not force:
-        raise ConfigError(f"probe results must not overwrite existing files without force; "
-                          f"got {existing}. Fix: pass --force (force=True) or another --out.")
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result.to_dict(), indent=2))
-    rows = result.rows()
-    with out_csv.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["point"])
-        writer.writeheader()
-        writer.writerows(rows)
+    out_json, out_csv = write_json_csv(result.to_dict(), result.rows(), base, force=force)
     log.info("wrote %s and %s", out_json, out_csv)
     return out_json, out_csv
 

@@ -23,9 +23,7 @@ Examples:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -36,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from featlab.analysis._io import write_json_csv
 from featlab.analysis.saliency import (INPUT, METHODS, ClassLogit, ClassRegion, _name,
                                        attribute, resolve_points)
 from featlab.errors import ConfigError
@@ -272,18 +271,7 @@ def write_summary(result: SaliencyResult, out_dir: str | os.PathLike, *,
                   force: bool = False) -> tuple[Path, Path]:
     """Write ``saliency.json`` and ``saliency.csv`` into ``out_dir`` (no overwrite unless
     ``force``)."""
-    out = Path(out_dir)
-    js, cs = out / "saliency.json", out / "saliency.csv"
-    existing = [str(p) for p in (js, cs) if p.exists()]
-    if existing and not force:
-        raise ConfigError(f"saliency results must not overwrite existing files without force; "
-                          f"got {existing}. Fix: pass --force or another --out.")
-    out.mkdir(parents=True, exist_ok=True)
-    js.write_text(json.dumps(result.to_dict(), indent=2))
-    rows = result.rows()
-    with cs.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["point"])
-        writer.writeheader()
-        writer.writerows(rows)
+    js, cs = write_json_csv(result.to_dict(), result.rows(), Path(out_dir) / "saliency",
+                            force=force)
     log.info("wrote %s and %s", js, cs)
     return js, cs

@@ -27,6 +27,7 @@ from featlab.cache.plan import (ExtractPlan, check_dtype, check_max_size, free_d
 from featlab.cache.settings import (ExtractSettings, absolute_root, ids_fingerprint,
                                     state_fingerprint)
 from featlab.errors import ConfigError
+from featlab.points import unwrap_model
 
 __all__ = ["Job", "prepare_job"]
 
@@ -73,7 +74,7 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
         if not isinstance(value, bool):
             raise ConfigError(f"`{name}` must be True or False; got {value!r}.")
     dtype, max_size = check_dtype(dtype), check_max_size(max_size)
-    root = _unwrap(model)
+    root = unwrap_model(model)
     spec = _resolve_spec(model, root, spec)
     ids_all = _check_dataset(dataset)
     info = fdist.init() if probe else fdist.info_from_env()
@@ -165,22 +166,6 @@ def _root_attrs(root: nn.Module, dataset: Any, settings: ExtractSettings, spec: 
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ConfigError(f"`{name}` must be an int >= {low}; got {value!r}.")
-
-
-def _unwrap(model: Any) -> nn.Module:
-    # the forward runs on the plain module: DataParallel/DDP would add their own semantics, and
-    # hooks inside a torch.compile'd graph are not reliably called
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            break
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"`model` must be a torch.nn.Module; got {type(model).__name__}. Fix: "
-                          "pass the network, e.g. featlab.get_backbone('resnet18')[0].")
-    return model
 
 
 def _resolve_spec(model: nn.Module, root: nn.Module, spec: Any) -> Any:
