@@ -1,7 +1,7 @@
 """The ``featlab`` command: parse arguments, call the library, print.
 
 Each sub-command lives in a small module of this package (``backbones``, ``caches``,
-``analyses``, ``heads``) as a ``cmd_*`` function plus its ``add_commands`` parser block. Heavy
+``analyses``, ``heads``, ``demo``) as a ``cmd_*`` function plus its ``add_commands`` parser block. Heavy
 modules are imported inside each command so that ``featlab --help`` is instant. Errors that
 featlab raises on purpose (``FeatlabError``) become one line on stderr and exit code 2.
 """
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from featlab import __version__
-from featlab.cli import analyses, backbones, caches, heads
+from featlab.cli import analyses, backbones, caches, demo, heads
 from featlab.errors import FeatlabError
 
 log = logging.getLogger("featlab")
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in (backbones, caches, analyses, heads):
+    for group in (backbones, caches, analyses, heads, demo):
         group.add_commands(sub, common)
     return parser
 

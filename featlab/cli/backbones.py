@@ -1,9 +1,8 @@
-"""Commands about backbones, data sets and skip points: models, datasets, points, pretrain, demo."""
+"""Commands about backbones, data sets and skip points: models, datasets, points, pretrain."""
 
 from __future__ import annotations
 
 import argparse
-import time
 
 from featlab.cli._output import _print_json, _table
 
@@ -40,13 +39,6 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--force", action="store_true", help="train again even if a checkpoint exists")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pretrain)
-
-    p = sub.add_parser("demo", parents=[common],
-                       help="pretrain on shapes (cached), list skip points, capture them on a batch")
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.set_defaults(func=cmd_demo)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -118,45 +110,4 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         f"(chance {result.chance:.3f}, majority prior {result.prior:.3f}) "
         f"in {result.seconds:.0f} s -> {result.checkpoint}"
     )
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded end-to-end job: backbone -> skip points -> capture on a batch of shapes."""
-    import torch
-
-    import featlab
-    from featlab.pretrain import pretrain
-
-    result = pretrain(args.model, data="shapes", progress=not args.quiet)
-    print(f"[1/3] {args.model} trained on shapes: val accuracy {result.accuracy:.3f} "
-          f"(chance {result.chance:.3f}) -> {result.checkpoint}"
-          + (" (reused)" if result.reused else f" ({result.seconds:.0f} s)"))
-
-    model, spec = featlab.get_backbone(args.model, weights="shapes")
-    points = featlab.skip_points(model, input_size=args.size)
-    print(f"[2/3] {len(points)} skip points at {args.size} px:")
-    print(_table([[p.index, p.name, p.channels, f"{p.size[0]}x{p.size[1]}", p.stride, p.rf_size]
-                  for p in points], ["#", "name", "C", "HxW", "stride", "rf"]))
-
-    ds = featlab.load_dataset("shapes", split="val", size=args.size)
-    batch = torch.stack([ds[i]["image"] for i in range(args.batch_size)])
-    x = spec.normalize(batch)
-    with torch.inference_mode():
-        model(x)  # warm-up
-        t0 = time.perf_counter()
-        model(x)
-        bare = time.perf_counter() - t0
-        with featlab.capture(model, points) as acts:
-            t0 = time.perf_counter()
-            model(x)
-            captured = time.perf_counter() - t0
-        total = sum(t.numel() * t.element_size() for t in acts.values())
-        shapes = {name: tuple(t.shape) for name, t in acts.items()}
-    print(f"[3/3] captured {len(shapes)} points on a batch of {args.batch_size} shapes images:")
-    for name, shape in shapes.items():
-        print(f"  {name:<28} {shape}")
-    print(f"bare forward {args.batch_size / bare:.0f} images/s, with capture of all points "
-          f"{args.batch_size / captured:.0f} images/s (ratio {bare / captured:.2f}); "
-          f"{total / 2**20:.1f} MiB captured")
     return 0
