@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from featlab._records import check_record
 from featlab.errors import ConfigError
 
 __all__ = ["DistInfo", "info_from_env", "init", "is_distributed", "barrier", "all_gather_object",
@@ -67,10 +68,7 @@ class DistInfo:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DistInfo:
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"DistInfo keys must be among {sorted(cls.__dataclass_fields__)}; "
-                              f"got unknown {unknown}. Fix: drop them.")
+        check_record(cls, d)
         return cls(**d)
 
 

@@ -34,6 +34,7 @@ import torch
 import torchvision
 from torch import nn
 
+from featlab._records import check_record
 from featlab.errors import (
     CheckpointError,
     ConfigError,
@@ -116,16 +117,7 @@ class BackboneSpec:
 
 def _from_dict(cls, d: dict):
     """Build a dataclass from a dict, refusing unknown keys and missing required ones."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    required = [n for n, f in fields.items()
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [n for n in required if n not in d]
-    if unknown or missing:
-        raise ConfigError(
-            f"{cls.__name__} keys must be among {sorted(fields)}; got unknown {unknown}, missing "
-            f"{missing}. Fix: remove or rename those keys (was it written by another version?)."
-        )
+    check_record(cls, d)
     return cls(**d)
 
 

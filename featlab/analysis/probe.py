@@ -29,7 +29,8 @@ import torch
 
 from featlab.analysis._io import write_json_csv
 from featlab.analysis.pixel_probe import PixelProbe
-from featlab.errors import CacheError, ConfigError
+from featlab._records import check_record
+from featlab.errors import CacheError
 
 __all__ = ["PixelProbe", "PointScore", "ProbeResult", "probe_points", "write_result",
            "read_result"]
@@ -120,11 +121,7 @@ class ProbeResult:
 
 
 def _from_dict(cls, d: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"{cls.__name__} keys must be among {sorted(names)}; got unknown "
-                          f"{unknown}. Fix: drop them (written by another featlab version?).")
+    check_record(cls, d)
     return cls(**d)
 
 

@@ -37,6 +37,7 @@ import torch
 from featlab.analysis._io import write_json_csv
 from featlab.analysis.saliency import (INPUT, METHODS, ClassLogit, ClassRegion, _name,
                                        attribute, resolve_points)
+from featlab._records import check_record
 from featlab.errors import ConfigError
 
 __all__ = ["energy_in_mask", "dominant_class", "SaliencyResult", "saliency_summary",
@@ -92,11 +93,7 @@ class SaliencyResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> SaliencyResult:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"SaliencyResult keys must be among {sorted(names)}; got unknown "
-                              f"{unknown}. Fix: drop them.")
+        check_record(cls, d)
         return cls(**{**d, "points": tuple(dict(p) for p in d.get("points", ()))})
 
 

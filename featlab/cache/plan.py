@@ -22,9 +22,10 @@ import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from featlab._records import check_record
 from featlab.errors import ConfigError
 
 __all__ = ["PointPlan", "ExtractPlan", "plan_extract", "stored_size", "chunk_rows",
@@ -109,7 +110,8 @@ class PointPlan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PointPlan:
-        d = dict(_check_keys(cls, d))
+        check_record(cls, d)
+        d = dict(d)
         d["size"], d["stored_size"] = tuple(d["size"]), tuple(d["stored_size"])
         return cls(**d)
 
@@ -164,7 +166,8 @@ class ExtractPlan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ExtractPlan:
-        d = dict(_check_keys(cls, d))
+        check_record(cls, d)
+        d = dict(d)
         d["points"] = tuple(PointPlan.from_dict(p) for p in d["points"])
         d["input_size"] = tuple(d["input_size"])
         return cls(**d)
@@ -275,13 +278,3 @@ def format_bytes(n: float) -> str:
             value = n / scale
             return f"{value:.2f} {unit}" if unit in ("GiB", "TiB") else f"{value:.1f} {unit}"
     raise AssertionError("unreachable")
-
-
-def _check_keys(cls: type, d: Mapping[str, Any]) -> Mapping[str, Any]:
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names)
-    missing = sorted(f.name for f in fields(cls) if f.name not in d and f.default is MISSING)
-    if unknown or missing:
-        raise ConfigError(f"{cls.__name__} keys must be {sorted(names)}; got unknown {unknown}, "
-                          f"missing {missing}. Fix: use the output of to_dict().")
-    return d

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from featlab.errors import ConfigError
+from featlab._records import check_record
 
 __all__ = ["ExtractSettings", "ids_fingerprint", "state_fingerprint"]
 
@@ -83,12 +83,8 @@ class ExtractSettings:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ExtractSettings:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"cache settings keys must be among {sorted(names)}; got unknown "
-                              f"{unknown}. Fix: the cache was written by another featlab version; "
-                              "re-extract it.")
+        check_record(cls, d, fix="the cache was written by another featlab version; "
+                                 "re-extract it")
         return cls(**d)
 
     def difference(self, now: ExtractSettings) -> tuple[str, str, str] | None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featlab._records import check_record
 from featlab.errors import ConfigError
 from featlab.segment import runs
 from featlab.segment.predict import predictors, property_table
@@ -82,10 +83,7 @@ class SweepResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> SweepResult:
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"SweepResult keys must be among "
-                              f"{sorted(cls.__dataclass_fields__)}; got unknown {unknown}.")
+        check_record(cls, d)
         return cls(**{**d, **{k: tuple(d[k]) for k in ("points", "seeds", "baseline")}})
 
     def gains(self) -> dict[str, float]:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from featlab import distributed as fdist
+from featlab._records import check_record
 from featlab.errors import CheckpointError, ConfigError, did_you_mean
 from featlab.segment import runs
 from featlab.segment.heads import FUSIONS, FrozenBackbone, SegHead, finetune_features
@@ -99,10 +100,7 @@ class HeadSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> HeadSettings:
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"HeadSettings keys must be among {sorted(cls.__dataclass_fields__)}"
-                              f"; got unknown {unknown}. Fix: drop them.")
+        check_record(cls, d)
         return cls(**d)
 
 
@@ -141,10 +139,7 @@ class HeadResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> HeadResult:
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"HeadResult keys must be among {sorted(cls.__dataclass_fields__)}"
-                              f"; got unknown {unknown}.")
+        check_record(cls, d)
         return cls(**{**d, "history": tuple(d.get("history", ()))})
 
     def rows(self) -> list[dict]:
