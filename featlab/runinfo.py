@@ -23,8 +23,8 @@ import torch
 __all__ = ["run_versions", "progress_enabled"]
 
 
-def run_versions(device: torch.device) -> dict:
-    """Versions and settings a result should record (R-9.2)."""
+def run_versions(device: torch.device | str = "cpu") -> dict:
+    """Versions and settings a result should record (R-9.2), for a run on ``device``."""
     import torchvision
 
     import featlab
@@ -34,6 +34,7 @@ def run_versions(device: torch.device) -> dict:
             "python": platform.python_version(), "threads": torch.get_num_threads(),
             "cudnn_deterministic": torch.backends.cudnn.deterministic,
             "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    device = torch.device(device)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

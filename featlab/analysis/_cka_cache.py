@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from featlab.analysis._cka_estimators import choose_form
-from featlab.analysis._io import cache_identity, versions
+from featlab.analysis._io import cache_identity
+from featlab.runinfo import run_versions
 from featlab.analysis._representations import (SPATIAL, batch_plan, represent,
                                                rescale_positions, sample_positions)
 from featlab.analysis.similarity import (_MAX_BYTES, KINDS, CKAResult, MinibatchAccumulator,
@@ -165,7 +166,7 @@ def cka_matrix(cache: Any, cache2: Any = None, kind: str = "linear", *, points: 
         logger.warning("CKA undefined for %s: %s", key, reason)
     result = CKAResult(side_a.names, (side_b or side_a).names, matrix, kind, estimator, spatial,
                        used_form, n * per_image, n, settings, reasons, cache_identity(a),
-                       cache_identity(b), versions(device))
+                       cache_identity(b), run_versions(device))
     logger.info("%s CKA (%s, %s) of %d x %d points over %d samples in %.2f s", kind, estimator,
                 spatial, len(result.names), len(result.columns), result.num_samples,
                 time.perf_counter() - started)

@@ -10,19 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from featlab.errors import ConfigError
 
-__all__ = ["versions", "cache_identity", "write_json_csv", "check_keys", "output_stem",
+__all__ = ["cache_identity", "write_json_csv", "check_keys", "output_stem",
            "jsonable", "check_writable"]
-
-
-def versions(device: torch.device | str = "cpu") -> dict:
-    """featlab / torch / numpy / ... versions, as :func:`featlab.runinfo.run_versions` gives."""
-    from featlab.runinfo import run_versions
-
-    return run_versions(torch.device(device))
 
 
 def cache_identity(cache: Any) -> dict | None:

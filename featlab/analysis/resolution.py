@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from featlab.analysis._erf import ERFMap, effective_receptive_fields, mass_radius
-from featlab.analysis._io import cache_identity, check_keys, versions, write_json_csv
+from featlab.analysis._io import cache_identity, check_keys, write_json_csv
+from featlab.runinfo import run_versions
 from featlab.errors import ConfigError
 from featlab.points import SkipPoint
 
@@ -306,7 +307,7 @@ def resolution_table(source: Any, *, input_size: int | tuple[int, int] | None = 
                 if erf else 0}
     result = ResolutionResult(points, size, ceiling, erf, n_images, num_classes, ignore_index,
                               settings, cache_identity(cache),
-                              versions(device or "cpu"))
+                              run_versions(device or "cpu"))
     logger.info("resolution table of %d points (%d label maps, ERF on %d images) in %.2f s",
                 len(points), n_images, settings["erf_images"], time.perf_counter() - started)
     return result
