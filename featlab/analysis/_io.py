@@ -1,4 +1,4 @@
-"""Shared plumbing of analysis results: versions, cache identity, JSON/CSV files, dict checks."""
+"""Shared plumbing of analysis results: cache identity, JSON/CSV files, dict checks."""
 
 from __future__ import annotations
 
