@@ -7,9 +7,11 @@ features (the evaluated model: logits upsampled bilinearly to the labels); held-
 over every pixel of 16 val images. scikit-learn gets those pixel features materialised as an
 ``(n, 128)`` array; PixelProbe fits the same problem (same L2 strength: ``alpha`` per pixel on
 standardised features, scikit-learn's ``C = 1 / (alpha * n)``), once streamed from the cache
-(timing includes reading it) and once on the materialised array, in one run:
+(timing includes reading it) and once on the materialised array, in one run. Every method
+runs once untimed (first-call allocations), then ``--repeats`` times (median reported;
+SGDClassifier, far slower, once):
 
-    python benchmarks/bench_probe.py [--quick] [--alpha 1e-4] [--device cpu|cuda]
+    python benchmarks/bench_probe.py [--quick] [--alpha 1e-4] [--device cpu|cuda] [--repeats 3]
 
 Goal: PixelProbe >= 10x faster than LogisticRegression at held-out accuracy within 0.5 points.
 """
@@ -47,10 +49,16 @@ def features(tmp: Path, n_train: int, n_val: int, size: int, point: str):
     return out, spec.weights
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - t0
+def timed(fn, repeats: int, warm_up: bool = True):
+    """``(fn(), median seconds)`` over ``repeats`` timed calls (after one untimed call)."""
+    if warm_up:
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        value = fn()
+        times.append(time.perf_counter() - t0)
+    return value, float(np.median(times))
 
 
 def main() -> None:
@@ -58,6 +66,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="12 train images (49k pixels)")
     parser.add_argument("--alpha", type=float, default=1e-4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--converged", action="store_true",
                         help="also run LogisticRegression to convergence (max_iter=1000)")
     args = parser.parse_args()
@@ -80,25 +89,25 @@ def run(args, data, weights) -> None:
           f"resnet18 ({weights}) layer2.1 on shapes 64 px: {X.shape[0]} train pixels x "
           f"{X.shape[1]} features, {len(np.unique(y))} classes; {len(yv)} val pixels")
     C = sklearn_C(args.alpha, len(y))
+    r = args.repeats
     runs = {}
-    probe = PixelProbe(args.alpha, device=args.device, max_pixels=None)
-    probe.fit(X[:2000], y[:2000])  # warm-up (first-call overheads)
     streamed = PixelProbe(args.alpha, device=args.device, max_pixels=None)
     runs["featlab PixelProbe, from the cache"] = timed(
-        lambda: streamed.fit(train["layer2.1"], train.labels))
-    runs["featlab PixelProbe, pixel array"] = timed(lambda: probe.fit(X, y))
+        lambda: streamed.fit(train["layer2.1"], train.labels), r)
+    probe = PixelProbe(args.alpha, device=args.device, max_pixels=None)
+    runs["featlab PixelProbe, pixel array"] = timed(lambda: probe.fit(X, y), r)
     sampled = PixelProbe(args.alpha, device=args.device)  # the default: 100k sampled pixels
-    runs["featlab PixelProbe, default sampling"] = timed(lambda: sampled.fit(X, y))
+    runs["featlab PixelProbe, default sampling"] = timed(lambda: sampled.fit(X, y), r)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning: reported through n_iter_
         runs["sklearn LogisticRegression (lbfgs)"] = timed(lambda: make_pipeline(
-            StandardScaler(), LogisticRegression(C=C)).fit(X, y))
+            StandardScaler(), LogisticRegression(C=C)).fit(X, y), r)
         if args.converged:
             runs["sklearn LogisticRegression, max_iter=1000"] = timed(lambda: make_pipeline(
-                StandardScaler(), LogisticRegression(C=C, max_iter=1000)).fit(X, y))
-        runs["sklearn SGDClassifier (log_loss)"] = timed(lambda: make_pipeline(
+                StandardScaler(), LogisticRegression(C=C, max_iter=1000)).fit(X, y), 1, False)
+        runs["sklearn SGDClassifier (log_loss), 1 run"] = timed(lambda: make_pipeline(
             StandardScaler(), SGDClassifier(loss="log_loss", alpha=args.alpha,
-                                            random_state=0)).fit(X, y))
+                                            random_state=0)).fit(X, y), 1, False)
     base_time = runs["featlab PixelProbe, from the cache"][1]
     base_acc = streamed.score(val["layer2.1"], val.labels)
     print(f"{'method':<38} {'fit s':>8} {'iters':>6} {'val acc':>8} {'time / featlab':>15} "

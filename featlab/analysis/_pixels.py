@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 __all__ = ["bilinear_at", "batches", "as_tensor", "PixelSample", "sample_pixels"]
 
@@ -85,6 +86,12 @@ class PixelSample:
     and ``idx`` [n, 4] / ``w`` [n, 4] per pixel. A probe's logits are then computed on the cells
     (``m`` rows, ``m`` is ~``n / stride^2`` for dense samples) and interpolated to the pixels
     (four K-vectors per pixel): exactly the model that is evaluated, at a fraction of the cost.
+
+    When every labelled pixel is kept (no subsampling), the sample is *dense*: ``cells`` holds
+    every cell of the images with labelled pixels, in ``[image, row, col]`` order (``grid`` =
+    ``(images, h, w)``), and ``label_map`` [images, H, W] their labels (``ignore_index``
+    elsewhere). A probe then upsamples whole logit maps with ``F.interpolate``, several times
+    faster than interpolating four cells per pixel.
     """
 
     cells: np.ndarray        # [m, C] float32
@@ -97,6 +104,8 @@ class PixelSample:
     num_valid: int           # non-ignored label pixels in the whole input
     max_label: int           # largest non-ignored label (-1 if none)
     label_size: tuple[int, int]
+    grid: tuple[int, int, int] | None = None  # dense samples: (images, h, w) of ``cells``
+    label_map: np.ndarray | None = None       # dense samples: [images, H, W] int64 labels
 
     @property
     def X(self) -> np.ndarray:
@@ -117,13 +126,32 @@ def _neighbours(b: torch.Tensor, y: torch.Tensor, x: torch.Tensor, hw: tuple[int
     return keys, weights
 
 
+_MOMENT_CHUNK = 1 << 20  # upsampled values at once (bigger blocks: slower, page faults)
+
+
+def _dense_moments(feats: torch.Tensor, valid: torch.Tensor, size: tuple[int, int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of the bilinear pixel features and of their squares over ``valid`` [B, H, W]
+    pixels, in float64, upsampling a block of channels at a time (memory stays bounded)."""
+    b, c = feats.shape[:2]
+    step = max(1, _MOMENT_CHUNK // max(1, b * size[0] * size[1]))
+    mask = valid[:, None].to(feats.dtype)
+    s1, s2 = np.zeros(c), np.zeros(c)
+    for lo in range(0, c, step):
+        up = F.interpolate(feats[:, lo:lo + step], size=size, mode="bilinear",
+                           align_corners=False).mul_(mask)
+        s1[lo:lo + step] = up.sum((2, 3)).double().sum(0).numpy()  # float32 within an image
+        s2[lo:lo + step] = up.mul_(up).sum((2, 3)).double().sum(0).numpy()
+    return s1, s2
+
+
 def sample_pixels(X: Any, y: Any, *, max_pixels: int | None, seed: int, ignore_index: int,
                   batch_size: int, shuffle_labels: bool = False, progress: bool = False
                   ) -> PixelSample:
     """Stream over ``[N, C, h, w]`` features and ``[N, H, W]`` labels; keep a seeded sample.
 
     A first pass over the labels counts the non-ignored pixels of every image; a uniform sample
-    of ``max_pixels`` of them (all when there are fewer) is drawn with
+    of ``max_pixels`` of them (all when there are fewer: a dense sample) is drawn with
     ``np.random.default_rng(seed)``; a second pass reads the features of each batch and keeps
     the cells the sampled pixels interpolate from (see :class:`PixelSample`). ``shuffle_labels``
     permutes each image's non-ignored labels spatially first (the null baseline of R-10.3:
@@ -143,7 +171,8 @@ def sample_pixels(X: Any, y: Any, *, max_pixels: int | None, seed: int, ignore_i
             max_label = max(max_label, int(lab[valid].max()))
     total = int(counts.sum())
     rng = np.random.default_rng(seed)
-    if max_pixels is None or total <= max_pixels:
+    dense = max_pixels is None or total <= max_pixels
+    if dense:
         chosen = np.arange(total, dtype=np.int64)
     else:
         chosen = np.sort(rng.choice(total, size=max_pixels, replace=False))
@@ -151,13 +180,15 @@ def sample_pixels(X: Any, y: Any, *, max_pixels: int | None, seed: int, ignore_i
     starts = np.searchsorted(chosen, offsets)  # chosen[starts[i]:starts[i+1]] lie in image i
     shuffle_rng = np.random.default_rng([seed, 1])
     c = X.shape[1]
-    cells, idxs, ws, ys, imgs = [], [], [], [], []
-    m = 0
+    cells, idxs, ws, ys, imgs, maps = [], [], [], [], [], []
+    m = kept = 0
+    hw = None
     s1, s2 = np.zeros(c), np.zeros(c)
     for sl in tqdm(list(batches(n, batch_size)), desc="probe pixels", unit="batch",
                    disable=not progress, leave=False):
         lab = np.asarray(y[sl]).reshape(sl.stop - sl.start, -1)
         bs, pos, labels = [], [], []
+        lab_map = np.full(lab.shape, ignore_index, np.int64) if dense else None
         for k, i in enumerate(range(sl.start, sl.stop)):
             ranks = chosen[starts[i]:starts[i + 1]] - offsets[i]
             if not len(ranks) and not shuffle_labels:
@@ -169,21 +200,36 @@ def sample_pixels(X: Any, y: Any, *, max_pixels: int | None, seed: int, ignore_i
             bs.append(np.full(len(ranks), k))
             pos.append(flat[ranks])
             labels.append(values[ranks])
+            if dense:
+                lab_map[k, flat] = values
         if not bs or not sum(len(p) for p in pos):
             continue
         feats = as_tensor(X[sl], torch.float32)
+        hw = tuple(feats.shape[-2:])
         p = torch.from_numpy(np.concatenate(pos))
         b = torch.from_numpy(np.concatenate(bs))
-        keys, weights = _neighbours(b, p // size[1], p % size[1], tuple(feats.shape[-2:]), size)
-        unique, inverse = torch.unique(keys, return_inverse=True)
-        batch_cells = feats.permute(0, 2, 3, 1).reshape(-1, c)[unique]
-        pix = (batch_cells[inverse] * weights[:, :, None]).sum(1).double()
-        s1 += pix.sum(0).numpy()
-        s2 += (pix * pix).sum(0).numpy()
+        keys, weights = _neighbours(b, p // size[1], p % size[1], hw, size)
+        if dense:  # every cell of the images with labelled pixels, in grid order
+            used = np.flatnonzero(counts[sl] > 0)
+            feats = feats[torch.from_numpy(used)]
+            local = torch.from_numpy(np.searchsorted(used, b.numpy()))
+            keys = keys - (b * (hw[0] * hw[1]))[:, None] + (local * (hw[0] * hw[1]))[:, None]
+            batch_cells = feats.permute(0, 2, 3, 1).reshape(-1, c)
+            inverse = keys
+            maps.append(lab_map[used].reshape(len(used), *size))
+            a1, a2 = _dense_moments(feats, torch.from_numpy(maps[-1] != ignore_index), size)
+            kept += len(used)
+        else:
+            unique, inverse = torch.unique(keys, return_inverse=True)
+            batch_cells = feats.permute(0, 2, 3, 1).reshape(-1, c)[unique]
+            pix = (batch_cells[inverse] * weights[:, :, None]).sum(1).double()
+            a1, a2 = pix.sum(0).numpy(), (pix * pix).sum(0).numpy()
+        s1 += a1
+        s2 += a2
         cells.append(batch_cells.numpy())
         idxs.append(inverse.numpy() + m)
         ws.append(weights.numpy())
-        m += len(unique)
+        m += len(batch_cells)
         ys.append(np.concatenate(labels).astype(np.int64))
         imgs.append(b.numpy() + sl.start)
     k = int(sum(len(v) for v in ys))
@@ -193,6 +239,8 @@ def sample_pixels(X: Any, y: Any, *, max_pixels: int | None, seed: int, ignore_i
     def cat(parts, shape, dtype):
         return np.concatenate(parts) if parts else np.zeros(shape, dtype)
 
+    grid = (kept, *hw) if dense and kept else None
     return PixelSample(cat(cells, (0, c), np.float32), cat(idxs, (0, 4), np.int64),
                        cat(ws, (0, 4), np.float32), cat(ys, (0,), np.int64),
-                       cat(imgs, (0,), np.int64), mean, var, total, max_label, size)
+                       cat(imgs, (0,), np.int64), mean, var, total, max_label, size, grid,
+                       np.concatenate(maps) if grid else None)

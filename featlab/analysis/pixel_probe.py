@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from featlab.analysis._logreg import fit_logreg, linear_logits
+from featlab.analysis._logreg import IGNORE, fit_logreg, linear_logits
 from featlab.analysis._pixels import as_tensor, batches, sample_pixels
 from featlab.errors import ConfigError
 
@@ -122,12 +122,13 @@ class PixelProbe(ClassifierMixin, BaseEstimator):
                                    shuffle_labels=self.shuffle_labels, progress=self.progress)
             Xp, yp, groups = sample.cells, sample.y, sample.image
             interp, stats = (sample.idx, sample.w), (sample.mean, sample.var)
-            if len(sample.cells) > len(sample.y):  # sparse sample of a fine grid: pixel rows
+            grid = (sample.grid, sample.label_map) if sample.grid is not None else None
+            if grid is None and len(sample.cells) > len(sample.y):  # sparse, fine grid: rows
                 Xp, interp, stats = sample.X, None, None
             max_label, self.label_size_ = sample.max_label, sample.label_size
         else:
             Xp, yp = _pixels(X, y, self.max_pixels, self.seed, self.shuffle_labels)
-            groups, self.label_size_, interp, stats = None, None, None, None
+            groups, self.label_size_, interp, stats, grid = None, None, None, None, None
             max_label = int(yp.max()) if len(yp) else -1
         if not len(yp):
             raise ConfigError("training labels must hold non-ignored pixels; got none (all "
@@ -140,7 +141,7 @@ class PixelProbe(ClassifierMixin, BaseEstimator):
         self.classes_ = np.arange(k)
         self.n_features_in_ = int(Xp.shape[1])
         self.n_pixels_ = len(yp)
-        self._fit_pixels(Xp, yp, groups, k, interp, stats)
+        self._fit_pixels(Xp, yp, groups, k, interp, stats, grid)
         self.fit_seconds_ = time.perf_counter() - started
         log.debug("probe: %d pixels x %d features, %d classes, alpha %.3g, %d iterations, "
                   "%.2f s", len(yp), Xp.shape[1], k, self.alpha_, self.n_iter_,
@@ -149,9 +150,11 @@ class PixelProbe(ClassifierMixin, BaseEstimator):
 
     def _fit_pixels(self, Xp: np.ndarray, yp: np.ndarray, groups: np.ndarray | None,
                     k: int, interp: tuple[np.ndarray, np.ndarray] | None,
-                    stats: tuple[np.ndarray, np.ndarray] | None) -> None:
+                    stats: tuple[np.ndarray, np.ndarray] | None,
+                    grid: tuple[tuple[int, int, int], np.ndarray] | None) -> None:
         """Fit on pixel rows ``Xp``, or on cells ``Xp`` with ``interp`` (see ``fit_logreg``);
-        ``stats``: the exact pixel-feature mean and variance when ``Xp`` holds cells."""
+        ``stats``: the exact pixel-feature mean and variance when ``Xp`` holds cells; ``grid``:
+        ``(shape, label map)`` of a dense sample (the final fit upsamples whole logit maps)."""
         dev = torch.device(self.device) if self.device is not None else torch.device(
             _default_device())
         dt = _DTYPES[self.dtype]
@@ -170,18 +173,26 @@ class PixelProbe(ClassifierMixin, BaseEstimator):
             mean, scale = torch.zeros(X.shape[1], device=dev, dtype=dt), None
         present = np.unique(yp)  # only classes seen in training enter the softmax
         y = torch.from_numpy(np.searchsorted(present, yp)).to(dev)
-        sw = None
+        cw = None
         if self.class_weight == "balanced":
             counts = torch.bincount(y, minlength=len(present)).to(dt)
-            sw = (len(y) / (len(present) * counts))[y]
+            cw = len(y) / (len(present) * counts)
+        final = dict(interp=interp)
+        if grid is not None:
+            label_map = grid[1]
+            mapped = np.full(label_map.shape, IGNORE, np.int64)
+            valid = label_map != IGNORE_INDEX
+            mapped[valid] = np.searchsorted(present, label_map[valid])
+            final = dict(interp=None, grid=grid[0])
         if self.alpha is None:
-            self.alpha_, self.alpha_scores_, init = self._choose_alpha(X, y, sw, groups,
+            self.alpha_, self.alpha_scores_, init = self._choose_alpha(X, y, cw, groups,
                                                                        len(present), interp)
         else:
             self.alpha_, self.alpha_scores_, init = float(self.alpha), {}, None
-        W, b, self.n_iter_ = fit_logreg(X, y, len(present), self.alpha_, interp=interp,
-                                        sample_weight=sw, init=init, max_iter=self.max_iter,
-                                        tol=self.tol)
+        target = y if grid is None else torch.from_numpy(mapped).to(dev)
+        W, b, self.n_iter_ = fit_logreg(X, target, len(present), self.alpha_, class_weight=cw,
+                                        init=init, max_iter=self.max_iter, tol=self.tol,
+                                        **final)
         if self.n_iter_ >= self.max_iter:
             log.info("probe: L-BFGS stopped at max_iter=%d before tol=%g", self.max_iter,
                      self.tol)
@@ -197,7 +208,7 @@ class PixelProbe(ClassifierMixin, BaseEstimator):
         coef[idx], intercept[idx] = W.cpu(), b.cpu()
         self.coef_, self.intercept_ = coef.numpy(), intercept.numpy()
 
-    def _choose_alpha(self, X: torch.Tensor, y: torch.Tensor, sw: torch.Tensor | None,
+    def _choose_alpha(self, X: torch.Tensor, y: torch.Tensor, cw: torch.Tensor | None,
                       groups: np.ndarray | None, k: int,
                       interp: tuple[torch.Tensor, torch.Tensor] | None
                       ) -> tuple[float, dict, tuple]:
@@ -220,8 +231,7 @@ class PixelProbe(ClassifierMixin, BaseEstimator):
         init, scores, best, best_init = None, {}, None, None
         for alpha in sorted(self.alphas, reverse=True):  # strongest first: warm starts
             rows, sub = (X[tr], None) if interp is None else (X, (interp[0][tr], interp[1][tr]))
-            W, b, _ = fit_logreg(rows, y[tr], k, alpha, interp=sub,
-                                 sample_weight=None if sw is None else sw[tr], init=init,
+            W, b, _ = fit_logreg(rows, y[tr], k, alpha, interp=sub, class_weight=cw, init=init,
                                  max_iter=self.max_iter, tol=self.tol)
             init = (W, b)
             if interp is None:

@@ -118,25 +118,64 @@ def test_sign_of_channel_zero_is_learned_at_every_stride(stride):
     assert cm.matrix.sum() == 2 * 30 * 32
 
 
-def test_image_fit_is_pixel_fit_on_bilinear_features():
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+def test_image_fit_is_pixel_fit_on_bilinear_features(class_weight):
+    """Every pixel kept: the dense path (whole logit maps upsampled) fits the pixel problem."""
     rng = np.random.default_rng(0)
-    feats = rng.normal(size=(4, 5, 4, 4)).astype(np.float32)
-    labels = rng.integers(0, 3, size=(4, 8, 8)).astype(np.uint8)
+    feats = rng.normal(size=(5, 5, 4, 4)).astype(np.float32)
+    labels = rng.integers(0, 3, size=(5, 8, 8)).astype(np.uint8)
     labels[0, :3] = 255
-    img = PixelProbe(1e-3, device="cpu", dtype="float64", tol=1e-7).fit(feats, labels)
+    labels[3] = 255  # an image without training pixels drops out of the grid
+    labels[labels == 2] = np.where(rng.random((labels == 2).sum()) < 0.3, 2, 1)  # imbalance
+    kw = dict(device="cpu", dtype="float64", tol=1e-7, class_weight=class_weight)
+    img = PixelProbe(1e-3, **kw).fit(feats, labels)
     up = F.interpolate(torch.from_numpy(feats), size=(8, 8), mode="bilinear",
                        align_corners=False).permute(0, 2, 3, 1).reshape(-1, 5).numpy()
     flat = labels.reshape(-1)
-    pix = PixelProbe(1e-3, device="cpu", dtype="float64", tol=1e-7).fit(up, flat)
+    pix = PixelProbe(1e-3, **kw).fit(up, flat)
     np.testing.assert_allclose(img.coef_, pix.coef_, atol=1e-4)
     assert img.n_pixels_ == (flat != 255).sum()
-    assert img.predict(feats).shape == (4, 8, 8)
+    assert img.predict(feats).shape == (5, 8, 8)
     logits = img.decision_function(feats)
     expected = np.einsum("nchw,kc->nkhw", feats, img.coef_) + img.intercept_[:, None, None]
     expected = F.interpolate(torch.from_numpy(expected), size=(8, 8), mode="bilinear",
                              align_corners=False).numpy()
     np.testing.assert_allclose(logits, expected, atol=1e-4)
     np.testing.assert_allclose(img.predict_proba(feats).sum(1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw,size", [((4, 5), (11, 16)), ((8, 8), (64, 64)), ((3, 3), (3, 3)),
+                                     ((20, 20), (40, 40)), ((5, 7), (4, 6))])
+def test_logit_upsampling_equals_interpolate(hw, size):
+    from featlab.analysis._logreg import _Upsample
+
+    x = torch.randn(3, 4, *hw, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    up = _Upsample.build(hw, size, "cpu", torch.float64)
+    assert (up.rows is None) == (hw == (20, 20))  # big grids fall back to F.interpolate
+    expected = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up(x), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_dense_sample_label_map_holds_the_training_labels(shuffle):
+    from featlab.analysis._pixels import sample_pixels
+
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(4, 3, 2, 2)).astype(np.float32)
+    labels = rng.integers(0, 4, size=(4, 6, 6)).astype(np.uint8)
+    labels[1] = 255
+    labels[2, :2] = 255
+    s = sample_pixels(feats, labels, max_pixels=None, seed=0, ignore_index=255, batch_size=3,
+                      shuffle_labels=shuffle)
+    keep = [0, 2, 3]
+    assert s.grid == (3, 2, 2) and s.label_map.shape == (3, 6, 6)
+    np.testing.assert_array_equal(s.cells, feats[keep].transpose(0, 2, 3, 1).reshape(-1, 3))
+    np.testing.assert_array_equal(s.label_map == 255, labels[keep] == 255)
+    np.testing.assert_array_equal(s.label_map[s.label_map != 255], s.y)
+    same = np.array_equal(s.y, labels[keep][labels[keep] != 255])
+    assert same != shuffle
+    sparse = sample_pixels(feats, labels, max_pixels=50, seed=0, ignore_index=255, batch_size=3)
+    assert sparse.grid is None and sparse.label_map is None
 
 
 def test_subsampling_is_seeded_and_bounded():
@@ -273,3 +312,23 @@ def test_fit_uses_exactly_the_sampled_pixels(h, max_pixels):
     np.testing.assert_allclose(img.coef_, pix.coef_, atol=1e-4)
     np.testing.assert_allclose(s.X.mean(0), s.mean, atol=1e-5)
     np.testing.assert_allclose(s.X.var(0), s.var, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_pixels", [None, 200])  # dense grid; sparse interpolation
+@pytest.mark.parametrize("plain", [False, True])     # image data; plain pixel rows
+def test_chunked_data_term_is_the_whole_one(monkeypatch, max_pixels, plain):
+    import featlab.analysis._logreg as logreg
+
+    rng = np.random.default_rng(7)
+    feats = rng.normal(size=(6, 4, 3, 3))
+    labels = rng.integers(0, 3, size=(6, 9, 9)).astype(np.uint8)
+    labels[2, :4] = 255
+    if plain:
+        feats, labels = rng.normal(size=(300, 4)), rng.integers(0, 3, 300)
+    kw = dict(device="cpu", dtype="float64", tol=1e-9, max_pixels=max_pixels,
+              class_weight="balanced")
+    whole = PixelProbe(1e-3, **kw).fit(feats, labels)
+    monkeypatch.setattr(logreg, "_CHUNK", 20)  # one image / a few pixels per chunk
+    chunked = PixelProbe(1e-3, **kw).fit(feats, labels)
+    np.testing.assert_allclose(chunked.coef_, whole.coef_, atol=1e-8)
+    np.testing.assert_allclose(chunked.intercept_, whole.intercept_, atol=1e-8)
