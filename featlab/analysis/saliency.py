@@ -1,4 +1,5 @@
-"""Saliency at every skip point: input gradients, SmoothGrad, integrated gradients, Grad-CAM.
+"""Saliency at every skip point: input gradients, SmoothGrad, integrated gradients, Grad-CAM,
+LayerCAM.
 
 Every method needs the gradient of one scalar objective per sample with respect to the
 activations of the chosen points (and, for input-level maps, to the input). featlab gets *all*
@@ -23,7 +24,10 @@ Maps (R-11.2) come as :class:`AttributionMap`: ``native`` at the point's own res
 SmoothGrad average ``|gradient|`` over channels; integrated gradients sum the attribution over
 channels (so an input map sums to ``f(x) - f(baseline)``); Grad-CAM is
 ``sum_c mean_hw(grad_c) * A_c`` with ``relu`` applied only when asked (``relu=True`` is the
-paper's map; Captum's ``LayerGradCam`` default is ``relu_attributions=False``).
+paper's map; Captum's ``LayerGradCam`` default is ``relu_attributions=False``); LayerCAM (Jiang
+et al. 2021) weights every position by its own positive gradient, ``sum_c relu(grad_c) * A_c``
+(then ``relu``), which keeps the fine detail of early, high-resolution points that Grad-CAM's
+spatially averaged weights wash out (R-11.2).
 
 Examples:
     >>> import featlab.testing as ft
@@ -46,11 +50,12 @@ from torch import nn
 from featlab.errors import ConfigError
 
 __all__ = ["ClassLogit", "ClassRegion", "Pixel", "AttributionMap", "gradients", "saliency",
-           "smoothgrad", "integrated_gradients", "grad_cam", "attribute", "METHODS",
+           "smoothgrad", "integrated_gradients", "grad_cam", "layer_cam", "attribute", "METHODS",
            "resolve_points", "INPUT"]
 
 INPUT = "input"
-METHODS = ("gradcam", "saliency", "smoothgrad", "ig")
+METHODS = ("gradcam", "layercam", "saliency", "smoothgrad", "ig")
+CAM_METHODS = ("gradcam", "layercam")  # the methods with a final ``relu`` switch
 
 
 # ---- targets ---------------------------------------------------------------------------------
@@ -267,14 +272,32 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: Any, points: Any = "stag
     ``map = sum_c mean_hw(dS/dA_c) * A_c``, then ``relu`` when asked. With ``relu=False`` it
     equals Captum's ``LayerGradCam(model, layer).attribute(x, target)``.
     """
+    return _cam("gradcam", lambda g: g.mean(dim=(2, 3), keepdim=True), model, x, target, points,
+                relu, max_batch)
+
+
+def layer_cam(model: nn.Module, x: torch.Tensor, target: Any, points: Any = "stages", *,
+              relu: bool = True, max_batch: int | None = None) -> dict[str, AttributionMap]:
+    """LayerCAM at every point from one forward and one backward pass.
+
+    ``map = sum_c relu(dS/dA_c) * A_c`` (element-wise weights), then ``relu`` when asked (the
+    paper's map). At points with non-negative activations (after a ReLU) it equals
+    ``relu(sum_c relu(grad_c * A_c))``.
+    """
+    return _cam("layercam", F.relu, model, x, target, points, relu, max_batch)
+
+
+def _cam(method: str, weights, model: nn.Module, x: torch.Tensor, target: Any, points: Any,
+         relu: bool, max_batch: int | None) -> dict[str, AttributionMap]:
+    """``sum_c weights(grad)_c * A_c`` per point, then ``relu`` when asked."""
     if any(p == INPUT for p in _as_list(points)):
-        raise ConfigError("Grad-CAM needs feature maps; got the point 'input'. Fix: use "
+        raise ConfigError(f"{method} needs feature maps; got the point 'input'. Fix: use "
                           "method 'saliency' for input-level maps.")
     native = {}
     for name, (a, g) in gradients(model, x, target, points, max_batch=max_batch).items():
-        cam = (g.mean(dim=(2, 3), keepdim=True) * a).sum(1)
+        cam = (weights(g) * a).sum(1)
         native[name] = F.relu(cam) if relu else cam
-    return _maps("gradcam", native, tuple(x.shape[-2:]), relu)
+    return _maps(method, native, tuple(x.shape[-2:]), relu)
 
 
 def saliency(model: nn.Module, x: torch.Tensor, target: Any, points: Any = ("input",), *,
@@ -374,6 +397,8 @@ def attribute(model: nn.Module, x: torch.Tensor, target: Any, points: Any = "sta
     """Dispatch to one method by name (``METHODS``); ``options`` go to that method."""
     if method == "gradcam":
         return grad_cam(model, x, target, points, relu=relu, max_batch=max_batch, **options)
+    if method == "layercam":
+        return layer_cam(model, x, target, points, relu=relu, max_batch=max_batch, **options)
     if method == "saliency":
         return saliency(model, x, target, points, max_batch=max_batch, **options)
     if method == "smoothgrad":

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from featlab.analysis._io import write_json_csv
-from featlab.analysis.saliency import (INPUT, METHODS, ClassLogit, ClassRegion, _name,
-                                       attribute, resolve_points)
+from featlab.analysis.saliency import (CAM_METHODS, INPUT, METHODS, ClassLogit, ClassRegion,
+                                       _name, attribute, resolve_points)
 from featlab._records import check_record
 from featlab.errors import ConfigError
 
@@ -204,7 +204,7 @@ def saliency_summary(model: torch.nn.Module, dataset: Any, points: Any = "stages
                      "mask_fraction": float(np.mean(fractions)) if fractions else None,
                      "samples": int(len(v))})
     settings = {"points": points if isinstance(points, str) else [_name(p) for p in points],
-                "limit": limit, "batch_size": batch_size, "relu": relu if method == "gradcam"
+                "limit": limit, "batch_size": batch_size, "relu": relu if method in CAM_METHODS
                 else None, "seed": seed, "target": "dominant object class; mask = its label "
                 "region", **{k: v for k, v in options.items()}}
     return SaliencyResult(method, tuple(rows), settings,

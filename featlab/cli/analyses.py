@@ -84,9 +84,12 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--size", type=int, help="input side in pixels (default: the weights' size)")
     p.add_argument("--points", default="stages",
                    help="stages | all | glob | names, and/or 'input' (comma-separated)")
-    p.add_argument("--method", default="gradcam", choices=["gradcam", "saliency", "smoothgrad",
-                                                           "ig"])
-    p.add_argument("--no-relu", action="store_true", help="Grad-CAM without the final ReLU")
+    p.add_argument("--method", default="gradcam", choices=["gradcam", "layercam", "saliency",
+                                                           "smoothgrad", "ig"],
+                   help="gradcam (default) | layercam (keeps detail at early points) | saliency "
+                   "| smoothgrad | ig")
+    p.add_argument("--no-relu", action="store_true",
+                   help="Grad-CAM / LayerCAM without the final ReLU")
     p.add_argument("--limit", type=int, default=64, help="samples summarised (default 64)")
     p.add_argument("--show", type=int, default=4, help="samples drawn in the grid (default 4)")
     p.add_argument("--batch-size", type=int, default=8)

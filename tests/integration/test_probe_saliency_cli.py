@@ -76,6 +76,11 @@ def test_saliency_cli_writes_grid_and_summary(tmp_path, capsys):
     summary = json.loads((out / "saliency.json").read_text())
     assert [p["point"] for p in summary["points"]] == ["input", "layer2.1"]
     assert summary["points"][0]["stride"] == 1
+    args[args.index("--points") + 1] = "layer1.1"
+    assert main(args + ["--method", "layercam", "--force"]) == 0
+    assert (out / "saliency_layercam.png").exists()
+    summary = json.loads((out / "saliency.json").read_text())
+    assert summary["method"] == "layercam" and summary["settings"]["relu"] is True
     capsys.readouterr()
     assert main(["saliency", "--model", "resnet18", "--weights", "none", "--points", "layerX",
                  "--size", "32", "--out", str(tmp_path / "x"), "-q"]) == 2

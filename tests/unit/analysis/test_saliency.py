@@ -68,6 +68,26 @@ def test_grad_cam_on_resnet18_with_in_place_blocks_equals_captum():
         torch.testing.assert_close(maps[name].native, ref[:, 0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_layer_cam_is_positive_gradients_times_activations_from_captum(relu):
+    """LayerCAM from Captum's layer gradients and activations (an independent pass each)."""
+    model, _ = featlab.get_backbone("resnet18", weights="none")
+    x = ft.random_images(2, 64)
+    points = ["layer1.0.bn2", "layer1.0", "layer3.1"]  # bn2: signed, before the residual add
+    maps = S.layer_cam(model, x, [5, 2], points, relu=relu)
+    modules = dict(model.named_modules())
+    for name in points:
+        grad = captum_attr.LayerGradientXActivation(
+            model, modules[name], multiply_by_inputs=False).attribute(x, target=[5, 2])
+        act = captum_attr.LayerActivation(model, modules[name]).attribute(x)
+        ref = (grad.clamp(min=0) * act).sum(1)
+        ref = ref.clamp(min=0) if relu else ref
+        torch.testing.assert_close(maps[name].native, ref, atol=1e-5, rtol=1e-4)
+        assert maps[name].method == "layercam" and maps[name].relu is relu
+    cam = S.grad_cam(model, x, [5, 2], ["layer1.0.bn2"], relu=relu)["layer1.0.bn2"].native
+    assert not torch.allclose(cam, maps["layer1.0.bn2"].native)  # not Grad-CAM renamed
+
+
 def test_input_gradient_equals_captum_saliency():
     net, x = ft.TinyResNet(), ft.random_images(2, 32)
     grad = S.gradients(net, x, 4, ["input"])["input"][1]
