@@ -4,8 +4,11 @@
 :func:`probe_points` fits one per selected point on a train-split cache and scores it on a
 val-split cache: pixel accuracy, mean class accuracy, mIoU and per-class IoU from one
 data-set-level confusion matrix at full label resolution (logits upsampled bilinearly; ignore
-index 255). With ``null=True`` each point also gets the null baseline of R-10.3: the same probe
-trained on spatially shuffled training labels (it can learn class priors, nothing spatial).
+index 255). Two null baselines (R-10.3): with ``null=True`` the same probe is also trained on
+spatially shuffled training labels (it can learn class priors, nothing spatial); with
+``random_caches=(train, val)``, caches of the same data extracted from a randomly initialised
+backbone (``featlab extract --weights none``), it is also fitted on those features (what the
+architecture and the input give without training).
 :func:`write_result` writes the table as ``.json`` and ``.csv``.
 
 Examples:
@@ -62,6 +65,8 @@ class PointScore:
     seconds: float
     null_pixel_accuracy: float | None = None
     null_miou: float | None = None
+    random_pixel_accuracy: float | None = None
+    random_miou: float | None = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -80,10 +85,12 @@ class ProbeResult:
     Attributes:
         scores: one :class:`PointScore` per probed point, in execution order.
         classes: class names (the ``iou`` entries follow this order).
-        settings: the probe hyper-parameters, ``null`` and ``points``.
+        settings: the probe hyper-parameters, ``null``, ``random`` and ``points``.
         seed: seed of pixel sampling, held-out split and label shuffles.
         versions: featlab, torch, numpy, ... (``featlab.runinfo.run_versions``).
         train, val: cache identities (``path``, ``ids_sha256``, ``samples``).
+        random_train, random_val: identities of the random-backbone caches (plus their
+            ``model`` record), empty without them.
     """
 
     scores: tuple[PointScore, ...]
@@ -93,15 +100,18 @@ class ProbeResult:
     versions: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     val: dict = field(default_factory=dict)
+    random_train: dict = field(default_factory=dict)
+    random_val: dict = field(default_factory=dict)
 
     def rows(self) -> list[dict]:
         """One flat dict per point (``point`` first; per-class IoU as ``iou_<class>``)."""
         out = []
         for s in self.scores:
             row = {k: v for k, v in s.to_dict().items() if k != "iou"}
-            if self.settings.get("null") is not True:
-                row.pop("null_pixel_accuracy")
-                row.pop("null_miou")
+            for baseline in ("null", "random"):
+                if self.settings.get(baseline) is not True:
+                    row.pop(f"{baseline}_pixel_accuracy")
+                    row.pop(f"{baseline}_miou")
             row.update({f"iou_{name}": v for name, v in zip(self.classes, s.iou)})
             out.append(row)
         return out
@@ -110,7 +120,8 @@ class ProbeResult:
         return {"scores": [s.to_dict() for s in self.scores], "classes": list(self.classes),
                 "settings": dict(self.settings), "seed": self.seed,
                 "versions": dict(self.versions), "train": dict(self.train),
-                "val": dict(self.val)}
+                "val": dict(self.val), "random_train": dict(self.random_train),
+                "random_val": dict(self.random_val)}
 
     @classmethod
     def from_dict(cls, d: dict) -> ProbeResult:
@@ -133,7 +144,8 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
                  alpha: float | None = None, alphas: tuple[float, ...] = (1e-4, 1e-3, 1e-2),
                  holdout: float = 0.2, standardize: bool = True, class_weight: str | None = None,
                  max_pixels: int | None = 100_000, max_iter: int = 100, tol: float = 1e-4,
-                 batch_size: int = 16, null: bool = False, seed: int = 0,
+                 batch_size: int = 16, null: bool = False,
+                 random_caches: tuple[Any, Any] | None = None, seed: int = 0,
                  device: str | None = None, dtype: str = "float32",
                  progress: bool = True) -> ProbeResult:
     """Fit a :class:`PixelProbe` per selected point on ``train_cache``; score on ``val_cache``.
@@ -147,6 +159,9 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
         batch_size: images read at a time (memory does not grow with the cache).
         null: also fit each point on spatially shuffled training labels (R-10.3) and report
             ``null_pixel_accuracy`` / ``null_miou``.
+        random_caches: ``(train, val)`` caches of the same samples and points from the same
+            architecture with random weights (R-10.3); each point is also probed on them and
+            reported as ``random_pixel_accuracy`` / ``random_miou``.
         seed: seeds pixel sampling, the held-out split and shuffles.
         device: solver device; None: CUDA when available.
         progress: a progress bar over points (also off with ``FEATLAB_PROGRESS=0``).
@@ -156,7 +171,8 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
         mean_accuracy, miou, ...`` per point.
 
     Raises:
-        CacheError: the caches do not share model, points or classes.
+        CacheError: the caches do not share model, points or classes; the random caches hold
+            other samples, another architecture or the trained weights themselves.
         ConfigError: bad hyper-parameters.
     """
     from tqdm.auto import tqdm
@@ -164,14 +180,21 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
     from featlab.cache.reader import CacheReader, open_cache
     from featlab.runinfo import progress_enabled, run_versions
 
-    train = train_cache if isinstance(train_cache, CacheReader) else open_cache(train_cache)
-    val = val_cache if isinstance(val_cache, CacheReader) else open_cache(val_cache)
+    def opened(cache):
+        return cache if isinstance(cache, CacheReader) else open_cache(cache)
+
+    train, val = opened(train_cache), opened(val_cache)
     _check_pair(train, val)
     names = train.select(points)
-    missing = [n for n in names if n not in val]
-    if missing:
-        raise CacheError(f"the val cache must store every probed point; {str(val.path)!r} lacks "
-                         f"{missing}. Fix: choose --points stored in both, or re-extract.")
+    random = None if random_caches is None else tuple(opened(c) for c in random_caches)
+    if random is not None:
+        _check_random(train, val, *random)
+    for other, what in ((val, "val"), *(zip(random or (), ("random train", "random val")))):
+        missing = [n for n in names if n not in other]
+        if missing:
+            raise CacheError(f"the {what} cache must store every probed point; "
+                             f"{str(other.path)!r} lacks {missing}. Fix: choose --points stored "
+                             "in all caches, or re-extract.")
     classes = tuple(train.classes)
     params = dict(alpha=alpha, alphas=tuple(alphas), holdout=holdout, standardize=standardize,
                   class_weight=class_weight, max_pixels=max_pixels, num_classes=len(classes),
@@ -190,6 +213,12 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
             ncm = shuffled.evaluate(val[name], val.labels)
             extra = {"null_pixel_accuracy": _clean(ncm.pixel_accuracy()),
                      "null_miou": _clean(ncm.miou())}
+        if random is not None:
+            rtrain, rval = random
+            rcm = PixelProbe(**params).fit(rtrain[name], rtrain.labels).evaluate(rval[name],
+                                                                                 rval.labels)
+            extra.update(random_pixel_accuracy=_clean(rcm.pixel_accuracy()),
+                         random_miou=_clean(rcm.miou()))
         scores.append(PointScore(
             name, rec.stride, rec.channels, _clean(cm.pixel_accuracy()),
             _clean(cm.mean_accuracy()), _clean(cm.miou()),
@@ -202,9 +231,12 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
         "cuda" if torch.cuda.is_available() else "cpu")
     settings = {k: (list(v) if isinstance(v, tuple) else v)
                 for k, v in params.items() if k in _SETTINGS}
-    settings.update(null=null, points=points if isinstance(points, str) else list(points))
+    settings.update(null=null, random=random is not None,
+                    points=points if isinstance(points, str) else list(points))
+    random_ids = ({}, {}) if random is None else tuple(
+        {**_identity(c), "model": c.model} for c in random)
     return ProbeResult(tuple(scores), classes, settings, seed, run_versions(dev),
-                       _identity(train), _identity(val))
+                       _identity(train), _identity(val), *random_ids)
 
 
 def _check_pair(train, val) -> None:
@@ -220,6 +252,32 @@ def _check_pair(train, val) -> None:
     if train.ids_sha256 is not None and train.ids_sha256 == val.ids_sha256:
         log.warning("probe: train and val caches hold the same samples (%s); scores are not "
                     "held out", train.path)
+
+
+def _check_random(train, val, rtrain, rval) -> None:
+    """The random-backbone caches: same samples and architecture, other (random) weights."""
+    arch = (train.model or {}).get("name")
+    for cache, real in ((rtrain, train), (rval, val)):
+        where = str(cache.path)
+        if (cache.model or {}).get("name") != arch:
+            raise CacheError(f"a random-backbone cache must come from the probed architecture "
+                             f"{arch!r}; {where!r} holds {(cache.model or {}).get('name')!r}. "
+                             f"Fix: extract it with --model {arch} --weights none.")
+        if cache.model == real.model:
+            raise CacheError(f"a random-backbone cache must come from other weights than the "
+                             f"probed caches; {where!r} has the same model record. Fix: "
+                             f"extract it with --weights none.")
+        if cache.ids_sha256 != real.ids_sha256:
+            raise CacheError(f"a random-backbone cache must hold the same samples as "
+                             f"{str(real.path)!r}; {where!r} holds others. Fix: extract it from "
+                             "the same data, split, size and --limit.")
+    if rtrain.model != rval.model:
+        raise CacheError(f"the random train and val caches must share one model; got "
+                         f"{rtrain.model!r} and {rval.model!r}. Fix: extract both with the "
+                         "same --weights none --seed S.")
+    if (rtrain.model or {}).get("weights") != "none":
+        log.warning("probe: the random-backbone caches hold weights %r, not a random "
+                    "initialisation", rtrain.model.get("weights"))
 
 
 def write_result(result: ProbeResult, path: str | os.PathLike, *, force: bool = False

@@ -65,6 +65,10 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--no-standardize", action="store_true", help="do not standardise features")
     p.add_argument("--null", action="store_true",
                    help="also fit on spatially shuffled labels (null baseline)")
+    p.add_argument("--random-train", metavar="CACHE",
+                   help="null baseline: train cache of the same samples from the same "
+                   "architecture with random weights (featlab extract --weights none)")
+    p.add_argument("--random-val", metavar="CACHE", help="its val cache (with --random-train)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="images read at a time")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
@@ -173,27 +177,31 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from featlab.analysis.probe import probe_points, write_result
+    from featlab.errors import ConfigError
 
     out = Path(args.out) if args.out else Path(args.train).with_suffix("").with_name(
         Path(args.train).stem + ".probe")
     for p in (Path(f"{out.with_suffix('') if out.suffix in ('.json', '.csv') else out}{s}")
               for s in (".json", ".csv")):
         if p.exists() and not args.force:
-            from featlab.errors import ConfigError
-
             raise ConfigError(f"probe results must not overwrite {str(p)!r} without --force; "
                               "it exists. Fix: pass --force or another --out.")
+    if (args.random_train is None) != (args.random_val is None):
+        raise ConfigError("--random-train and --random-val must be given together; got one. "
+                          "Fix: pass both random-backbone caches (train and val splits).")
+    random = None if args.random_train is None else (args.random_train, args.random_val)
     result = probe_points(args.train, args.val, args.points, alpha=args.alpha,
                           class_weight=args.class_weight, max_pixels=args.max_pixels,
-                          standardize=not args.no_standardize, null=args.null, seed=args.seed,
-                          device=args.device, batch_size=args.batch_size,
-                          progress=not args.quiet)
+                          standardize=not args.no_standardize, null=args.null,
+                          random_caches=random, seed=args.seed, device=args.device,
+                          batch_size=args.batch_size, progress=not args.quiet)
     write_result(result, out, force=args.force)
     if args.json:
         _print_json(result.to_dict())
         return 0
     cols = ["point", "stride", "channels", "pixel_accuracy", "mean_accuracy", "miou", "alpha"]
     cols += ["null_miou"] if args.null else []
+    cols += ["random_miou"] if random else []
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else v  # noqa: E731
     print(_table([[fmt(r[c]) for c in cols] for r in result.rows()], cols))
     print(f"\nlinear probes of {len(result.rows())} points -> {out}.json, {out}.csv")

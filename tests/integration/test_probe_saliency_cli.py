@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -44,6 +45,25 @@ def test_probe_cli_writes_and_prints_the_table(caches, capsys):
     assert main(["probe", "--train", str(train), "--val", str(val), "--points", "layer1.1",
                  "--alpha", "1e-3", "--out", str(out), "--json", "-q"]) == 0
     assert json.loads(capsys.readouterr().out)["scores"][0]["point"] == "layer1.1"
+
+
+def test_probe_cli_random_backbone_baseline(caches, tmp_path, capsys):
+    spec = dataclasses.replace(SPEC, seed=5)
+    for split, n in (("train", 10), ("val", 6)):
+        ds = featlab.load_dataset("shapes", split=split, size=32, length=n)
+        featlab.extract(ft.TinyResNet(seed=5), ds, "stages", tmp_path / f"r{split}.h5",
+                        spec=spec, batch_size=8, dtype="float16", num_workers=0,
+                        progress=False)
+    args = ["probe", "--train", str(caches / "train.h5"), "--val", str(caches / "val.h5"),
+            "--points", "stages", "--alpha", "1e-3", "--out", str(tmp_path / "p"), "-q"]
+    assert main(args + ["--random-train", str(tmp_path / "rtrain.h5")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--random-val" in err and "\n" not in err
+    assert main(args + ["--random-train", str(tmp_path / "rtrain.h5"), "--random-val",
+                        str(tmp_path / "rval.h5")]) == 0
+    assert "random_miou" in capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert all(0 <= float(r["random_miou"]) <= 1 for r in rows)
 
 
 def test_probe_cli_errors_are_one_line(caches, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -284,6 +285,47 @@ def test_result_round_trip_and_no_overwrite(caches, tmp_path):
     with pytest.raises(ConfigError, match="bogus"):
         ProbeResult.from_dict(d)
     assert all(r["miou"] is None or not math.isnan(r["miou"]) for r in result.rows())
+
+
+@pytest.fixture(scope="module")
+def random_caches(tmp_path_factory):
+    """The same samples through the same architecture with other random weights."""
+    root = tmp_path_factory.mktemp("probe_random")
+    spec = dataclasses.replace(SPEC, seed=5)
+    for split, n in (("train", 12), ("val", 8)):
+        ds = featlab.load_dataset("shapes", split=split, size=32, length=n)
+        featlab.extract(ft.TinyResNet(seed=5), ds, "stages", root / f"{split}.h5", spec=spec,
+                        batch_size=8, dtype="float32", num_workers=0, progress=False)
+    return featlab.open_cache(root / "train.h5"), featlab.open_cache(root / "val.h5")
+
+
+def test_random_backbone_baseline_is_the_probe_on_the_random_caches(caches, random_caches):
+    rtrain, rval = random_caches
+    result = probe_points(caches["train"], caches["val"], "stages", alpha=1e-3, device="cpu",
+                          random_caches=random_caches, progress=False)
+    for row in result.rows():
+        direct = PixelProbe(1e-3, num_classes=len(rtrain.classes), device="cpu").fit(
+            rtrain[row["point"]], rtrain.labels).evaluate(rval[row["point"]], rval.labels)
+        assert row["random_miou"] == pytest.approx(direct.miou())
+        assert row["random_pixel_accuracy"] == pytest.approx(direct.pixel_accuracy())
+        assert row["random_miou"] != pytest.approx(row["miou"])  # other features, other score
+        assert "null_miou" not in row
+    assert result.settings["random"] is True and result.random_train["model"]["seed"] == 5
+    assert ProbeResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+    plain = probe_points(caches["train"], caches["val"], "stages", alpha=1e-3, device="cpu",
+                         progress=False)
+    assert "random_miou" not in plain.rows()[0] and plain.random_train == {}
+
+
+def test_random_backbone_caches_are_checked(caches, random_caches):
+    train, val = caches["train"], caches["val"]
+    rtrain, rval = random_caches
+    with pytest.raises(CacheError, match="other weights"):
+        probe_points(train, val, "stages", random_caches=(train, val), progress=False)
+    with pytest.raises(CacheError, match="same samples"):
+        probe_points(train, val, "stages", random_caches=(rval, rval), progress=False)
+    with pytest.raises(CacheError, match="lacks"):  # random caches hold only the stages
+        probe_points(train, val, "all", random_caches=(rtrain, rval), progress=False)
 
 
 def test_probe_points_refuses_mismatched_caches(caches, tmp_path):
