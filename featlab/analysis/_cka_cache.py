@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from featlab.analysis._cka_estimators import choose_form
-from featlab.analysis._io import cache_identity
 from featlab.runinfo import run_versions
 from featlab.analysis._representations import (SPATIAL, batch_plan, represent,
                                                rescale_positions, sample_positions)
@@ -165,8 +164,8 @@ def cka_matrix(cache: Any, cache2: Any = None, kind: str = "linear", *, points: 
     for key, reason in reasons.items():
         logger.warning("CKA undefined for %s: %s", key, reason)
     result = CKAResult(side_a.names, (side_b or side_a).names, matrix, kind, estimator, spatial,
-                       used_form, n * per_image, n, settings, reasons, cache_identity(a),
-                       cache_identity(b), run_versions(device))
+                       used_form, n * per_image, n, settings, reasons, a.identity(),
+                       None if b is None else b.identity(), run_versions(device))
     logger.info("%s CKA (%s, %s) of %d x %d points over %d samples in %.2f s", kind, estimator,
                 spatial, len(result.names), len(result.columns), result.num_samples,
                 time.perf_counter() - started)

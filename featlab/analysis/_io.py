@@ -13,17 +13,8 @@ import numpy as np
 
 from featlab.errors import ConfigError
 
-__all__ = ["cache_identity", "write_json_csv", "check_keys", "output_stem",
+__all__ = ["write_json_csv", "check_keys", "output_stem",
            "jsonable", "check_writable"]
-
-
-def cache_identity(cache: Any) -> dict | None:
-    """``{"path", "ids_sha256", "num_samples", "model"}`` of a cache reader (None for None)."""
-    if cache is None:
-        return None
-    model = cache.model or {}
-    return {"path": str(cache.path), "ids_sha256": cache.ids_sha256, "num_samples": len(cache),
-            "model": {k: model.get(k) for k in ("name", "weights") if k in model} or None}
 
 
 def jsonable(value: Any) -> Any:

@@ -88,9 +88,8 @@ class ProbeResult:
         settings: the probe hyper-parameters, ``null``, ``random`` and ``points``.
         seed: seed of pixel sampling, held-out split and label shuffles.
         versions: featlab, torch, numpy, ... (``featlab.runinfo.run_versions``).
-        train, val: cache identities (``path``, ``ids_sha256``, ``samples``).
-        random_train, random_val: identities of the random-backbone caches (plus their
-            ``model`` record), empty without them.
+        train, val: cache identities (``CacheReader.identity()``).
+        random_train, random_val: identities of the random-backbone caches, empty without them.
     """
 
     scores: tuple[PointScore, ...]
@@ -134,10 +133,6 @@ class ProbeResult:
 def _from_dict(cls, d: dict):
     check_record(cls, d)
     return cls(**d)
-
-
-def _identity(cache) -> dict:
-    return {"path": str(cache.path), "ids_sha256": cache.ids_sha256, "samples": len(cache)}
 
 
 def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
@@ -233,10 +228,9 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
                 for k, v in params.items() if k in _SETTINGS}
     settings.update(null=null, random=random is not None,
                     points=points if isinstance(points, str) else list(points))
-    random_ids = ({}, {}) if random is None else tuple(
-        {**_identity(c), "model": c.model} for c in random)
+    random_ids = ({}, {}) if random is None else tuple(c.identity() for c in random)
     return ProbeResult(tuple(scores), classes, settings, seed, run_versions(dev),
-                       _identity(train), _identity(val), *random_ids)
+                       train.identity(), val.identity(), *random_ids)
 
 
 def _check_pair(train, val) -> None:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from featlab.analysis._erf import ERFMap, effective_receptive_fields, mass_radius
-from featlab.analysis._io import cache_identity, check_keys, write_json_csv
+from featlab.analysis._io import check_keys, write_json_csv
 from featlab.runinfo import run_versions
 from featlab.errors import ConfigError
 from featlab.points import SkipPoint
@@ -306,7 +306,7 @@ def resolution_table(source: Any, *, input_size: int | tuple[int, int] | None = 
     settings = {"modes": list(modes), "erf_images": next(iter(erf.values())).num_images
                 if erf else 0}
     result = ResolutionResult(points, size, ceiling, erf, n_images, num_classes, ignore_index,
-                              settings, cache_identity(cache),
+                              settings, None if cache is None else cache.identity(),
                               run_versions(device or "cpu"))
     logger.info("resolution table of %d points (%d label maps, ERF on %d images) in %.2f s",
                 len(points), n_images, settings["erf_images"], time.perf_counter() - started)

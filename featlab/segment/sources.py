@@ -28,20 +28,9 @@ from featlab.errors import CacheError
 
 log = logging.getLogger("featlab")
 
-__all__ = ["CacheSource", "TensorSource", "ImageSource", "check_caches", "cache_identity"]
+__all__ = ["CacheSource", "TensorSource", "ImageSource", "check_caches"]
 
 _STATS_SAMPLES = 256  # first samples whose features fix the per-channel standardisation
-
-
-def cache_identity(cache) -> dict:
-    """What identifies a cache in a run record: path, sample count, ids fingerprint, backbone."""
-    model = cache.model or {}
-    return {"path": str(cache.path), "num_samples": len(cache), "ids_sha256": cache.ids_sha256,
-            "split": (cache.data or {}).get("split"), "data": (cache.data or {}).get("name"),
-            "model": model.get("name"), "weights": model.get("weights"),
-            "weights_sha256": model.get("weights_sha256"),
-            "model_state": (cache.settings or {}).get("model_state"),
-            "input_size": list(cache.input_size), "dtype": cache.dtype}
 
 
 def check_caches(train, val, points: Sequence[str]) -> None:
@@ -52,7 +41,7 @@ def check_caches(train, val, points: Sequence[str]) -> None:
     (channels, stride). Different splits are the point; identical sample ids are refused (a
     head validated on its training images measures nothing).
     """
-    a, b = cache_identity(train), cache_identity(val)
+    a, b = train.identity(), val.identity()
     for key in ("model", "weights", "weights_sha256", "model_state", "input_size"):
         if a[key] != b[key]:
             raise CacheError(f"train and val caches must come from the same backbone setup; "
@@ -169,14 +158,16 @@ class ImageSource:
         return x.to(device), y.to(device)
 
     def stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        from featlab.segment.heads import FrozenBackbone
+        from featlab.capture import capture
 
-        frozen = FrozenBackbone(self.backbone, self.points) if self.finetune else self.backbone
+        # eval-mode features of the underlying model; its modes and requires_grad are untouched
+        model = self.backbone if self.finetune else self.backbone.model
+        device = next(model.parameters()).device
         n = min(len(self), 64)
+        feats = []
         with torch.no_grad():
-            feats = [frozen(self.images(range(i, min(n, i + 16)))[0].to(
-                next(iter(frozen.parameters())).device)) for i in range(0, n, 16)]
-        if self.finetune:  # FrozenBackbone froze the shared parameters: unfreeze them again
-            for p in self.backbone.parameters():
-                p.requires_grad_(True)
-        return _stats({k: v.cpu() for k, v in f.items()} for f in feats)
+            for i in range(0, n, 16):
+                with capture(model, self.points) as acts:
+                    model(self.images(range(i, min(n, i + 16)))[0].to(device))
+                feats.append({k: acts[k].cpu() for k in self.points})
+        return _stats(feats)

@@ -192,7 +192,6 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
     """
     from featlab.cache.reader import open_cache
     from featlab.runinfo import run_versions
-    from featlab.segment.sources import cache_identity
 
     started = time.perf_counter()
     train = train if hasattr(train, "select") else open_cache(train, allow_partial=False)
@@ -235,8 +234,8 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
         gain_ci_images=ci, settings=dataclasses.replace(settings, seed=0).to_dict(),
         stride={p: records[p].stride for p in names},
         rf_size={p: records[p].rf_size for p in names}, bootstrap=bootstrap,
-        confidence=confidence, bootstrap_seed=bootstrap_seed, train=cache_identity(train),
-        val=cache_identity(val), versions=run_versions(torch.device("cpu")),
+        confidence=confidence, bootstrap_seed=bootstrap_seed, train=train.identity(),
+        val=val.identity(), versions=run_versions(torch.device("cpu")),
         seconds=round(time.perf_counter() - started, 1), folder=str(folder))
 
 

@@ -230,13 +230,7 @@ def train_head(train, val, settings: HeadSettings | None = None, *, out=None, de
     head.set_input_stats(train_src.stats())
     return fit(head, train_src, val_src, settings, folder, device=dev, progress=progress,
                backbone=backbone, classes=train.classes, ignore_index=train.ignore_index,
-               identity=(_identity(train), _identity(val)), info=info)
-
-
-def _identity(cache) -> dict:
-    from featlab.segment.sources import cache_identity
-
-    return cache_identity(cache)
+               identity=(train.identity(), val.identity()), info=info)
 
 
 def _make_head(cache, points, settings: HeadSettings) -> SegHead:

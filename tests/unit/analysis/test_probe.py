@@ -310,7 +310,8 @@ def test_random_backbone_baseline_is_the_probe_on_the_random_caches(caches, rand
         assert row["random_pixel_accuracy"] == pytest.approx(direct.pixel_accuracy())
         assert row["random_miou"] != pytest.approx(row["miou"])  # other features, other score
         assert "null_miou" not in row
-    assert result.settings["random"] is True and result.random_train["model"]["seed"] == 5
+    assert result.settings["random"] is True and result.random_train == rtrain.identity()
+    assert result.random_train["model_state"] != result.train["model_state"]
     assert ProbeResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
     plain = probe_points(caches["train"], caches["val"], "stages", alpha=1e-3, device="cpu",
                          progress=False)

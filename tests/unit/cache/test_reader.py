@@ -276,6 +276,19 @@ def test_repr_and_html_summarise_the_cache(make_cache):
     assert "complete: 12 of 12" in page
 
 
+def test_identity_names_what_produced_the_cache(make_cache):
+    cache = open_cache(make_cache(dtype="float16").path)
+    ident = cache.identity()
+    assert ident == {
+        "path": str(cache.path), "num_samples": 12, "ids_sha256": cache.ids_sha256,
+        "split": "val", "data": "shapes", "model": "resnet18",
+        "weights": cache.model["weights"], "weights_sha256": cache.model["weights_sha256"],
+        "model_state": cache.settings.get("model_state"), "input_size": list(cache.input_size),
+        "dtype": "float16"}
+    other = open_cache(make_cache("b.h5", ids=[f"val/s9/{i:06d}" for i in range(12)]).path)
+    assert other.identity()["ids_sha256"] != ident["ids_sha256"]
+
+
 def test_check_same_samples(make_cache):
     a = open_cache(make_cache("a.h5", seed=1).path)
     b = open_cache(make_cache("b.h5", seed=2).path)  # other features, same samples

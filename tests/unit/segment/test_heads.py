@@ -110,3 +110,17 @@ def test_finetuning_moves_the_backbone_and_its_bn_stats(tmp_path):
     after = model.state_dict()
     assert not torch.equal(after["bn1.running_mean"], before["bn1.running_mean"])
     assert not torch.equal(after["conv1.weight"], before["conv1.weight"])
+
+
+def test_image_source_stats_leave_the_backbone_as_they_found_it():
+    model = ft.TinyResNet().train()
+    ds = featlab.load_dataset("shapes", "train", size=32, length=20)
+    points = ["layer1.0", "layer1.1"]
+    tuned = ImageSource(ds, range(20), model, SPEC, points, True).stats()
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    frozen = ImageSource(ds, range(20), FrozenBackbone(copy.deepcopy(model), points), SPEC,
+                         points).stats()
+    for name in points:  # eval-mode features either way: the same statistics
+        for a, b in zip(tuned[name], frozen[name]):
+            torch.testing.assert_close(a, b)
+    assert tuned["layer1.1"][0].shape == (16,)
