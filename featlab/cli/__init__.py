@@ -60,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("featlab: interrupted", file=sys.stderr)
         return 130
+    finally:  # under torchrun: leave the process group before the interpreter tears it down
+        from featlab.distributed import destroy
+
+        destroy()
 
 
 def _one_line(err: BaseException) -> str:
