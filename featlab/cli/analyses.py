@@ -61,7 +61,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                    help="L2 strength per pixel (default: chosen on held-out train images)")
     p.add_argument("--class-weight", choices=["balanced"], help="weight classes by 1/frequency")
     p.add_argument("--max-pixels", type=int, default=100_000,
-                   help="training pixels sampled per point (default 100000)")
+                   help="training pixels sampled per point (default 100000; 0: every labelled "
+                   "pixel, which upsamples whole logit maps: fast while they fit in memory)")
     p.add_argument("--no-standardize", action="store_true", help="do not standardise features")
     p.add_argument("--null", action="store_true",
                    help="also fit on spatially shuffled labels (null baseline)")
@@ -191,7 +192,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
                           "Fix: pass both random-backbone caches (train and val splits).")
     random = None if args.random_train is None else (args.random_train, args.random_val)
     result = probe_points(args.train, args.val, args.points, alpha=args.alpha,
-                          class_weight=args.class_weight, max_pixels=args.max_pixels,
+                          class_weight=args.class_weight,
+                          max_pixels=None if args.max_pixels == 0 else args.max_pixels,
                           standardize=not args.no_standardize, null=args.null,
                           random_caches=random, seed=args.seed, device=args.device,
                           batch_size=args.batch_size, progress=not args.quiet)

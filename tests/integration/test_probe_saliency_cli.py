@@ -43,8 +43,12 @@ def test_probe_cli_writes_and_prints_the_table(caches, capsys):
     assert err.startswith("featlab probe: error:") and "--force" in err and "\n" not in err
     out = caches / "other"
     assert main(["probe", "--train", str(train), "--val", str(val), "--points", "layer1.1",
-                 "--alpha", "1e-3", "--out", str(out), "--json", "-q"]) == 0
-    assert json.loads(capsys.readouterr().out)["scores"][0]["point"] == "layer1.1"
+                 "--alpha", "1e-3", "--out", str(out), "--json", "--max-pixels", "0",
+                 "-q"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["scores"][0]["point"] == "layer1.1"
+    assert printed["settings"]["max_pixels"] is None  # every labelled pixel
+    assert printed["scores"][0]["n_pixels"] == 10 * 32 * 32  # shapes labels have no 255
 
 
 def test_probe_cli_random_backbone_baseline(caches, tmp_path, capsys):
