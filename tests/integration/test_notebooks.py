@@ -22,6 +22,22 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
         # random weights: the suite must not depend on a pretrained checkpoint being cached
         source = "".join(cell["source"]).replace('WEIGHTS = "shapes"', 'WEIGHTS = "none"')
         exec(compile(source, f"{path.name}", "exec"), namespace)
-    cache = namespace["cache"]
+    CHECKS[path.name](namespace)
+
+
+def _skip_points(ns: dict) -> None:
+    cache = ns["cache"]
     assert cache.complete and len(cache.ids) == 64
     assert "layer3.1" in cache._repr_html_()
+
+
+def _layer_properties(ns: dict) -> None:
+    names = ns["val"].point_names
+    assert [r["point"] for r in ns["rows"]] == names
+    assert all(0 <= r[k] <= 1 for r in ns["rows"] for k in ("miou", "null_miou", "random_miou"))
+    assert ns["cka"].matrix.shape == (len(names), len(names))
+    assert set(ns["maps"]["LayerCAM"]) == set(names)
+    assert ns["props"]["probe_miou"] and ns["props"]["resolution_ceiling"]
+
+
+CHECKS = {"01_skip_points.ipynb": _skip_points, "02_layer_properties.ipynb": _layer_properties}
