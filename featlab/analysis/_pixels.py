@@ -90,8 +90,8 @@ class PixelSample:
     When every labelled pixel is kept (no subsampling), the sample is *dense*: ``cells`` holds
     every cell of the images with labelled pixels, in ``[image, row, col]`` order (``grid`` =
     ``(images, h, w)``), and ``label_map`` [images, H, W] their labels (``ignore_index``
-    elsewhere). A probe then upsamples whole logit maps with ``F.interpolate``, several times
-    faster than interpolating four cells per pixel.
+    elsewhere). A probe then upsamples whole logit maps (bilinearly, as ``F.interpolate``),
+    several times faster than interpolating four cells per pixel.
     """
 
     cells: np.ndarray        # [m, C] float32
