@@ -6,10 +6,12 @@ resnet18 (random init) at 128 px on ``shapes``, every skip point, float16, in on
   already in memory;
 * **featlab extract**: ``featlab.extract`` end to end (points, file creation, a ``DataLoader``
   over the samples, the forward, pooling/cast/copy in hooks, the writer thread, finalisation);
+* **featlab, buffered**: the same with ``FEATLAB_DIRECT_IO=0`` (every row through h5py and the
+  page cache instead of ``O_DIRECT``);
 * **floor**: the least any extractor of these bytes must do -- the forward, one cast of every
   point into reused float16 buffers inside the hooks, and a thread that ``os.write``\ s those
-  bytes to a file (no HDF5, no statistics, no flags), with featlab's two scheduling choices
-  (single-threaded copies, a lower-priority writer thread). Its ratio is this machine's ceiling for
+  bytes to a file with buffered ``write()`` (no HDF5, no statistics, no flags), from a
+  lower-priority thread as featlab's. Its ratio is this machine's ceiling for
   the goal: the kernel's copy into the page cache and the cast share the cores with the forward;
 * **plain**: the usual script -- forward hooks keeping the outputs, ``.cpu().numpy()``,
   ``astype(float16)`` and h5py writes in the loop, from the same ``DataLoader``. (It keeps
@@ -39,7 +41,6 @@ from torch.utils.data import DataLoader
 
 import featlab
 from featlab.cache.stream import WRITER_NICE, _lower_priority
-from featlab.cache.taps import serial
 from featlab.cache.writer import extract
 from featlab.data import load_dataset
 
@@ -76,8 +77,10 @@ def bare_rate(model, spec, ds, batch_size: int, repeats: int) -> float:
     return best
 
 
-def featlab_rate(model, spec, ds, batch_size: int, folder: str) -> tuple[float, float, int]:
+def featlab_rate(model, spec, ds, batch_size: int, folder: str, direct: bool = True
+                 ) -> tuple[float, float, int]:
     path = os.path.join(folder, "featlab.h5")
+    os.environ["FEATLAB_DIRECT_IO"] = "1" if direct else "0"
     t0 = time.perf_counter()
     result = extract(model, ds, "all", path, spec=spec, batch_size=batch_size, dtype="float16",
                      num_workers=0, progress=False, force=True)
@@ -99,8 +102,7 @@ def floor_rate(model, spec, ds, batch_size: int, folder: str) -> float:
     current = {}
 
     def hook(m, a, out, name):
-        with serial():  # memory-bound: one thread is as fast, and no straggler waits
-            current[name][:len(out)].copy_(out)
+        current[name][:len(out)].copy_(out)
 
     def write(fd):
         _lower_priority(WRITER_NICE)  # fill the forward's gaps rather than preempt it
@@ -186,21 +188,23 @@ def main() -> None:
     print(f"shapes generation at {args.size} px: {len(ds) / (time.perf_counter() - t0):.0f} "
           "images/s (done once, before the timings)")
     model, spec = featlab.get_backbone("resnet18", weights="none")
-    bare, feat, floor, plain = [], [], [], []
+    bare, feat, buffered, floor, plain = [], [], [], [], []
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         bare_rate(model, spec, ds, args.batch_size, 1)  # warm-up (allocator, oneDNN kernels)
         for _ in range(args.repeats):  # interleaved rounds: each ratio compares neighbours
             bare.append(bare_rate(model, spec, ds, args.batch_size, 1))
             feat.append(featlab_rate(model, spec, ds, args.batch_size, folder))
+            buffered.append(featlab_rate(model, spec, ds, args.batch_size, folder, direct=False))
             floor.append(floor_rate(model, spec, ds, args.batch_size, folder))
             plain.append(plain_rate(model, spec, ds, args.batch_size, folder))
-            print(f"  round: bare {bare[-1]:.1f}, featlab {feat[-1][0]:.1f}, floor "
-                  f"{floor[-1]:.1f}, plain {plain[-1][0]:.1f} images/s (load "
+            print(f"  round: bare {bare[-1]:.1f}, featlab {feat[-1][0]:.1f}, buffered "
+                  f"{buffered[-1][0]:.1f}, floor {floor[-1]:.1f}, plain {plain[-1][0]:.1f} images/s (load "
                   f"{os.getloadavg()[0]:.2f})", flush=True)
     print(f"\nresnet18, {args.size} px, {len(ds)} samples, batch {args.batch_size}, all skip "
           f"points, float16; best of {args.repeats} rounds, ratio = median over rounds")
     print(f"{'variant':<20} {'images/s':>9} {'vs bare':>8} {'MB/s':>7} {'file':>10}")
     rows = [("bare forward", [(b, None, None) for b in bare]), ("featlab extract", feat),
+            ("featlab, buffered", buffered),
             ("floor: cast+write", [(f, None, None) for f in floor]),
             ("plain hooks + h5py", plain)]
     for name, runs in rows:

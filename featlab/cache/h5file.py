@@ -5,7 +5,8 @@ changes while samples stream in. :func:`create` makes every dataset and attribut
 all storage (``ALLOC_TIME_EARLY``, ``FILL_TIME_NEVER``, fixed shapes, no time stamps), writes
 ids and index, flushes and closes -- in a temporary file renamed into place, so a partial cache
 always has complete metadata. :class:`RowWriter` then writes only raw data: a batch's rows,
-flush, the batch's ``written`` flags, flush. A process killed at any instant leaves flagged rows
+flush, the batch's ``written`` flags, flush (point rows that line up go straight to their
+chunks with ``O_DIRECT``, see :mod:`featlab.cache.direct`). A process killed at any instant leaves flagged rows
 intact (a re-written chunk carries the same bytes for rows already flagged), and a reader sees a
 row only after its data reached the file. Files are opened with ``locking=False`` so that readers
 can open a cache while it is being written.
@@ -25,6 +26,7 @@ import h5py
 import numpy as np
 
 from featlab.cache import schema as S
+from featlab.cache.direct import ALIGN, DirectWriter
 from featlab.cache.settings import ExtractSettings
 from featlab.errors import CacheError
 
@@ -98,7 +100,9 @@ def _create(tmp: str, layout: FileLayout, attrs: Mapping[str, Any], ids: Sequenc
             index: np.ndarray) -> None:
     n = layout.num_rows
     h, w = layout.input_size
-    with h5py.File(tmp, "w", locking=False, track_order=False) as f:
+    # chunks of ALIGN bytes or more start on ALIGN boundaries: rows can be written with O_DIRECT
+    with h5py.File(tmp, "w", locking=False, track_order=False, alignment_threshold=ALIGN,
+                   alignment_interval=ALIGN) as f:
         for key, value in attrs.items():
             f.attrs[key] = value
         _dataset(f, S.IDS, (n,), id_dtype(layout.id_length))[...] = np.array(
@@ -162,6 +166,8 @@ class RowWriter:
         # no chunk cache: whole-chunk writes go straight from the caller's buffer to the file
         self.file = h5py.File(path, "r+", locking=False, rdcc_nbytes=0)
         self.points = [self.file[f"{S.POINTS}/{name}"] for name in point_names]
+        self.direct = DirectWriter(path)
+        self._direct = [self.direct.eligible(d) for d in self.points]
         self.labels = self.file[S.LABELS]
         self.images = self.file[S.IMAGES] if save_images else None
         self.nonfinite = self.file[S.NONFINITE]
@@ -175,8 +181,9 @@ class RowWriter:
         the batch arrays), flush, then flag them written and flush again."""
         for a, b in runs:
             rows = slice(start + a, start + b)
-            for dset, array in zip(self.points, points):
-                dset[rows] = array[a:b]
+            for dset, array, direct in zip(self.points, points, self._direct):
+                if not (direct and self.direct.write(dset, rows.start, array[a:b])):
+                    dset[rows] = array[a:b]
             self.labels[rows] = labels[a:b]
             if self.images is not None and images is not None:
                 self.images[rows] = images[a:b]
@@ -188,6 +195,7 @@ class RowWriter:
         self.file.flush()
 
     def close(self) -> None:
+        self.direct.close()
         self.file.close()
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from featlab.cache import h5file
 from featlab.cache.setup import Job
-from featlab.cache.taps import Slot, Taps, check_eval, serial
+from featlab.cache.taps import Slot, Taps, check_eval
 from featlab.errors import CacheError, ConfigError, FeatlabError
 
 __all__ = ["stream", "pending_batches", "Writer"]
@@ -99,11 +99,10 @@ def stream(job: Job, path: str, written: np.ndarray, *, progress: bool, stop_ear
                 slot.start, slot.n, slot.runs = start, n, runs
                 slot.labels = batch["mask"].numpy()
                 images = batch["image"].to(device, non_blocking=True)
-                with serial():  # memory-bound on a CPU, like the hooks' copies (a GPU: no effect)
-                    if slot.images is not None:
-                        slot.images[:n].copy_(images.mul(255).round_().to(torch.uint8),
-                                              non_blocking=cuda)
-                    x = normalize(images).to(in_dtype)
+                if slot.images is not None:
+                    slot.images[:n].copy_(images.mul(255).round_().to(torch.uint8),
+                                          non_blocking=cuda)
+                x = normalize(images).to(in_dtype)
                 taps.run(x, slot, n)
                 if not cuda:
                     writer.submit(slot)
@@ -154,8 +153,7 @@ def collate(samples: list[dict]) -> dict:
                           f"images of shapes {shapes[:3]} in one batch (ids "
                           f"{[s['id'] for s in samples[:3]]}). Fix: load the data set with "
                           "size=S (--input-size S), which resizes and centre-crops every sample.")
-    with serial():  # a memory-bound copy (in the main process; workers have one thread anyway)
-        return default_collate(samples)
+    return default_collate(samples)
 
 
 def _normalizer(spec: Any, device: torch.device):

@@ -16,39 +16,17 @@ only inside the ``with`` block of :class:`Taps`.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featlab.cache.direct import aligned_empty
 from featlab.errors import ConfigError, ReusedModuleError, SkipPointNotFiredError
 
-__all__ = ["Slot", "Taps", "serial", "check_eval"]
-
-
-# On the CPU the hooks' copies and statistics are memory-bound: one thread moves the bytes about
-# as fast as two, and a parallel region waits for its slowest thread -- which, when the cores are
-# shared (data loader workers, the writer thread, other jobs), is often off-CPU for a whole
-# scheduler tick. Measured on a loaded 2-core machine: 3-4x slower with 2 threads than with 1.
-# Only with the OpenMP backend, where changing the thread count between operations is cheap.
-SERIAL_COPIES = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
-
-
-@contextlib.contextmanager
-def serial() -> Iterator[None]:
-    """Run the CPU operations inside on one intra-op thread (see :data:`SERIAL_COPIES`)."""
-    threads = torch.get_num_threads()
-    if not SERIAL_COPIES or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+__all__ = ["Slot", "Taps", "check_eval"]
 
 
 class Slot:
@@ -65,7 +43,8 @@ class Slot:
     def __init__(self, batch_size: int, shapes: Sequence[tuple[int, int, int]],
                  dtype: torch.dtype, input_size: tuple[int, int], save_images: bool, pin: bool):
         b, p = batch_size, len(shapes)
-        self.points = [torch.empty((b, *s), dtype=dtype, pin_memory=pin) for s in shapes]
+        # page-aligned: rows whose size lines up can be written with O_DIRECT from here
+        self.points = [aligned_empty((b, *s), dtype, pin=pin) for s in shapes]
         self.point_arrays = [t.numpy() for t in self.points]
         self.nonfinite = torch.zeros((b, p), dtype=torch.int64, pin_memory=pin)
         self.abs_error = torch.zeros((b, p), dtype=torch.float32, pin_memory=pin)
@@ -191,9 +170,8 @@ class Taps:
         dst = slot.points[k][:n]
         if t.is_cuda:
             self._device_stats(k, t, dst)
-        else:
-            with serial():  # cast and copy into memory reused batch to batch
-                self._host_stats(k, t, dst, slot)
+        else:  # cast and copy into memory reused batch to batch
+            self._host_stats(k, t, dst, slot)
 
     def _device_stats(self, k: int, t: torch.Tensor, dst: torch.Tensor) -> None:
         stored = t.to(self._dtype)

@@ -72,7 +72,7 @@ def reference(model, ds, names, batch_size):
 
 
 def test_points_labels_ids_and_images_are_stored_as_computed(tmp_path):
-    torch.set_num_threads(2)  # the hooks' serial copies between parallel operations
+    torch.set_num_threads(2)  # parallel casts and copies in the hooks
     model = ft.TinyResNet()
     ds = load_dataset("shapes", "val", size=32, length=7)
     result = extract(model, ds, "stages", tmp_path / "c.h5", spec=SPEC, batch_size=3,

@@ -13,6 +13,7 @@ import torch
 import featlab.testing as ft
 from featlab import cli
 from featlab.cache import schema
+from featlab.cache.direct import DirectWriter
 from featlab.cache.writer import extract
 from featlab.data import load_dataset
 from featlab.errors import CacheError
@@ -45,18 +46,31 @@ def contents(path):
 
 
 def fail_writes_after(monkeypatch, calls):
-    """Make the HDF5 write path raise ENOSPC after `calls` point-row writes."""
-    original = h5py.Dataset.__setitem__
+    """Make point-row writes raise ENOSPC after `calls` of them (h5py or direct I/O)."""
     count = {"n": 0}
+
+    def tick():
+        count["n"] += 1
+        if count["n"] > calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    original = h5py.Dataset.__setitem__
 
     def setitem(self, key, value):
         if self.name.startswith("/points/"):
-            count["n"] += 1
-            if count["n"] > calls:
-                raise OSError(errno.ENOSPC, "No space left on device")
+            tick()
         return original(self, key, value)
 
+    direct = DirectWriter.write
+
+    def write(self, dset, first, array):
+        done = direct(self, dset, first, array)
+        if done:  # rows that went direct count here; the others reach setitem
+            tick()
+        return done
+
     monkeypatch.setattr(h5py.Dataset, "__setitem__", setitem)
+    monkeypatch.setattr(DirectWriter, "write", write)
 
 
 def test_disk_full_mid_run_leaves_a_cache_that_resumes_to_the_same_values(tmp_path, monkeypatch):
@@ -78,6 +92,37 @@ def test_disk_full_mid_run_leaves_a_cache_that_resumes_to_the_same_values(tmp_pa
     assert got.keys() == expected.keys()
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_direct_io_writes_the_same_file_and_a_failed_direct_write_resumes(tmp_path,
+                                                                           monkeypatch):
+    """O_DIRECT rows (layer1.0: 8x16x16 float16 = 4096 bytes) and h5py rows (layer1.1: 2048
+    bytes) give the values a buffered run gives; ENOSPC inside a direct write leaves a cache
+    that resumes to them."""
+    import featlab.cache.direct as direct
+
+    model, ds = ft.TinyResNet(), dataset()
+    monkeypatch.setenv("FEATLAB_DIRECT_IO", "0")
+    reference = contents(extract(model, ds, "stages", tmp_path / "ref.h5", **ARGS).path)
+    monkeypatch.delenv("FEATLAB_DIRECT_IO")
+    calls = {"n": 0}
+    pwrite = os.pwrite
+
+    def counted(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct.os, "pwrite", counted)
+    out = tmp_path / "c.h5"
+    with pytest.raises(CacheError, match="No space left on device.*resumable"):
+        extract(model, ds, "stages", out, **ARGS)
+    resumed = extract(model, ds, "stages", out, **ARGS)
+    assert resumed.skipped == 6 and calls["n"] > 3  # two batches, then direct writes again
+    got = contents(out)
+    for name in reference:
+        np.testing.assert_array_equal(got[name], reference[name], err_msg=name)
 
 
 def test_resuming_with_other_settings_names_the_setting(tmp_path, monkeypatch):
