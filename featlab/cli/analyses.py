@@ -10,6 +10,13 @@ from featlab.cli._output import _fmt, _print_json, _table
 log = logging.getLogger("featlab")
 
 
+def _result_options(p: argparse.ArgumentParser, default_out: str) -> None:
+    """``--out``, ``--force`` and ``--json``, shared by the commands that write a result."""
+    p.add_argument("--out", help=f"result path without suffix (default: {default_out})")
+    p.add_argument("--force", action="store_true", help="overwrite an existing result")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add this module's sub-commands to the ``featlab`` parser."""
     p = sub.add_parser("analyze",   # no common options here: the leaves take them
@@ -22,10 +29,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                    help="also the effective receptive field on the first N stored images "
                         "(needs --save-images at extraction and the same local weights)")
     p.add_argument("--device", help="cpu | cuda | cuda:N for --erf (default: cuda when available)")
-    p.add_argument("--out", help="result path without suffix (default: next to the cache, "
-                   "CACHE.resolution.json/.csv)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing result")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _result_options(p, "next to the cache, CACHE.resolution.json/.csv")
     p.set_defaults(func=cmd_analyze_resolution)
 
     p = analyses.add_parser("cka", parents=[common],
@@ -45,10 +49,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--positions", type=int, default=16, help="pixels: positions per image")
     p.add_argument("--seed", type=int, default=0, help="batches and positions seed")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--out", help="result path without suffix (default: next to the cache, "
-                   "CACHE.cka-KIND-SPATIAL.json/.csv)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing result")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _result_options(p, "next to the cache, CACHE.cka-KIND-SPATIAL.json/.csv")
     p.set_defaults(func=cmd_analyze_cka)
 
     p = sub.add_parser("probe", parents=[common],
@@ -73,10 +74,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="images read at a time")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--out", help="result path without suffix (default: next to --train, "
-                   "TRAIN.probe.json/.csv)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing result")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _result_options(p, "next to --train, TRAIN.probe.json/.csv")
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("saliency", parents=[common],
