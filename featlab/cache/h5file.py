@@ -6,10 +6,10 @@ all storage (``ALLOC_TIME_EARLY``, ``FILL_TIME_NEVER``, fixed shapes, no time st
 ids and index, flushes and closes -- in a temporary file renamed into place, so a partial cache
 always has complete metadata. :class:`RowWriter` then writes only raw data: a batch's rows,
 flush, the batch's ``written`` flags, flush (point rows that line up go straight to their
-chunks with ``O_DIRECT``, see :mod:`featlab.cache.direct`). A process killed at any instant leaves flagged rows
-intact (a re-written chunk carries the same bytes for rows already flagged), and a reader sees a
-row only after its data reached the file. Files are opened with ``locking=False`` so that readers
-can open a cache while it is being written.
+chunks with ``O_DIRECT``, see :mod:`featlab.cache.direct`). A process killed at any instant
+leaves flagged rows intact (a re-written chunk carries the same bytes for rows already
+flagged), and a reader sees a row only after its data reached the file. Files are opened with
+``locking=False`` so that readers can open a cache while it is being written.
 """
 
 from __future__ import annotations
