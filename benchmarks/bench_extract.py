@@ -5,23 +5,26 @@ resnet18 (random init) at 128 px on ``shapes``, every skip point, float16, in on
 * **bare**: ``model(spec.normalize(x))`` under ``torch.inference_mode`` over the same batches,
   already in memory;
 * **featlab extract**: ``featlab.extract`` end to end (points, file creation, a ``DataLoader``
-  over the samples, the forward, pooling/cast/copy in hooks, the writer thread, finalisation);
+  over the samples, the forward, pooling/cast/copy and the exact float16 error statistic in
+  hooks, the writer thread, finalisation);
 * **featlab, buffered**: the same with ``FEATLAB_DIRECT_IO=0`` (every row through h5py and the
   page cache instead of ``O_DIRECT``);
 * **floor**: the least any extractor of these bytes must do -- the forward, one cast of every
-  point into reused float16 buffers inside the hooks, and a thread that ``os.write``\ s those
-  bytes to a file with buffered ``write()`` (no HDF5, no statistics, no flags), from a
-  lower-priority thread as featlab's. Its ratio is this machine's ceiling for
-  the goal: the kernel's copy into the page cache and the cast share the cores with the forward;
+  point into reused float16 buffers inside the hooks, and a lower-priority thread that writes
+  those bytes to a file with ``O_DIRECT`` as featlab does (no HDF5, no statistics, no flags);
 * **plain**: the usual script -- forward hooks keeping the outputs, ``.cpu().numpy()``,
   ``astype(float16)`` and h5py writes in the loop, from the same ``DataLoader``. (It keeps
   references, as timm's FeatureHooks do, so ``bn1`` is stored after the in-place ReLU rewrote it:
   wrong values, shown only for its speed.)
 
-The samples are rendered once up front and served from memory, so that all three measure the
+Then, in a child process that first calls ``featlab.keep_freed_memory()`` -- what the
+``featlab`` command does for its own process -- **bare** and **featlab extract** again: the
+rate a user of the command gets, and the like-for-like ratio under that allocator setting.
+
+The samples are rendered once up front and served from memory, so that all measure the
 model and the cache, not the procedural data generator (its rate is printed separately).
 
-    python benchmarks/bench_extract.py [--samples 512] [--batch-size 32] [--repeats 2]
+    python benchmarks/bench_extract.py [--samples 512] [--batch-size 32] [--repeats 3]
 
 Run it on a quiet machine (``uptime``: load below 1.5 on this 2-core box).
 """
@@ -29,8 +32,11 @@ Run it on a quiet machine (``uptime``: load below 1.5 on this 2-core box).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -40,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import featlab
+from featlab.cache.direct import aligned_empty
 from featlab.cache.stream import WRITER_NICE, _lower_priority
 from featlab.cache.writer import extract
 from featlab.data import load_dataset
@@ -94,7 +101,7 @@ def floor_rate(model, spec, ds, batch_size: int, folder: str) -> float:
 
     points = featlab.skip_points(model, input_size=ds[0]["image"].shape[-1])
     modules = dict(model.named_modules())
-    buffers = [{p.name: torch.empty((batch_size, p.channels, *p.size), dtype=torch.float16)
+    buffers = [{p.name: aligned_empty((batch_size, p.channels, *p.size), torch.float16)
                 for p in points} for _ in range(3)]
     free, todo = queue.Queue(), queue.Queue(maxsize=1)
     for b in buffers:
@@ -114,7 +121,11 @@ def floor_rate(model, spec, ds, batch_size: int, folder: str) -> float:
     handles = [modules[p.module].register_forward_hook(
         lambda m, a, out, name=p.name: hook(m, a, out, name)) for p in points]
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
-    fd = os.open(os.path.join(folder, "floor.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    name, flags = os.path.join(folder, "floor.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    try:  # as featlab writes its rows (every buffer here is 4 KiB-aligned in size and address)
+        fd = os.open(name, flags | os.O_DIRECT)
+    except (AttributeError, OSError):
+        fd = os.open(name, flags)
     writer = threading.Thread(target=write, args=(fd,))
     t0 = time.perf_counter()
     writer.start()
@@ -168,6 +179,29 @@ def _row_bytes(path: str) -> int:
         return sum(d[0].nbytes for d in f["points"].values()) + f["labels"][0].nbytes
 
 
+def kept_rates(args: argparse.Namespace) -> tuple[float, tuple[float, float, int]]:
+    """Bare and featlab rates from a child process that keeps freed memory (the command's
+    setting, which is process-wide and cannot be undone, hence a process of its own)."""
+    cmd = [sys.executable, __file__, "--child", "--samples", str(args.samples), "--size",
+           str(args.size), "--batch-size", str(args.batch_size)]
+    if args.dir:
+        cmd += ["--dir", args.dir]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = json.loads(done.stdout.splitlines()[-1])
+    return out["bare"], tuple(out["featlab"])
+
+
+def child(args: argparse.Namespace, ds, model, spec) -> None:
+    assert featlab.keep_freed_memory(), "needs glibc"
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        bare_rate(model, spec, ds, args.batch_size, 1)  # warm-up: the heap reaches its size
+        bare = bare_rate(model, spec, ds, args.batch_size, 1)
+        feat = featlab_rate(model, spec, ds, args.batch_size, folder)
+    print(json.dumps({"bare": bare, "featlab": feat}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=512)
@@ -176,19 +210,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="folder for the files (default: a temp dir)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
-          f"{os.getloadavg()[0]:.2f}")
     raw = load_dataset("shapes", split="val", size=args.size, length=args.samples)
     t0 = time.perf_counter()
     ds = InMemory(raw)
-    print(f"shapes generation at {args.size} px: {len(ds) / (time.perf_counter() - t0):.0f} "
-          "images/s (done once, before the timings)")
+    rendering = len(ds) / (time.perf_counter() - t0)
     model, spec = featlab.get_backbone("resnet18", weights="none")
-    bare, feat, buffered, floor, plain = [], [], [], [], []
+    if args.child:
+        child(args, ds, model, spec)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.2f}")
+    print(f"shapes generation at {args.size} px: {rendering:.0f} images/s (done once, before "
+          "the timings)")
+    bare, feat, buffered, floor, plain, kept_bare, kept_feat = [], [], [], [], [], [], []
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         bare_rate(model, spec, ds, args.batch_size, 1)  # warm-up (allocator, oneDNN kernels)
         for _ in range(args.repeats):  # interleaved rounds: each ratio compares neighbours
@@ -197,21 +236,31 @@ def main() -> None:
             buffered.append(featlab_rate(model, spec, ds, args.batch_size, folder, direct=False))
             floor.append(floor_rate(model, spec, ds, args.batch_size, folder))
             plain.append(plain_rate(model, spec, ds, args.batch_size, folder))
+            b, f = kept_rates(args)
+            kept_bare.append(b)
+            kept_feat.append(f)
             print(f"  round: bare {bare[-1]:.1f}, featlab {feat[-1][0]:.1f}, buffered "
-                  f"{buffered[-1][0]:.1f}, floor {floor[-1]:.1f}, plain {plain[-1][0]:.1f} images/s (load "
+                  f"{buffered[-1][0]:.1f}, floor {floor[-1]:.1f}, plain {plain[-1][0]:.1f}; "
+                  f"memory kept: bare {b:.1f}, featlab {f[0]:.1f} images/s (load "
                   f"{os.getloadavg()[0]:.2f})", flush=True)
     print(f"\nresnet18, {args.size} px, {len(ds)} samples, batch {args.batch_size}, all skip "
-          f"points, float16; best of {args.repeats} rounds, ratio = median over rounds")
-    print(f"{'variant':<20} {'images/s':>9} {'vs bare':>8} {'MB/s':>7} {'file':>10}")
+          f"points, float16; best of {args.repeats} rounds, ratios = median over rounds")
+    print(f"{'variant':<31} {'images/s':>9} {'vs bare':>8} {'vs kept':>8} {'MB/s':>7} "
+          f"{'file':>10}")
     rows = [("bare forward", [(b, None, None) for b in bare]), ("featlab extract", feat),
             ("featlab, buffered", buffered),
-            ("floor: cast+write", [(f, None, None) for f in floor]),
-            ("plain hooks + h5py", plain)]
+            ("floor: cast + direct write", [(f, None, None) for f in floor]),
+            ("plain hooks + h5py", plain),
+            ("memory kept: bare forward", [(b, None, None) for b in kept_bare]),
+            ("memory kept: featlab extract", kept_feat)]
     for name, runs in rows:
         best = max(runs, key=lambda r: r[0])
         ratio = statistics.median(r[0] / b for r, b in zip(runs, bare))
+        kept = (statistics.median(r[0] / b for r, b in zip(runs, kept_bare))
+                if name.startswith("memory kept") else None)
         mbs, size = best[1], best[2]
-        print(f"{name:<20} {best[0]:9.1f} {ratio:8.2f} "
+        print(f"{name:<31} {best[0]:9.1f} {ratio:8.2f} "
+              f"{'' if kept is None else f'{kept:8.2f}':>8} "
               f"{'' if mbs is None else f'{mbs:7.0f}':>7} "
               f"{'' if size is None else f'{size / 2**20:7.0f} MiB':>10}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")

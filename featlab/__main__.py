@@ -1,5 +1,5 @@
 """``python -m featlab`` (and ``torchrun -m featlab``) runs the command-line interface."""
 
-from featlab.cli import main
+from featlab.cli import run
 
-raise SystemExit(main())
+run()

@@ -47,11 +47,22 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         os.environ["FEATLAB_PROGRESS"] = "0"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``featlab`` console script; returns the exit code."""
+def run() -> None:
+    """The ``featlab`` console script and ``python -m featlab``: :func:`main` in a process of its
+    own, which keeps freed memory for reuse (:mod:`featlab.allocator`) unless
+    ``FEATLAB_KEEP_MEMORY=0``."""
+    raise SystemExit(main(own_process=True))
+
+
+def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int:
+    """Run one ``featlab`` command in this process; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.quiet, args.verbose)
+    if own_process and os.environ.get("FEATLAB_KEEP_MEMORY", "1") != "0":
+        from featlab.allocator import keep_freed_memory
+
+        keep_freed_memory()
     try:
         return args.func(args)
     except FeatlabError as err:

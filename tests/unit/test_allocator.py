@@ -1,0 +1,73 @@
+"""keep_freed_memory: large freed blocks are reused instead of page-faulted back in."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import featlab
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+
+# Allocate, touch and free a 64 MiB block 5 times, then print the minor page faults of 5 more
+# rounds. 64 MiB is above glibc's largest mmap threshold (32 MiB): by default every round maps
+# fresh pages (16k faults a round). Kept, the heap grows for the first few rounds (an aligned
+# request is a little larger than the block freed before it, until freed blocks coalesce) and
+# then serves every round from pages it already has.
+SCRIPT = textwrap.dedent("""
+    import resource, sys
+    import torch
+    import featlab
+    if sys.argv[1] == "keep":
+        assert featlab.keep_freed_memory()
+    for _ in range(5):
+        torch.ones(16 << 20)  # 64 MiB of float32, written, then freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(16 << 20)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+def minor_faults(mode: str) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, mode], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.split()[-1])
+
+
+def test_freed_blocks_are_reused_instead_of_faulted_back():
+    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    default, kept = minor_faults("default"), minor_faults("keep")
+    assert default > 5 * pages, default  # a fresh mapping every round
+    assert kept < pages // 10, kept
+
+
+def run_cli(*args, **env):
+    return subprocess.run([sys.executable, "-m", "featlab", *args],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+
+
+def test_the_command_keeps_freed_memory_unless_told_not_to():
+    on = run_cli("datasets", "-v")
+    off = run_cli("datasets", "-v", FEATLAB_KEEP_MEMORY="0")
+    assert on.returncode == off.returncode == 0, on.stderr + off.stderr
+    assert "keep freed memory (glibc mallopt): on" in on.stderr
+    assert "keep freed memory" not in off.stderr
+
+
+def test_in_process_main_leaves_the_allocator_alone(capsys, caplog):
+    from featlab.cli import main
+
+    with caplog.at_level("DEBUG", logger="featlab"):
+        assert main(["datasets", "-v"]) == 0
+    assert "keep freed memory" not in caplog.text + capsys.readouterr().err
+
+
+def test_is_public():
+    assert "keep_freed_memory" in dir(featlab)
