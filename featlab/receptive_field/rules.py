@@ -132,6 +132,8 @@ def _pool_function(ctx: _Context, x: _State) -> _State:
 def _adaptive_pool(ctx: _Context, x: _State) -> _State:
     src, out = ctx.shape(ctx.node.args[0]), ctx.shape(ctx.node)
     out = out[0] if isinstance(out, list) else out  # (values, indices)
+    if src is None or out is None:  # e.g. after the deepest point, where measuring stopped
+        return _unknown(f"{_describe(ctx)} whose sizes were not measured at {ctx.where}")
     (hi, wi), (ho, wo) = src[-2:], out[-2:]
     if (hi, wi) == (ho, wo):
         return x

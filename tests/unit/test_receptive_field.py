@@ -178,3 +178,13 @@ def test_rfaxis_rejects_broken_invariants():
     with pytest.raises(ValueError):
         RFAxis(size=0)
     assert RFAxis(11, 4, -5).padding == 5
+
+
+def test_adaptive_pool_without_measured_sizes_is_unknown_not_a_crash():
+    # measuring stops after the deepest point, so a classifier's pool may have no sizes
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1))
+    gm = fx.symbolic_trace(net)
+    shapes = {"input_1": (1, 3, 16, 16), "_0": (1, 4, 16, 16)}
+    fields = graph_receptive_fields(gm.graph, gm, shapes)
+    assert fields["_0"].status == "exact"
+    assert fields["_1"].status == "unknown: AdaptiveAvgPool2d whose sizes were not measured at 1"
