@@ -13,11 +13,11 @@ blocks, and free memory at the top of the heap is kept up to :data:`KEEP_BYTES`.
 The trade-off is memory: the heap shrinks only past :data:`KEEP_BYTES` of free memory, and
 large aligned blocks fragment it for the first few batches, so the peak grows (resnet18
 extraction: the same 1.3 GB at 128 px, batch 32; 4.3 instead of 3.2 GB at 512 px, batch 16,
-where it ran 1.56x faster). Memory still does not grow with the number of samples. It is
+where it ran 1.2-1.6x faster). Memory still does not grow with the number of samples. It is
 process-wide and stays on, which is why the ``featlab`` command does it for its own process
 and the library never does it behind a user's back; call it once at the top of a CPU script or
-notebook to get the same. ``FEATLAB_KEEP_MEMORY=0`` turns it off for
-the command. Elsewhere than glibc (macOS, Windows, musl) it does nothing.
+notebook to get the same. ``FEATLAB_KEEP_MEMORY=0`` turns it off for the command. Elsewhere
+than glibc (macOS, Windows, musl) it does nothing.
 
 Examples:
     >>> import featlab
@@ -59,4 +59,3 @@ def keep_freed_memory() -> bool:
     ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES) == 1
     log.debug("keep freed memory (glibc mallopt): %s", "on" if ok else "refused")
     return ok
-
