@@ -195,6 +195,15 @@ class _Context:
     def shape(self, value: object) -> object:
         return self.shapes.get(value.name) if isinstance(value, fx.Node) else None
 
+    def sizes(self, *values: object) -> list:
+        """The measured shapes of ``values``, for rules that need them; ``ValueError`` (the rule
+        then reports unknown) where one was not measured, e.g. after the deepest point, where
+        measuring stops."""
+        shapes = [self.shape(v) for v in values]
+        if any(s is None for s in shapes):
+            raise ValueError("sizes not measured")
+        return shapes
+
     def bind(self, names: tuple[str, ...], **defaults: object) -> dict[str, object]:
         bound = dict(defaults)
         bound.update(zip(names, self.node.args))

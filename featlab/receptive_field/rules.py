@@ -116,7 +116,7 @@ def _window_module(ctx: _Context, x: _State) -> _State:
 def _conv_function(ctx: _Context, x: _State) -> _State:
     a = ctx.bind(("input", "weight", "bias", "stride", "padding", "dilation"),
                  stride=1, padding=0, dilation=1)
-    kernel = ctx.shape(a["weight"])[-2:]
+    kernel = ctx.sizes(a["weight"])[0][-2:]
     return _window(ctx, x, kernel, a["stride"], a["padding"], a["dilation"])
 
 
@@ -130,10 +130,8 @@ def _pool_function(ctx: _Context, x: _State) -> _State:
 
 @_rule(nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
 def _adaptive_pool(ctx: _Context, x: _State) -> _State:
-    src, out = ctx.shape(ctx.node.args[0]), ctx.shape(ctx.node)
+    src, out = ctx.sizes(ctx.node.args[0], ctx.node)
     out = out[0] if isinstance(out, list) else out  # (values, indices)
-    if src is None or out is None:  # e.g. after the deepest point, where measuring stopped
-        return _unknown(f"{_describe(ctx)} whose sizes were not measured at {ctx.where}")
     (hi, wi), (ho, wo) = src[-2:], out[-2:]
     if (hi, wi) == (ho, wo):
         return x
@@ -177,7 +175,7 @@ def _flatten(ctx: _Context, x: _State) -> _State:
 
 @_rule(torch.reshape, "Tensor.view", "Tensor.reshape")
 def _reshape(ctx: _Context, x: _State) -> _State:
-    src, out = ctx.shape(ctx.node.args[0]), ctx.shape(ctx.node)
+    src, out = ctx.sizes(ctx.node.args[0], ctx.node)
     if tuple(src) == tuple(out):
         return x
     # row-major reshapes that keep the trailing (H, W) dims keep every spatial slab intact

@@ -187,4 +187,4 @@ def test_adaptive_pool_without_measured_sizes_is_unknown_not_a_crash():
     shapes = {"input_1": (1, 3, 16, 16), "_0": (1, 4, 16, 16)}
     fields = graph_receptive_fields(gm.graph, gm, shapes)
     assert fields["_0"].status == "exact"
-    assert fields["_1"].status == "unknown: AdaptiveAvgPool2d whose sizes were not measured at 1"
+    assert fields["_1"].status == "unknown: AdaptiveAvgPool2d at 1 (sizes not measured)"
