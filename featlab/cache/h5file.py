@@ -56,6 +56,7 @@ class FileLayout:
     id_length: int
     label_chunk_rows: int
     image_chunk_rows: int
+    error_stat: str = "exact"
 
 
 def _dcpl() -> h5py.h5p.PropDCID:
@@ -119,7 +120,8 @@ def _create(tmp: str, layout: FileLayout, attrs: Mapping[str, Any], ids: Sequenc
                 dset.attrs[key] = value
         f.create_group(S.STATS)
         _dataset(f, S.NONFINITE, (n, len(layout.points)), np.int64)
-        _dataset(f, S.ABS_ERROR, (n, len(layout.points)), np.float32)
+        _dataset(f, S.ABS_ERROR, (n, len(layout.points)), np.float32).attrs["statistic"] = \
+            layout.error_stat
         f.flush()
 
 

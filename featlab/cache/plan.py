@@ -32,6 +32,7 @@ __all__ = ["PointPlan", "ExtractPlan", "plan_extract", "stored_size", "chunk_row
            "free_disk_bytes", "format_bytes", "DTYPES", "CHUNK_MIN_BYTES", "CHUNK_MAX_BYTES"]
 
 DTYPES = {"float16": 2, "float32": 4}
+ERROR_STATS = ("bound", "exact")  # the float16 rounding error recorded (featlab.cache.taps)
 CHUNK_MIN_BYTES = 2**20  # R-13.1: chunks of ~1-4 MB; one sample is never split
 CHUNK_MAX_BYTES = 4 * 2**20
 _STATS_BYTES = 8 + 4  # per sample and point: /stats/nonfinite int64 + /stats/abs_error float32
@@ -242,6 +243,14 @@ def check_dtype(dtype: Any) -> str:
         raise ConfigError(f"`dtype` must be one of {', '.join(DTYPES)}; got {dtype!r}. Fix: "
                           "float16 halves the size (its rounding error is recorded per sample).")
     return name
+
+
+def check_error_stat(error_stat: Any) -> str:
+    if error_stat not in ERROR_STATS:
+        raise ConfigError(f"`error_stat` must be one of {', '.join(ERROR_STATS)}; got "
+                          f"{error_stat!r}. Fix: 'bound' (half the float16 spacing at the largest "
+                          "stored value) or 'exact' (max |x - stored|, slower on the CPU).")
+    return error_stat
 
 
 def check_max_size(max_size: Any) -> int:

@@ -17,8 +17,11 @@ Layout (N samples, points P, input H x W)::
     /points/<name>  [N, C, h, w]   float16|float32, chunks (k, C, h, w); attrs: POINT_ATTRS
     /stats/nonfinite [N, P] int64  count of NaN/Inf values of the stored array per sample and point
                                  (P in point order; float16 overflow counts)
-    /stats/abs_error [N, P] float32  max |x - float32(stored)| per sample and point over finite x
-                                 (0 for float32; inf where a finite x overflowed float16)
+    /stats/abs_error [N, P] float32  float16 rounding error per sample and point, as its attribute
+                                 ``statistic`` says (absent in older caches: exact). "bound":
+                                 half the float16 spacing at the largest finite |stored|;
+                                 "exact": max |x - float32(stored)| over finite x. 0 for
+                                 float32; inf where a finite x overflowed float16
 
 A cache written by several processes (``torchrun``) is a main file whose datasets are HDF5
 virtual datasets over per-rank shard files in ``<name>.shards/`` next to it; readers (featlab's

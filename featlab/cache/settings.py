@@ -51,6 +51,9 @@ class ExtractSettings:
         limit: the ``limit`` asked for (None = all samples).
         save_images: whether ``/images`` is stored.
         world_size: processes writing it (shards).
+        error_stat: the float16 rounding error in ``/stats/abs_error``, ``"bound"`` or
+            ``"exact"`` (:mod:`featlab.cache.taps`; ``"exact"`` for float32, which loses nothing,
+            and in caches written before the setting existed).
     """
 
     model: Mapping[str, Any]
@@ -65,6 +68,7 @@ class ExtractSettings:
     limit: int | None = None
     save_images: bool = False
     world_size: int = 1
+    error_stat: str = "exact"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "points", tuple(self.points))
@@ -105,6 +109,7 @@ class ExtractSettings:
         for name, flag in (("points", "`--points`"), ("input_size", "`--input-size`"),
                            ("dtype", "`--dtype`"), ("max_size", "`--max-size`"),
                            ("limit", "`--limit`"), ("save_images", "`--save-images`"),
+                           ("error_stat", "`--error-stat`"),
                            ("world_size", "the number of processes (torchrun world size)"),
                            ("num_samples", "the number of samples"),
                            ("ids_sha256", "the data set's sample ids (their sha256)")):

@@ -22,8 +22,8 @@ from featlab import distributed as fdist
 from featlab.cache import h5file
 from featlab.cache import schema as S
 from featlab.cache.files import CachePaths, check_writable, refuse_complete
-from featlab.cache.plan import (ExtractPlan, check_dtype, check_max_size, free_disk_bytes,
-                                plan_extract)
+from featlab.cache.plan import (ExtractPlan, check_dtype, check_error_stat, check_max_size,
+                                free_disk_bytes, plan_extract)
 from featlab.cache.settings import (ExtractSettings, absolute_root, ids_fingerprint,
                                     state_fingerprint)
 from featlab.errors import ConfigError
@@ -58,6 +58,7 @@ class Job:
 
 def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.PathLike, *,
                 spec: Any = None, batch_size: int = 32, dtype: str = "float16",
+                error_stat: str = "bound",
                 max_size: int | None = None, limit: int | None = None,
                 save_images: bool = False, device: str | torch.device | None = None,
                 num_workers: int | None = None, force: bool = False, queue_size: int = 2,
@@ -74,6 +75,8 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
         if not isinstance(value, bool):
             raise ConfigError(f"`{name}` must be True or False; got {value!r}.")
     dtype, max_size = check_dtype(dtype), check_max_size(max_size)
+    # float32 storage loses nothing: its recorded error, 0, is exact whatever was asked
+    error_stat = check_error_stat(error_stat) if dtype == "float16" else "exact"
     root = unwrap_model(model)
     spec = _resolve_spec(model, root, spec)
     ids_all = _check_dataset(dataset)
@@ -102,7 +105,8 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
         model=spec.to_dict(), model_state=state_fingerprint(root),
         data=absolute_root(dataset.settings()), ids_sha256=ids_fingerprint(stored_ids),
         num_samples=n, points=tuple(p.name for p in pts), input_size=input_size, dtype=dtype,
-        max_size=max_size, limit=limit, save_images=save_images, world_size=info.world_size)
+        max_size=max_size, limit=limit, save_images=save_images, world_size=info.world_size,
+        error_stat=error_stat)
     stored = [pp.stored_size for pp in plan.points]
     layout = h5file.FileLayout(
         num_rows=len(shard), input_size=input_size, dtype=dtype,
@@ -111,7 +115,7 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
             {"skip_point": _json({**p.to_dict(), "rf_status": p.rf_status}),
              "stored_size": _json(list(pp.stored_size)), "pooling": pp.pooling})
             for p, pp in zip(pts, plan.points)),
-        save_images=save_images, id_length=id_length,
+        save_images=save_images, id_length=id_length, error_stat=error_stat,
         label_chunk_rows=_rows(input_size[0] * input_size[1], len(shard), batch_size),
         image_chunk_rows=_rows(3 * input_size[0] * input_size[1], len(shard), batch_size))
     attrs = _root_attrs(root, dataset, settings, spec, info, device, batch_size, len(shard))

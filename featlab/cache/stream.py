@@ -87,7 +87,7 @@ def stream(job: Job, path: str, written: np.ndarray, *, progress: bool, stop_ear
         writer.start()
         taps = Taps(root, [p.name for p in pts], [p.module for p in pts],
                     [(p.channels, *p.size) for p in pts], job.stored,
-                    getattr(torch, job.settings.dtype), stop_early)
+                    getattr(torch, job.settings.dtype), job.settings.error_stat, stop_early)
         normalize = _normalizer(job.spec, device)
         place = torch.cuda.device(device) if cuda else contextlib.nullcontext()
         lagging: Slot | None = None

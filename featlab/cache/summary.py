@@ -43,7 +43,8 @@ def summary(cache) -> dict:
     Returns:
         A dict with ``path``, ``schema``, ``schema_version``, ``complete``, ``in_progress``,
         ``written``, ``total``, ``model``, ``data``, ``classes``, ``ignore_index``,
-        ``ids_sha256``, ``input_size``, ``dtype``, ``max_size``, ``versions``, ``created``,
+        ``ids_sha256``, ``input_size``, ``dtype``, ``error_stat`` (what ``/stats/abs_error``
+        holds: ``bound`` or ``exact``), ``max_size``, ``versions``, ``created``,
         ``world_size``, ``has_images``, ``points`` (per point: its SkipPoint record plus
         ``stored_size``, ``pooling``, ``shape`` [N, C, h, w], ``dtype``, ``bytes`` on disk,
         ``bytes_per_sample``), ``arrays`` (labels/images/stats: shape, dtype, bytes),
@@ -87,6 +88,8 @@ def summary(cache) -> dict:
         "ids_sha256": cache.ids_sha256,
         "input_size": list(cache.input_size),
         "dtype": cache.dtype,
+        "error_stat": (str(decode_attr(f[schema.ABS_ERROR].attrs.get("statistic", "exact")))
+                       if schema.ABS_ERROR in f else None),
         "max_size": cache.max_size,
         "versions": cache.versions,
         "created": cache.created,
@@ -158,7 +161,7 @@ def format_summary(info: dict) -> str:
         f"  model     {_model_line(info['model'])}",
         f"  data      {_data_line(info)}; {len(info['classes'])} classes, ignore "
         f"{info['ignore_index']}; ids sha256 {(info['ids_sha256'] or '?')[:12]}",
-        f"  input     {'x'.join(map(str, size)) or '?'}  dtype {info['dtype']}  max_size "
+        f"  input     {'x'.join(map(str, size)) or '?'}  dtype {_dtype(info)}  max_size "
         f"{info['max_size']}{' (no pooling)' if not info['max_size'] else ''}",
     ]
     table = [_POINT_HEADER, *_point_rows(info)]
@@ -181,12 +184,18 @@ def format_summary(info: dict) -> str:
     return "\n".join(lines)
 
 
+def _dtype(info: dict) -> str:
+    if info["dtype"] == "float16" and info.get("error_stat"):
+        return f"float16 (rounding error: {info['error_stat']})"
+    return str(info["dtype"])
+
+
 def summary_html(info: dict) -> str:
     """An HTML table of :func:`summary` for Jupyter (``_repr_html_``)."""
     e = html.escape
     facts = [("status", _status(info)), ("model", _model_line(info["model"])),
              ("data", _data_line(info) + f"; {len(info['classes'])} classes"),
-             ("input", f"{'x'.join(map(str, info['input_size']))}, dtype {info['dtype']}, "
+             ("input", f"{'x'.join(map(str, info['input_size']))}, dtype {_dtype(info)}, "
                        f"max_size {info['max_size']}"),
              ("file", f"{human_bytes(info['file_size'])} in {len(info['files'])} file(s)"),
              ("ids sha256", (info["ids_sha256"] or "?")[:16])]

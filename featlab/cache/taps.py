@@ -9,9 +9,21 @@ arrays that the writer thread turns into HDF5 rows and hands back for reuse. The
 inside the hook, so in-place operations after the module (``ReLU(inplace=True)``, ``out +=
 identity``) cannot change it; a CUDA copy is queued on the stream before them.
 
-The hooks also count non-finite values of the stored arrays and the largest rounding error of
-the cast per sample (R-4.3), and check that each point's module ran exactly once. Hooks exist
-only inside the ``with`` block of :class:`Taps`.
+The hooks also count non-finite values of the stored arrays and record the float16 rounding
+error per sample (R-4.3), and check that each point's module ran exactly once. Hooks exist only
+inside the ``with`` block of :class:`Taps`.
+
+The rounding error is one of two statistics (``plan.ERROR_STATS``; float32 storage records 0):
+
+* ``"bound"``: half the float16 spacing at the sample's largest stored magnitude -- the most
+  that rounding can have changed any of its values (an exact bound, not an estimate). It needs
+  only the stored copy: two reductions over float16, and anyone can recompute it from the file.
+* ``"exact"``: max |x - float32(stored)|, which needs the float32 values again: a copy back,
+  a subtraction and two reductions per point, ~12 % of a resnet18 forward on two CPU cores
+  (``benchmarks/README.md``).
+
+Both are ``inf`` where a finite value overflowed float16, and measured over the finite values
+otherwise.
 """
 
 from __future__ import annotations
@@ -26,7 +38,22 @@ from torch import nn
 from featlab.cache.direct import aligned_empty
 from featlab.errors import ConfigError, ReusedModuleError, SkipPointNotFiredError
 
-__all__ = ["Slot", "Taps", "check_eval"]
+__all__ = ["Slot", "Taps", "check_eval", "float16_error_bound", "rounding_error"]
+
+_MIN_NORMAL = 2.0 ** -14  # smallest normal float16; below it the spacing is 2**-24
+
+
+def float16_error_bound(max_abs: torch.Tensor) -> torch.Tensor:
+    """Half the float16 spacing at ``max_abs`` (finite, float32): the largest error of rounding
+    to float16 any value whose float16 copy is at most ``max_abs`` in magnitude.
+
+    Examples:
+        >>> float16_error_bound(torch.tensor([1.0, 1.5, 65504.0, 0.0]))
+        tensor([4.8828e-04, 4.8828e-04, 1.6000e+01, 2.9802e-08])
+    """
+    _, exponent = torch.frexp(max_abs)  # max_abs = m * 2**exponent, 0.5 <= m < 1
+    normal = torch.ldexp(torch.ones_like(max_abs), exponent - 12)
+    return torch.where(max_abs >= _MIN_NORMAL, normal, torch.full_like(max_abs, 2.0 ** -25))
 
 
 class Slot:
@@ -71,12 +98,13 @@ class Taps:
         shapes: the network's ``(C, H, W)`` of each point.
         stored: ``(h, w)`` stored for each point (pooled when smaller than ``H, W``).
         dtype: storage dtype.
+        error_stat: the float16 rounding error recorded, ``"bound"`` or ``"exact"``.
         stop_early: end the forward after the deepest point.
     """
 
     def __init__(self, root: nn.Module, names: Sequence[str], modules: Sequence[str],
                  shapes: Sequence[tuple[int, int, int]], stored: Sequence[tuple[int, int]],
-                 dtype: torch.dtype, stop_early: bool = True):
+                 dtype: torch.dtype, error_stat: str = "bound", stop_early: bool = True):
         self._root = root
         self._names = list(names)
         self._modules = [root.get_submodule(m) for m in modules]
@@ -85,6 +113,7 @@ class Taps:
         self._pool = [tuple(st) != tuple(sh[1:]) for st, sh in zip(self._stored, self._shapes)]
         self._dtype = dtype
         self._half = dtype == torch.float16
+        self._exact = error_stat == "exact"
         self._stop_early = stop_early
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._slot: Slot | None = None
@@ -177,47 +206,62 @@ class Taps:
         stored = t.to(self._dtype)
         dst.copy_(stored, non_blocking=True)  # queued before any later in-place op on `t`
         nonfinite, abs_error = self._dev_stats
-        flat = stored.reshape(len(dst), -1)
-        nonfinite[:, k] = (~torch.isfinite(flat)).sum(1)
+        flat, x = stored.reshape(len(dst), -1), t.reshape(len(dst), -1)
+        finite = torch.isfinite(flat)
+        nonfinite[:, k] = (~finite).sum(1)
         if self._half:
-            x = t.reshape(len(dst), -1).float()
-            err = torch.where(torch.isfinite(x), (x - flat.float()).abs(), 0.0)
-            abs_error[:, k] = err.amax(1)
+            abs_error[:, k] = rounding_error(x, flat, finite, self._exact)
 
     def _host_stats(self, k: int, t: torch.Tensor, dst: torch.Tensor, slot: Slot) -> None:
         n = len(dst)
         flat = dst.reshape(n, -1)
         x = t.reshape(n, -1)
+        flat.copy_(x)  # the cast and copy into memory reused batch after batch
+        # Whole-batch operations into preallocated memory, with same-dtype operands and
+        # amin/amax: the vectorised kernels, and few of them. (Per-sample or per-block loops
+        # stay in the CPU cache but start many short parallel regions, which stall badly when
+        # other processes share the cores; aminmax along a dim is a slow kernel.) A row whose
+        # statistic is not finite holds a NaN or inf somewhere: exact counts only for those.
         if not self._half:
-            flat.copy_(x)  # the copy into memory reused batch after batch
             slot.abs_error[:n, k] = 0.0
             # one pass: a sum is finite when every value is (an overflowing sum of finite values
             # only sends the sample to the exact count below)
             finite = torch.isfinite(flat.sum(1))
-        else:
-            # Whole-batch operations into preallocated memory, with same-dtype operands and
-            # amin/amax: the vectorised kernels, and few of them. (Per-sample or per-block loops
-            # stay in the CPU cache but start many short parallel regions, which stall badly
-            # when other processes share the cores; aminmax along a dim is a slow kernel.)
-            flat.copy_(x)  # the cast to float16
+        elif self._exact:
             if self._scratch.numel() < x.numel():
                 self._scratch = torch.empty(x.numel(), dtype=torch.float32)
             diff = self._scratch[:x.numel()].view(n, -1)
             diff.copy_(flat)
             diff.sub_(x)
-            low, high = diff.amin(1), diff.amax(1)
-            # finite iff x and its float16 copy are finite everywhere (NaN - NaN, inf - inf are
-            # NaN; a finite x overflowing to inf gives inf): exact counts only for the others
-            err = torch.maximum(high, -low)
+            # NaN - NaN, inf - inf are NaN; a finite x overflowing to inf gives inf
+            err = torch.maximum(diff.amax(1), -diff.amin(1))
             slot.abs_error[:n, k] = err
             finite = torch.isfinite(err)
+        else:
+            largest = torch.maximum(flat.amax(1), -flat.amin(1)).float()  # NaN if any is NaN
+            finite = torch.isfinite(largest)
+            slot.abs_error[:n, k] = float16_error_bound(torch.where(finite, largest, 0.0))
         slot.nonfinite[:n, k] = 0
         for i in torch.nonzero(~finite).flatten().tolist():
-            slot.nonfinite[i, k] = int((~torch.isfinite(flat[i])).sum())
+            row = torch.isfinite(flat[i])
+            slot.nonfinite[i, k] = int((~row).sum())
             if self._half:
-                xi = x[i].float()
-                err = torch.where(torch.isfinite(xi), (xi - flat[i].float()).abs(), 0.0)
-                slot.abs_error[i, k] = float(err.max()) if err.numel() else 0.0
+                slot.abs_error[i, k] = rounding_error(x[i:i + 1], flat[i:i + 1], row[None],
+                                                      self._exact)[0]
+
+
+def rounding_error(x: torch.Tensor, stored: torch.Tensor, finite: torch.Tensor, exact: bool
+                   ) -> torch.Tensor:
+    """The float16 rounding error statistic per row of ``x`` ``[n, m]`` and its float16 copy
+    ``stored`` (``finite``: ``isfinite(stored)``): whole-tensor operations without a host sync.
+    ``inf`` where a finite value of ``x`` overflowed; the rest measured over finite values."""
+    x_finite = torch.isfinite(x)
+    if exact:
+        x = x.float()
+        return torch.where(x_finite, (x - stored.float()).abs(), 0.0).amax(1)
+    largest = torch.where(finite, stored.abs(), 0.0).amax(1).float()
+    overflow = (x_finite & ~finite).any(1)
+    return torch.where(overflow, torch.inf, float16_error_bound(largest))
 
 
 def check_eval(modules: Sequence[nn.Module], names: dict[int, str]) -> None:

@@ -5,8 +5,9 @@ recomputed, unique ids, ``point_names`` against ``/points`` and execution order,
 a distributed cache), shapes (every dataset against ``num_samples``, each point against its
 SkipPoint record, ``stored_size`` and ``pooling``, labels/images against ``input_size``),
 completeness (flag values, the ``complete`` attribute against the flags and the file name) and
-values of written samples (NaN/Inf recounted against ``/stats/nonfinite``, labels in
-``[0, classes) ∪ {ignore_index}``, every chunk readable). Only a file that is not a featlab cache
+values of written samples (NaN/Inf recounted against ``/stats/nonfinite``, a float16 error bound
+recomputed against ``/stats/abs_error``, labels in ``[0, classes) ∪ {ignore_index}``, every
+chunk readable). Only a file that is not a featlab cache
 raises (CacheError: the CLI's "bad input", exit 2); everything else becomes a :class:`Problem`.
 
 Examples:
@@ -38,7 +39,7 @@ _FIX_EXTRACT = "Fix: re-extract the cache (featlab.extract / `featlab extract`).
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a cache. ``check`` is one of metadata, files, shape, completeness,
-    nonfinite, labels, read."""
+    nonfinite, abs_error, labels, read."""
 
     check: str
     message: str
@@ -122,6 +123,7 @@ class _Verifier:
     ids: list | None = None
     records: dict = field(default_factory=dict)  # point name -> SkipPoint
     scannable: list = field(default_factory=list)  # point names safe to read row by row
+    bound_ok: bool = False  # /stats/abs_error holds bounds that the stored values must give
 
     def __post_init__(self):
         self.attrs, bad = read_root_attrs(self.f)
@@ -321,8 +323,10 @@ class _Verifier:
         if self.flags is None:
             return
         f = self.f
-        stats_ok = (schema.NONFINITE in f and f[schema.NONFINITE].shape
-                    == (self.n, len(self.attrs.get("point_names") or [])))
+        stats_shape = (self.n, len(self.attrs.get("point_names") or []))
+        stats_ok = schema.NONFINITE in f and f[schema.NONFINITE].shape == stats_shape
+        self.bound_ok = (schema.ABS_ERROR in f and f[schema.ABS_ERROR].shape == stats_shape
+                         and f[schema.ABS_ERROR].attrs.get("statistic") == "bound")
         keys = [f"{schema.POINTS}/{p}" for p in self.scannable]
         keys += [k for k in (schema.LABELS, schema.IMAGES) if k in f and f[k].shape[0] == self.n]
         bar = _bar(sum(f[k].nbytes for k in keys), progress)
@@ -340,7 +344,7 @@ class _Verifier:
         dset = self.f[key]
         row_bytes = max(1, int(np.prod(dset.shape[1:])) * dset.dtype.itemsize)
         block = max(1, block_bytes // row_bytes)
-        mismatches, known, first_known = [], 0, None
+        mismatches, bounds, known, first_known = [], [], 0, None
         classes, ignore = len(self.attrs.get("classes") or []), self.attrs.get("ignore_index")
         bad_labels = []
         for start in range(0, self.n, block):
@@ -365,6 +369,13 @@ class _Verifier:
                     agree = counted == recorded
                     for r in np.flatnonzero(written & ~agree):
                         mismatches.append((start + r, int(counted[r]), int(recorded[r])))
+                    if self.bound_ok and data.dtype == np.float16:
+                        recorded = self.f[schema.ABS_ERROR][start:stop, column]
+                        expected = _error_bound_of_stored(data)
+                        # inf: a finite value overflowed, which the stored copy cannot show
+                        ok = (recorded == expected) | (np.isinf(recorded) & (counted > 0))
+                        bounds += [(start + r, float(expected[r]), float(recorded[r]))
+                                   for r in np.flatnonzero(written & ~ok)]
                 hits = np.flatnonzero(written & agree & (counted > 0))  # recorded, so a note
                 known += int(counted[hits].sum())
                 if hits.size and first_known is None:
@@ -379,6 +390,12 @@ class _Verifier:
                                   f"each sample; {len(mismatches)} sample(s) differ, first "
                                   f"{self.sample(row)}: {counted} counted, {recorded} recorded. "
                                   f"{_FIX_EXTRACT}")
+        if bounds:
+            row, expected, recorded = bounds[0]
+            self.add("abs_error", f"{name}: /stats/abs_error must hold half the float16 spacing at "
+                                  f"each sample's largest finite |value|; {len(bounds)} sample(s) "
+                                  f"differ, first {self.sample(row)}: {expected:.6g} recomputed, "
+                                  f"{recorded:.6g} recorded. {_FIX_EXTRACT}")
         if known:
             self.notes.append(f"{name}: {known} non-finite value(s) (NaN/Inf), first in sample "
                               f"{self.sample(first_known)}.")
@@ -387,6 +404,16 @@ class _Verifier:
             self.add("labels", f"labels must be class indices in [0, {classes}) or "
                                f"{ignore}; {len(bad_labels)} sample(s) have others, first "
                                f"{self.sample(row)} with {value}. {_FIX_EXTRACT}")
+
+
+def _error_bound_of_stored(data: np.ndarray) -> np.ndarray:
+    """Per row of float16 ``data``: half the float16 spacing at its largest finite magnitude
+    (what ``error_stat="bound"`` records, computed here with numpy from the stored values)."""
+    flat = np.abs(data.reshape(len(data), -1))
+    largest = np.where(np.isfinite(flat), flat, np.float16(0)).max(axis=1)
+    # spacing to the next float16 up; at 65504 the next is inf, and the spacing is that below
+    largest = np.minimum(largest, np.float16(np.nextafter(np.float16(65504), np.float16(0))))
+    return np.spacing(largest).astype(np.float32) / 2
 
 
 def _bar(total: int, progress: bool):

@@ -42,8 +42,8 @@ def test_cli_extracts_a_miniature_voc_tree(tmp_path, capsys, cli_state):
     out = tmp_path / "caches" / "r18-voc-val.h5"
     argv = ["extract", "--model", "resnet18", "--weights", "none", "--data", "voc", "--root",
             str(tmp_path / "voc"), "--split", "val", "--points", "stages", "--input-size", "32",
-            "--batch-size", "2", "--dtype", "float16", "--save-images", "--out", str(out),
-            "--quiet", "--json", "--workers", "0"]
+            "--batch-size", "2", "--dtype", "float16", "--error-stat", "exact", "--save-images",
+            "--out", str(out), "--quiet", "--json", "--workers", "0"]
     assert cli.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["num_samples"] == 3 and result["written"] == 3
@@ -57,6 +57,9 @@ def test_cli_extracts_a_miniature_voc_tree(tmp_path, capsys, cli_state):
         assert 255 in labels and set(np.unique(labels)) <= set(range(21)) | {255}
         assert f["images"].shape == (3, 3, 32, 32)
         assert sorted(f["points"]) == ["layer1.1", "layer2.1", "layer3.1", "layer4.1", "relu"]
+        assert f["stats/abs_error"].attrs["statistic"] == "exact"
+    assert cli.main(["inspect", str(out)]) == 0
+    assert "dtype float16 (rounding error: exact)" in capsys.readouterr().out
     assert {k: v.shape for k, v in masks.items()}[ids[2]] == (30, 44)  # resized to 32 on read
 
 

@@ -253,6 +253,7 @@ def test_summary_is_json_and_holds_the_facts(complete_cache):
     assert info == summary(str(complete_cache.path))
     assert (info["written"], info["total"], info["complete"]) == (12, 12, True)
     assert info["schema_version"] == 1 and info["dtype"] == "float32"
+    assert info["error_stat"] == "exact"  # no `statistic` attribute: a cache from before it
     assert info["model"]["name"] == "resnet18" and info["data"]["name"] == "shapes"
     assert info["classes"] == list(complete_cache.classes)
     assert info["input_size"] == list(complete_cache.input_size)

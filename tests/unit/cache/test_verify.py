@@ -144,3 +144,23 @@ def test_not_a_cache_raises_for_exit_code_2(tmp_path):
         f.attrs["schema"] = "something-else"
     with pytest.raises(CacheError, match="schema='something-else'"):
         verify(tmp_path / "x.h5", progress=False)
+
+
+def test_float16_error_bounds_are_recomputed_from_the_stored_values(tmp_path):
+    import featlab
+    import featlab.testing as ft
+    from featlab.models import BackboneSpec
+
+    spec = BackboneSpec("tiny", "none", (0.5,) * 3, (0.25,) * 3, 32, 10)
+    ds = featlab.load_dataset("shapes", "val", size=32, length=5)
+    path = tmp_path / "c.h5"
+    featlab.extract(ft.TinyResNet(), ds, "stages", path, spec=spec, batch_size=2,
+                    num_workers=0, progress=False)
+    assert verify(path, progress=False).ok
+    with h5py.File(path, "r+") as f:
+        assert f["stats/abs_error"].attrs["statistic"] == "bound"
+        f["stats/abs_error"][3, 1] *= 2  # no longer what the stored values give
+    report = verify(path, progress=False)
+    assert _checks(report) == ["abs_error"]
+    assert "layer1.1" in report.problems[0].message and "1 sample(s) differ" in \
+        report.problems[0].message and "'val/s0/000003'" in report.problems[0].message

@@ -94,11 +94,14 @@ def test_points_labels_ids_and_images_are_stored_as_computed(tmp_path):
         np.testing.assert_array_equal(f[schema.LABELS][:], masks)
         images = np.stack([ds.sample(i)[0].transpose(2, 0, 1) for i in range(7)])
         np.testing.assert_array_equal(f[schema.IMAGES][:], images)  # the uint8 the data set made
-        # R-4.3: the float16 rounding error per sample and point, computed here independently
-        expected = np.stack([(ref[n] - ref[n].half().float()).abs().flatten(1).amax(1).numpy()
-                             for n in names], axis=1)
-        np.testing.assert_allclose(f[schema.ABS_ERROR][:], expected, rtol=0, atol=0)
-        assert (f[schema.ABS_ERROR][:] > 0).all()
+        # R-4.3, by default the bound: half numpy's float16 spacing at the largest |value|
+        largest = [np.abs(ref[n].half().numpy()).reshape(7, -1).max(1) for n in names]
+        bound = np.stack([np.spacing(m).astype(np.float32) / 2 for m in largest], axis=1)
+        np.testing.assert_array_equal(f[schema.ABS_ERROR][:], bound)
+        assert f[schema.ABS_ERROR].attrs["statistic"] == "bound"
+        exact = np.stack([(ref[n] - ref[n].half().float()).abs().flatten(1).amax(1).numpy()
+                          for n in names], axis=1)
+        assert (exact <= bound).all() and (exact > bound / 2).all()  # a bound, and a tight one
         assert (f[schema.NONFINITE][:] == 0).all()
         attrs = f.attrs
         assert attrs["schema"] == schema.SCHEMA and bool(attrs["complete"])
@@ -116,6 +119,25 @@ def test_points_labels_ids_and_images_are_stored_as_computed(tmp_path):
     assert result.bytes == (tmp_path / "c.h5").stat().st_size
     assert ExtractResult.from_dict(result.to_dict()) == result
     assert not (tmp_path / "c.h5.partial").exists()
+
+
+def test_exact_error_stat_is_the_largest_rounding_error(tmp_path):
+    torch.set_num_threads(2)
+    model = ft.TinyResNet()
+    ds = load_dataset("shapes", "val", size=32, length=5)
+    extract(model, ds, "stages", tmp_path / "c.h5", spec=SPEC, batch_size=2,
+            error_stat="exact", num_workers=0, progress=False)
+    names = ["layer1.0", "layer1.1"]
+    ref = reference(model, ds, names, batch_size=2)
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        expected = np.stack([(ref[n] - ref[n].half().float()).abs().flatten(1).amax(1).numpy()
+                             for n in names], axis=1)  # computed here independently
+        np.testing.assert_array_equal(f[schema.ABS_ERROR][:], expected)
+        assert (expected > 0).all() and f[schema.ABS_ERROR].attrs["statistic"] == "exact"
+        assert json.loads(f.attrs["settings"])["error_stat"] == "exact"
+    with pytest.raises(ConfigError, match="`error_stat` must be one of bound, exact; got 'max'"):
+        extract(model, ds, "stages", tmp_path / "d.h5", spec=SPEC, error_stat="max",
+                progress=False)
 
 
 def test_area_pooling_to_max_size_float32_and_limit(tmp_path):
@@ -136,6 +158,7 @@ def test_area_pooling_to_max_size_float32_and_limit(tmp_path):
         np.testing.assert_allclose(f["points/layer1.1"][:], layer.numpy(), rtol=1e-5, atol=1e-6)
         assert f.attrs["max_size"] == 4 and f.attrs["num_samples"] == 5
         assert (f[schema.ABS_ERROR][:] == 0).all()  # float32 loses nothing
+        assert f[schema.ABS_ERROR].attrs["statistic"] == "exact"
         assert [i.decode() for i in f[schema.IDS][:]] == ds.ids[:5]
 
 
@@ -155,7 +178,8 @@ def test_chunks_hold_whole_samples_and_batches(tmp_path):
         assert f[schema.LABELS].chunks == (24, 128, 128)  # 16 kB rows, capped at N
 
 
-def test_nonfinite_values_are_counted_reported_and_warned(tmp_path):
+@pytest.mark.parametrize("error_stat", ["bound", "exact"])
+def test_nonfinite_values_are_counted_reported_and_warned(tmp_path, error_stat):
     class Sqrt(nn.Module):
         def forward(self, x):
             return torch.sqrt(x)
@@ -178,7 +202,7 @@ def test_nonfinite_values_are_counted_reported_and_warned(tmp_path):
     model = NaNNet()
     with pytest.warns(FeatlabWarning, match=r"'sqrt' in sample 'img003' \(128 values\)"):
         result = extract(model, ds, "all", tmp_path / "c.h5", spec=SPEC, batch_size=2,
-                         num_workers=0, progress=False)
+                         error_stat=error_stat, num_workers=0, progress=False)
     assert result.nonfinite == (("sqrt", "img003", 128),)
     with h5py.File(tmp_path / "c.h5", "r") as f:
         counts = f[schema.NONFINITE][:]
@@ -186,9 +210,12 @@ def test_nonfinite_values_are_counted_reported_and_warned(tmp_path):
         assert counts[:, 1].tolist() == [0, 0, 0, 2 * 8 * 8, 0] and (counts[:, 0] == 0).all()
         assert np.isnan(f["points/sqrt"][3]).all() and np.isfinite(f["points/sqrt"][[0, 4]]).all()
         assert np.isfinite(f[schema.ABS_ERROR][:]).all()  # measured over the finite values
+        # sample 3 has none: no error, or the bound at 0 (float16's smallest spacing / 2)
+        assert f[schema.ABS_ERROR][3, 1] == {"bound": 2.0 ** -25, "exact": 0.0}[error_stat]
 
 
-def test_float16_overflow_is_counted_with_an_infinite_error(tmp_path):
+@pytest.mark.parametrize("error_stat", ["bound", "exact"])
+def test_float16_overflow_is_counted_with_an_infinite_error(tmp_path, error_stat):
     class Big(nn.Module):
         def forward(self, x):
             return x * 1e5  # beyond float16's 65504 wherever |x| > 0.655
@@ -203,12 +230,35 @@ def test_float16_overflow_is_counted_with_an_infinite_error(tmp_path):
 
     ds = arrays(n=2, size=4)
     with pytest.warns(FeatlabWarning, match="65504"):
-        extract(Net(), ds, "all", tmp_path / "c.h5", spec=SPEC, num_workers=0, progress=False)
+        extract(Net(), ds, "all", tmp_path / "c.h5", spec=SPEC, error_stat=error_stat,
+                num_workers=0, progress=False)
     x = SPEC.normalize(torch.stack([ds[i]["image"] for i in range(2)])) * 1e5
     with h5py.File(tmp_path / "c.h5", "r") as f:
         expected = (x.abs() > 65504).flatten(1).sum(1).tolist()
         assert f[schema.NONFINITE][:, 0].tolist() == expected and sum(expected) > 0
         assert np.isinf(f[schema.ABS_ERROR][:, 0]).all()
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_device_statistic_agrees_with_numpy(exact):
+    """``rounding_error``: what the hooks compute on a GPU (whole-tensor, no host sync), run
+    here on CPU tensors with an overflow, a NaN and values below float16's normal range."""
+    from featlab.cache.taps import rounding_error
+
+    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
+    x *= torch.tensor([1.0, 100.0, 1e-6, 3.0])[:, None]
+    x[1, 5], x[2, 7] = 1e5, float("nan")
+    stored = x.half()
+    got = rounding_error(x, stored, torch.isfinite(stored), exact).numpy()
+    xs, hs = x.numpy(), stored.numpy()
+    if exact:
+        expected = np.where(np.isfinite(xs), np.abs(xs - hs.astype(np.float32)), 0).max(1)
+    else:
+        expected = np.spacing(np.where(np.isfinite(hs), np.abs(hs), 0).max(1)) \
+            .astype(np.float32) / 2
+    expected[1] = np.inf  # 1e5 overflowed
+    np.testing.assert_array_equal(got, expected)
+    assert np.isfinite(got[[0, 2, 3]]).all() and got[2] < 1e-7
 
 
 def test_eval_mode_is_forced_checked_per_batch_and_restored(tmp_path):

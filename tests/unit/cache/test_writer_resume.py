@@ -140,6 +140,7 @@ def test_resuming_with_other_settings_names_the_setting(tmp_path, monkeypatch):
         (dict(max_size=2), "`--max-size` differs .*: 0 there, 2 now"),
         (dict(limit=5), "`--limit` differs .*: None there, 5 now"),
         (dict(save_images=True), "`--save-images` differs"),
+        (dict(error_stat="exact"), "`--error-stat` differs .*: bound there, exact now"),
         (dict(points="layer1.1"), "`--points` differs .*: layer1.0,layer1.1 there, layer1.1 now"),
     ]
     for change, message in cases:
