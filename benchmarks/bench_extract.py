@@ -5,8 +5,10 @@ resnet18 (random init) at 128 px on ``shapes``, every skip point, float16, in on
 * **bare**: ``model(spec.normalize(x))`` under ``torch.inference_mode`` over the same batches,
   already in memory;
 * **featlab extract**: ``featlab.extract`` end to end (points, file creation, a ``DataLoader``
-  over the samples, the forward, pooling/cast/copy and the exact float16 error statistic in
-  hooks, the writer thread, finalisation);
+  over the samples, the forward, pooling/cast/copy and the float16 error bound in hooks, the
+  writer thread, finalisation);
+* **featlab, exact error**: the same with ``error_stat="exact"`` (the hooks also copy every
+  point back to float32 and take max |x - stored|);
 * **featlab, buffered**: the same with ``FEATLAB_DIRECT_IO=0`` (every row through h5py and the
   page cache instead of ``O_DIRECT``);
 * **floor**: the least any extractor of these bytes must do -- the forward, one cast of every
@@ -18,8 +20,9 @@ resnet18 (random init) at 128 px on ``shapes``, every skip point, float16, in on
   wrong values, shown only for its speed.)
 
 Then, in a child process that first calls ``featlab.keep_freed_memory()`` -- what the
-``featlab`` command does for its own process -- **bare** and **featlab extract** again: the
-rate a user of the command gets, and the like-for-like ratio under that allocator setting.
+``featlab`` command does for its own process -- **bare**, **featlab extract** (both error
+statistics) and the **floor** again: the rate a user of the command gets, and the like-for-like
+ratios under that allocator setting.
 
 The samples are rendered once up front and served from memory, so that all measure the
 model and the cache, not the procedural data generator (its rate is printed separately).
@@ -84,13 +87,13 @@ def bare_rate(model, spec, ds, batch_size: int, repeats: int) -> float:
     return best
 
 
-def featlab_rate(model, spec, ds, batch_size: int, folder: str, direct: bool = True
-                 ) -> tuple[float, float, int]:
+def featlab_rate(model, spec, ds, batch_size: int, folder: str, direct: bool = True,
+                 error_stat: str = "bound") -> tuple[float, float, int]:
     path = _fresh(os.path.join(folder, "featlab.h5"))
     os.environ["FEATLAB_DIRECT_IO"] = "1" if direct else "0"
     t0 = time.perf_counter()
     result = extract(model, ds, "all", path, spec=spec, batch_size=batch_size, dtype="float16",
-                     num_workers=0, progress=False, force=True)
+                     error_stat=error_stat, num_workers=0, progress=False, force=True)
     seconds = time.perf_counter() - t0
     return len(ds) / seconds, result.written * _row_bytes(path) / seconds / 1e6, result.bytes
 
@@ -187,9 +190,10 @@ def _row_bytes(path: str) -> int:
         return sum(d[0].nbytes for d in f["points"].values()) + f["labels"][0].nbytes
 
 
-def kept_rates(args: argparse.Namespace) -> tuple[float, tuple[float, float, int]]:
-    """Bare and featlab rates from a child process that keeps freed memory (the command's
-    setting, which is process-wide and cannot be undone, hence a process of its own)."""
+def kept_rates(args: argparse.Namespace) -> dict:
+    """Bare, featlab (error bound and exact) and floor rates from a child process that
+    keeps freed memory (the command's setting, which is process-wide and cannot be undone,
+    hence a process of its own)."""
     cmd = [sys.executable, __file__, "--child", "--samples", str(args.samples), "--size",
            str(args.size), "--batch-size", str(args.batch_size)]
     if args.dir:
@@ -201,7 +205,7 @@ def kept_rates(args: argparse.Namespace) -> tuple[float, tuple[float, float, int
     if not out["kept"]:
         print("  (keep_freed_memory does not apply here, not glibc: the 'memory kept' rows ran "
               "with the default allocator)")
-    return out["bare"], tuple(out["featlab"])
+    return out
 
 
 def child(args: argparse.Namespace, ds, model, spec) -> None:
@@ -210,7 +214,10 @@ def child(args: argparse.Namespace, ds, model, spec) -> None:
         bare_rate(model, spec, ds, args.batch_size, 1)  # warm-up: the heap reaches its size
         bare = bare_rate(model, spec, ds, args.batch_size, 1)
         feat = featlab_rate(model, spec, ds, args.batch_size, folder)
-    print(json.dumps({"kept": kept, "bare": bare, "featlab": feat}))
+        exact = featlab_rate(model, spec, ds, args.batch_size, folder, error_stat="exact")
+        floor = floor_rate(model, spec, ds, args.batch_size, folder)
+    print(json.dumps({"kept": kept, "bare": bare, "featlab": feat, "exact": exact,
+                      "floor": floor}))
 
 
 def main() -> None:
@@ -238,40 +245,48 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f}")
     print(f"shapes generation at {args.size} px: {rendering:.0f} images/s (done once, before "
           "the timings)")
-    bare, feat, buffered, floor, plain, kept_bare, kept_feat = [], [], [], [], [], [], []
+    bare, feat, exact, buffered, floor, plain = [], [], [], [], [], []
+    kept = {"bare": [], "featlab": [], "exact": [], "floor": []}
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         bare_rate(model, spec, ds, args.batch_size, 1)  # warm-up (allocator, oneDNN kernels)
         for _ in range(args.repeats):  # interleaved rounds: each ratio compares neighbours
             bare.append(bare_rate(model, spec, ds, args.batch_size, 1))
             feat.append(featlab_rate(model, spec, ds, args.batch_size, folder))
+            exact.append(featlab_rate(model, spec, ds, args.batch_size, folder,
+                                      error_stat="exact"))
             buffered.append(featlab_rate(model, spec, ds, args.batch_size, folder, direct=False))
             floor.append(floor_rate(model, spec, ds, args.batch_size, folder))
             plain.append(plain_rate(model, spec, ds, args.batch_size, folder))
-            b, f = kept_rates(args)
-            kept_bare.append(b)
-            kept_feat.append(f)
-            print(f"  round: bare {bare[-1]:.1f}, featlab {feat[-1][0]:.1f}, buffered "
+            child_out = kept_rates(args)
+            for key, runs in kept.items():
+                runs.append(child_out[key])
+            print(f"  round: bare {bare[-1]:.1f}, featlab {feat[-1][0]:.1f}, exact error "
+                  f"{exact[-1][0]:.1f}, buffered "
                   f"{buffered[-1][0]:.1f}, floor {floor[-1]:.1f}, plain {plain[-1][0]:.1f}; "
-                  f"memory kept: bare {b:.1f}, featlab {f[0]:.1f} images/s (load "
+                  f"memory kept: bare {kept['bare'][-1]:.1f}, featlab "
+                  f"{kept['featlab'][-1][0]:.1f}, exact error "
+                  f"{kept['exact'][-1][0]:.1f}, floor {kept['floor'][-1]:.1f} images/s (load "
                   f"{os.getloadavg()[0]:.2f})", flush=True)
     print(f"\nresnet18, {args.size} px, {len(ds)} samples, batch {args.batch_size}, all skip "
           f"points, float16; best of {args.repeats} rounds, ratios = median over rounds")
-    print(f"{'variant':<31} {'images/s':>9} {'vs bare':>8} {'vs kept':>8} {'MB/s':>7} "
+    print(f"{'variant':<36} {'images/s':>9} {'vs bare':>8} {'vs kept':>8} {'MB/s':>7} "
           f"{'file':>10}")
     rows = [("bare forward", [(b, None, None) for b in bare]), ("featlab extract", feat),
-            ("featlab, buffered", buffered),
+            ("featlab, exact error", exact), ("featlab, buffered", buffered),
             ("floor: cast + direct write", [(f, None, None) for f in floor]),
             ("plain hooks + h5py", plain),
-            ("memory kept: bare forward", [(b, None, None) for b in kept_bare]),
-            ("memory kept: featlab extract", kept_feat)]
+            ("memory kept: bare forward", [(b, None, None) for b in kept["bare"]]),
+            ("memory kept: featlab extract", kept["featlab"]),
+            ("memory kept: featlab, exact error", kept["exact"]),
+            ("memory kept: floor", [(f, None, None) for f in kept["floor"]])]
     for name, runs in rows:
         best = max(runs, key=lambda r: r[0])
         ratio = statistics.median(r[0] / b for r, b in zip(runs, bare))
-        kept = (statistics.median(r[0] / b for r, b in zip(runs, kept_bare))
+        like = (statistics.median(r[0] / b for r, b in zip(runs, kept["bare"]))
                 if name.startswith("memory kept") else None)
         mbs, size = best[1], best[2]
-        print(f"{name:<31} {best[0]:9.1f} {ratio:8.2f} "
-              f"{'' if kept is None else f'{kept:8.2f}':>8} "
+        print(f"{name:<36} {best[0]:9.1f} {ratio:8.2f} "
+              f"{'' if like is None else f'{like:8.2f}':>8} "
               f"{'' if mbs is None else f'{mbs:7.0f}':>7} "
               f"{'' if size is None else f'{size / 2**20:7.0f} MiB':>10}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
