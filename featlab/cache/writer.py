@@ -116,7 +116,7 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
         error_stat: the float16 rounding error recorded per sample and point in
             ``/stats/abs_error``: ``"bound"``, half the float16 spacing at the largest stored
             magnitude (the most rounding can have changed any value; recomputable from the
-            file), or ``"exact"``, max |x - stored| (~12 % slower on the CPU).
+            file), or ``"exact"``, max |x - stored| (a few % slower on the CPU).
         max_size: area-pool each point to at most this many cells per side (None: full size).
         limit: store only the first ``limit`` samples of the sorted order.
         save_images: also store the input images (uint8).

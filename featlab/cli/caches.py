@@ -31,7 +31,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--error-stat", default="bound", choices=["bound", "exact"],
                    help="float16 rounding error recorded per sample and point: bound (half the "
                         "float16 spacing at the largest stored value; default) or exact "
-                        "(max |x - stored|; ~12%% slower on the CPU)")
+                        "(max |x - stored|; a few %% slower on the CPU)")
     p.add_argument("--max-size", type=int, help="area-pool each point to at most this grid side")
     p.add_argument("--limit", type=int, help="only the first N samples of the sorted order")
     p.add_argument("--save-images", action="store_true", help="also store the input images (uint8)")
