@@ -56,7 +56,7 @@ class FileLayout:
     id_length: int
     label_chunk_rows: int
     image_chunk_rows: int
-    error_stat: str = "exact"
+    error_stat: str  # the `statistic` attribute of /stats/abs_error
 
 
 def _dcpl() -> h5py.h5p.PropDCID:

@@ -58,8 +58,7 @@ class Job:
 
 def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.PathLike, *,
                 spec: Any = None, batch_size: int = 32, dtype: str = "float16",
-                error_stat: str = "bound",
-                max_size: int | None = None, limit: int | None = None,
+                error_stat: str = "bound", max_size: int | None = None, limit: int | None = None,
                 save_images: bool = False, device: str | torch.device | None = None,
                 num_workers: int | None = None, force: bool = False, queue_size: int = 2,
                 probe: bool = True) -> Job:

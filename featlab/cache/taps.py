@@ -104,7 +104,7 @@ class Taps:
 
     def __init__(self, root: nn.Module, names: Sequence[str], modules: Sequence[str],
                  shapes: Sequence[tuple[int, int, int]], stored: Sequence[tuple[int, int]],
-                 dtype: torch.dtype, error_stat: str = "bound", stop_early: bool = True):
+                 dtype: torch.dtype, error_stat: str, stop_early: bool = True):
         self._root = root
         self._names = list(names)
         self._modules = [root.get_submodule(m) for m in modules]
