@@ -13,6 +13,7 @@ from torch import nn
 import featlab
 import featlab.testing as ft
 from featlab.cache import schema
+from featlab.cache.verify import verify
 from featlab.cache.writer import ExtractResult, extract
 from featlab.data import load_dataset
 from featlab.data.base import SegmentationDataset
@@ -212,6 +213,8 @@ def test_nonfinite_values_are_counted_reported_and_warned(tmp_path, error_stat):
         assert np.isfinite(f[schema.ABS_ERROR][:]).all()  # measured over the finite values
         # sample 3 has none: no error, or the bound at 0 (float16's smallest spacing / 2)
         assert f[schema.ABS_ERROR][3, 1] == {"bound": 2.0 ** -25, "exact": 0.0}[error_stat]
+    report = verify(tmp_path / "c.h5", progress=False)  # recomputes the bounds with numpy
+    assert report.ok and any("sqrt: 128 non-finite" in n for n in report.notes), report.text()
 
 
 @pytest.mark.parametrize("error_stat", ["bound", "exact"])
@@ -237,6 +240,7 @@ def test_float16_overflow_is_counted_with_an_infinite_error(tmp_path, error_stat
         expected = (x.abs() > 65504).flatten(1).sum(1).tolist()
         assert f[schema.NONFINITE][:, 0].tolist() == expected and sum(expected) > 0
         assert np.isinf(f[schema.ABS_ERROR][:, 0]).all()
+    assert verify(tmp_path / "c.h5", progress=False).ok
 
 
 @pytest.mark.parametrize("exact", [False, True])
