@@ -134,6 +134,13 @@ class _Verifier:
     def add(self, check: str, message: str) -> None:
         self.problems.append(Problem(check, message))
 
+    def add_differences(self, check: str, rule: str, found: list, verb: str) -> None:
+        """One problem for the samples in ``found`` (``(row, found here, recorded)``)."""
+        if found:
+            row, here, recorded = found[0]
+            self.add(check, f"{rule}; {len(found)} sample(s) differ, first {self.sample(row)}: "
+                            f"{here} {verb}, {recorded} recorded. {_FIX_EXTRACT}")
+
     def sample(self, row: int) -> str:
         return repr(self.ids[row]) if self.ids and row < len(self.ids) else f"row {row}"
 
@@ -384,18 +391,11 @@ class _Verifier:
                 invalid = (data >= classes) & (data != ignore)
                 rows = np.flatnonzero(written & invalid.reshape(len(data), -1).any(axis=1))
                 bad_labels += [(start + int(r), int(data[r][invalid[r]][0])) for r in rows]
-        if mismatches:
-            row, counted, recorded = mismatches[0]
-            self.add("nonfinite", f"{name}: /stats/nonfinite must count the NaN/Inf values of "
-                                  f"each sample; {len(mismatches)} sample(s) differ, first "
-                                  f"{self.sample(row)}: {counted} counted, {recorded} recorded. "
-                                  f"{_FIX_EXTRACT}")
-        if bounds:
-            row, expected, recorded = bounds[0]
-            self.add("abs_error", f"{name}: /stats/abs_error must hold half the float16 spacing at "
-                                  f"each sample's largest finite |value|; {len(bounds)} sample(s) "
-                                  f"differ, first {self.sample(row)}: {expected:.6g} recomputed, "
-                                  f"{recorded:.6g} recorded. {_FIX_EXTRACT}")
+        self.add_differences("nonfinite", f"{name}: /stats/nonfinite must count the NaN/Inf "
+                             "values of each sample", mismatches, "counted")
+        self.add_differences("abs_error", f"{name}: /stats/abs_error must hold half the float16 "
+                             "spacing at each sample's largest finite |value|",
+                             [(r, f"{a:.6g}", f"{b:.6g}") for r, a, b in bounds], "recomputed")
         if known:
             self.notes.append(f"{name}: {known} non-finite value(s) (NaN/Inf), first in sample "
                               f"{self.sample(first_known)}.")
