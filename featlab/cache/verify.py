@@ -333,7 +333,7 @@ class _Verifier:
         stats_shape = (self.n, len(self.attrs.get("point_names") or []))
         stats_ok = schema.NONFINITE in f and f[schema.NONFINITE].shape == stats_shape
         self.bound_ok = (schema.ABS_ERROR in f and f[schema.ABS_ERROR].shape == stats_shape
-                         and f[schema.ABS_ERROR].attrs.get("statistic") == "bound")
+                         and decode_attr(f[schema.ABS_ERROR].attrs.get("statistic")) == "bound")
         keys = [f"{schema.POINTS}/{p}" for p in self.scannable]
         keys += [k for k in (schema.LABELS, schema.IMAGES) if k in f and f[k].shape[0] == self.n]
         bar = _bar(sum(f[k].nbytes for k in keys), progress)
