@@ -59,10 +59,11 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.quiet, args.verbose)
+    args.keeps_freed_memory = False
     if own_process and os.environ.get("FEATLAB_KEEP_MEMORY", "1") != "0":
         from featlab.allocator import keep_freed_memory
 
-        keep_freed_memory()
+        args.keeps_freed_memory = keep_freed_memory()
     try:
         return args.func(args)
     except FeatlabError as err:

@@ -110,6 +110,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
               f"{free}: {verdict}")
         print(f"host memory in flight: about {format_bytes(plan.host_bytes)} (batch "
               f"{plan.batch_size}; does not grow with N)")
+        if args.keeps_freed_memory:
+            print("on the CPU this command keeps freed memory for speed, which can raise the "
+                  "process peak above that (FEATLAB_KEEP_MEMORY=0 turns it off)")
         return 0
     result = extract(model, ds, args.points, args.out, force=args.force,
                      error_stat=args.error_stat, disk_check=not args.no_disk_check,

@@ -61,6 +61,16 @@ def test_the_command_keeps_freed_memory_unless_told_not_to():
     assert "keep freed memory" not in off.stderr
 
 
+def test_the_dry_run_says_when_the_command_keeps_freed_memory(tmp_path):
+    argv = ["extract", "--model", "resnet18", "--data", "shapes", "--input-size", "32",
+            "--points", "layer1.1", "--limit", "4", "--out", str(tmp_path / "c.h5"), "--dry-run"]
+    on, off = run_cli(*argv), run_cli(*argv, FEATLAB_KEEP_MEMORY="0")
+    assert on.returncode == off.returncode == 0, on.stderr + off.stderr
+    note = "keeps freed memory for speed"
+    assert note in on.stdout and "FEATLAB_KEEP_MEMORY=0" in on.stdout
+    assert "host memory in flight" in off.stdout and note not in off.stdout
+
+
 def test_in_process_main_leaves_the_allocator_alone(capsys, caplog):
     from featlab.cli import main
 

@@ -91,6 +91,7 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, cli_st
     assert "400.0 KiB" in " ".join(lines["layer1.1"])
     assert lines["layer4.1"][1:5] == ["512", "2x2", "2x2", "none"]
     assert "free disk" in text and "fits" in text and "host memory in flight" in text
+    assert "keeps freed memory" not in text  # only the featlab command's own process does
     assert not out.parent.exists()
     assert cli.main(argv + ["--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
