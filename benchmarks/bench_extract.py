@@ -14,10 +14,9 @@ resnet18 (random init) at 128 px on ``shapes``, every skip point, float16, in on
 * **floor**: the least any extractor of these bytes must do -- the forward, one cast of every
   point into reused float16 buffers inside the hooks, and a lower-priority thread that writes
   those bytes to a file with ``O_DIRECT`` as featlab does (no HDF5, no statistics, no flags);
-* **plain**: the usual script -- forward hooks keeping the outputs, ``.cpu().numpy()``,
-  ``astype(float16)`` and h5py writes in the loop, from the same ``DataLoader``. (It keeps
-  references, as timm's FeatureHooks do, so ``bn1`` is stored after the in-place ReLU rewrote it:
-  wrong values, shown only for its speed.)
+* **plain**: the usual script -- forward hooks that keep ``out.half()`` (torch's vectorised
+  cast, which is also a copy, so ``bn1`` is stored before the in-place ReLU rewrites it), then
+  ``.cpu().numpy()`` and h5py writes in the loop, from the same ``DataLoader``.
 
 Then, in a child process that first calls ``featlab.keep_freed_memory()`` -- what the
 ``featlab`` command does for its own process -- **bare**, **featlab extract** (both error
@@ -44,7 +43,6 @@ import tempfile
 import time
 
 import h5py
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -154,7 +152,7 @@ def plain_rate(model, spec, ds, batch_size: int, folder: str) -> tuple[float, fl
     t0 = time.perf_counter()
     store = {}
     handles = [modules[p.module].register_forward_hook(
-        lambda m, a, out, name=p.name: store.__setitem__(name, out)) for p in points]
+        lambda m, a, out, name=p.name: store.__setitem__(name, out.half())) for p in points]
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
     try:
         with h5py.File(path, "w") as f, torch.inference_mode():
@@ -166,7 +164,7 @@ def plain_rate(model, spec, ds, batch_size: int, folder: str) -> tuple[float, fl
                 model(spec.normalize(batch["image"]))
                 n = len(batch["image"])
                 for name, out in store.items():
-                    dsets[name][start:start + n] = out.cpu().numpy().astype(np.float16)
+                    dsets[name][start:start + n] = out.cpu().numpy()
                 labels[start:start + n] = batch["mask"].numpy()
                 start += n
     finally:
