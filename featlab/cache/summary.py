@@ -47,7 +47,8 @@ def summary(cache) -> dict:
         holds: ``bound`` or ``exact``), ``max_size``, ``versions``, ``created``,
         ``world_size``, ``has_images``, ``points`` (per point: its SkipPoint record plus
         ``stored_size``, ``pooling``, ``shape`` [N, C, h, w], ``dtype``, ``bytes`` on disk,
-        ``bytes_per_sample``), ``arrays`` (labels/images/stats: shape, dtype, bytes),
+        ``bytes_per_sample``, and over the written samples ``nonfinite``, ``max_abs_error``
+        and ``overflow_samples``: see :func:`_point_stats`), ``arrays`` (labels/images/stats: shape, dtype, bytes),
         ``files`` and ``file_size`` (bytes of the main file plus any shard files).
     """
     from featlab.cache.reader import CacheReader, open_cache
@@ -57,15 +58,16 @@ def summary(cache) -> dict:
             return summary(opened)
     f = cache._h5()
     n = cache.num_samples
+    stats = _point_stats(f, len(cache.points))
     points = []
-    for p in cache.points:
+    for p, stat in zip(cache.points, stats):
         dset = f[f"{schema.POINTS}/{p.name}"]
         record = p.to_dict()
         record.update(rf_status=p.rf_status, stored_size=list(cache.stored_size(p.name)),
                       pooling=str(decode_attr(dset.attrs.get("pooling", "none"))),
                       shape=list(dset.shape),
                       dtype=str(dset.dtype), bytes=storage_bytes(dset, cache.path),
-                      bytes_per_sample=int(dset.dtype.itemsize * _prod(dset.shape[1:])))
+                      bytes_per_sample=int(dset.dtype.itemsize * _prod(dset.shape[1:])), **stat)
         points.append(record)
     arrays = {}
     for key in (schema.LABELS, schema.IMAGES, schema.NONFINITE, schema.ABS_ERROR):
@@ -100,6 +102,27 @@ def summary(cache) -> dict:
         "files": [str(p) for p in files],
         "file_size": sum(os.path.getsize(p) for p in files if Path(p).is_file()),
     }
+
+
+def _point_stats(f, num_points: int) -> list[dict]:
+    """Per point, over the written samples: ``nonfinite`` (NaN/Inf values in all), and from
+    ``/stats/abs_error`` ``max_abs_error`` (the largest finite value; None before any sample is
+    written) and ``overflow_samples`` (samples whose error is inf: a value overflowed float16)."""
+    import numpy as np
+
+    written = f[schema.WRITTEN][...].astype(bool)
+    columns = {}
+    for key in (schema.NONFINITE, schema.ABS_ERROR):
+        columns[key] = (f[key][...][written] if key in f
+                        else np.zeros((int(written.sum()), num_points)))
+    out = []
+    for k in range(num_points):
+        error = columns[schema.ABS_ERROR][:, k]
+        finite = error[np.isfinite(error)]
+        out.append({"nonfinite": int(columns[schema.NONFINITE][:, k].sum()),
+                    "max_abs_error": float(finite.max()) if finite.size else None,
+                    "overflow_samples": int(np.isinf(error).sum())})
+    return out
 
 
 def _prod(shape) -> int:
@@ -145,11 +168,21 @@ def _point_rows(info: dict) -> list[list[str]]:
         shape = "x".join(str(s) for s in p["shape"][1:])
         pooled = "" if p["pooling"] == "none" else f" (area from {p['size'][0]}x{p['size'][1]})"
         rows.append([p["name"], shape + pooled, str(p["stride"]), _rf(p), p["dtype"],
-                     human_bytes(p["bytes"])])
+                     _error(p), str(p["nonfinite"]), human_bytes(p["bytes"])])
     return rows
 
 
-_POINT_HEADER = ["point", "stored C x h x w", "stride", "rf", "dtype", "on disk"]
+def _error(p: dict) -> str:
+    if p["dtype"] != "float16" or p["max_abs_error"] is None and not p["overflow_samples"]:
+        return "-"
+    text = "" if p["max_abs_error"] is None else f"{p['max_abs_error']:.2e}"
+    if p["overflow_samples"]:
+        text += f"{', ' if text else ''}inf in {p['overflow_samples']}"
+    return text
+
+
+_POINT_HEADER = ["point", "stored C x h x w", "stride", "rf", "dtype", "max error", "NaN/Inf",
+                 "on disk"]
 
 
 def format_summary(info: dict) -> str:

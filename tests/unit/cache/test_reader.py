@@ -18,6 +18,8 @@ from featlab.cache.reader import (CacheArray, PointNotInCacheError, check_same_s
 from featlab.cache.summary import format_summary, inspect_cache, summary
 from featlab.errors import CacheError, ConfigError, SkipPointNotFoundError
 
+from .conftest import PARTIAL_ROWS
+
 
 def test_values_read_back_equal_what_was_written(complete_cache):
     exp = complete_cache
@@ -261,9 +263,24 @@ def test_summary_is_json_and_holds_the_facts(complete_cache):
     assert (p["name"], p["shape"], p["stored_size"], p["stride"], p["rf_size"]) == (
         "layer1.1", [12, 16, 4, 4], [4, 4], 4, 23)
     assert p["bytes"] == p["bytes_per_sample"] * 12 == 12 * 16 * 4 * 4 * 4
+    # float32 records no rounding error; the counts are /stats/nonfinite's column sums
+    assert p["max_abs_error"] == 0.0 and p["overflow_samples"] == 0
+    assert [q["nonfinite"] for q in info["points"]] == complete_cache.nonfinite.sum(0).tolist()
     assert info["file_size"] == os.path.getsize(complete_cache.path)
     assert json.loads(inspect_cache(complete_cache.path, as_json=True)) == info
     assert inspect_cache(complete_cache.path) == format_summary(info)
+
+
+def test_summary_counts_only_written_samples(partial_cache):
+    with h5py.File(partial_cache.path, "r+") as f:  # junk in the rows not flagged written
+        unwritten = np.flatnonzero(f[schema.WRITTEN][:] == 0)
+        f[schema.NONFINITE][unwritten[0]] = 99
+        f[schema.ABS_ERROR][unwritten[0]] = np.inf
+        f[schema.ABS_ERROR][unwritten[1]] = 7.0
+    info = summary(partial_cache.path)
+    assert [p["nonfinite"] for p in info["points"]] == \
+        partial_cache.nonfinite[PARTIAL_ROWS].sum(0).tolist()
+    assert all(p["max_abs_error"] == 0.0 and p["overflow_samples"] == 0 for p in info["points"])
 
 
 def test_repr_and_html_summarise_the_cache(make_cache):

@@ -13,6 +13,7 @@ from torch import nn
 import featlab
 import featlab.testing as ft
 from featlab.cache import schema
+from featlab.cache.summary import format_summary, summary
 from featlab.cache.verify import verify
 from featlab.cache.writer import ExtractResult, extract
 from featlab.data import load_dataset
@@ -213,8 +214,14 @@ def test_nonfinite_values_are_counted_reported_and_warned(tmp_path, error_stat):
         assert np.isfinite(f[schema.ABS_ERROR][:]).all()  # measured over the finite values
         # sample 3 has none: no error, or the bound at 0 (float16's smallest spacing / 2)
         assert f[schema.ABS_ERROR][3, 1] == {"bound": 2.0 ** -25, "exact": 0.0}[error_stat]
+        largest = float(f[schema.ABS_ERROR][:, 1].max())
     report = verify(tmp_path / "c.h5", progress=False)  # recomputes the bounds with numpy
     assert report.ok and any("sqrt: 128 non-finite" in n for n in report.notes), report.text()
+    conv, sqrt = summary(tmp_path / "c.h5")["points"]  # what inspect shows per point
+    assert (sqrt["nonfinite"], sqrt["max_abs_error"], sqrt["overflow_samples"]) == (
+        128, largest, 0)
+    assert conv["nonfinite"] == 0 and conv["max_abs_error"] > 0
+    assert "128" in format_summary(summary(tmp_path / "c.h5")).splitlines()[7]
 
 
 @pytest.mark.parametrize("error_stat", ["bound", "exact"])
@@ -241,6 +248,10 @@ def test_float16_overflow_is_counted_with_an_infinite_error(tmp_path, error_stat
         assert f[schema.NONFINITE][:, 0].tolist() == expected and sum(expected) > 0
         assert np.isinf(f[schema.ABS_ERROR][:, 0]).all()
     assert verify(tmp_path / "c.h5", progress=False).ok
+    (big,) = summary(tmp_path / "c.h5")["points"]
+    assert (big["nonfinite"], big["max_abs_error"], big["overflow_samples"]) == (
+        sum(expected), None, 2)
+    assert "inf in 2" in format_summary(summary(tmp_path / "c.h5"))
 
 
 @pytest.mark.parametrize("exact", [False, True])
