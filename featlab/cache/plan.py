@@ -3,7 +3,8 @@
 :func:`plan_extract` is a pure function of the skip points and the settings: per point the
 stored shape (after optional area pooling to ``max_size``), bytes per sample, the HDF5 chunk
 rows and the total for N samples; the labels, images, ids and statistics beside them; the file
-size; and the host memory one run keeps in flight (R-4.1). The caller adds the free disk space
+size; and the host memory one run keeps in flight and, on a GPU, the device memory (R-4.1).
+The caller adds the free disk space
 it measured (:func:`free_disk_bytes`), and ``plan.fits`` says whether the cache fits.
 
 Examples:
@@ -136,6 +137,10 @@ class ExtractPlan:
         host_bytes: host memory the run keeps in flight: the bounded queue of batches waiting for
             the writer, batches prefetched by the data loader, and (on the CPU) the forward's
             largest activations. It does not grow with N.
+        device_bytes: on a GPU, device memory for the weights (``weight_bytes``), the forward's
+            largest activations and the float16 copy of a point (0 on the CPU, where all of it
+            is host memory). The CUDA context and cuDNN's workspace come on top.
+        weight_bytes: parameters and buffers of the model.
         free_bytes: free disk space at the destination, when the caller measured it.
     """
 
@@ -152,6 +157,8 @@ class ExtractPlan:
     bytes_per_sample: int
     total_bytes: int
     host_bytes: int
+    device_bytes: int = 0
+    weight_bytes: int = 0
     free_bytes: int | None = None
 
     @property
@@ -178,7 +185,7 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
                  dtype: str = "float16", max_size: int | None = None, save_images: bool = False,
                  batch_size: int = 32, queue_size: int = 2, num_workers: int = 0,
                  prefetch_factor: int = 2, device: str = "cpu", id_bytes: int = 32,
-                 free_bytes: int | None = None) -> ExtractPlan:
+                 weight_bytes: int = 0, free_bytes: int | None = None) -> ExtractPlan:
     """Estimate what extracting ``points`` over ``num_samples`` samples stores and holds in memory.
 
     Args:
@@ -191,8 +198,10 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
         batch_size: samples per forward.
         queue_size: batches that may wait for the writer thread.
         num_workers, prefetch_factor: the data loader's (its prefetched batches live in memory).
-        device: ``"cpu"`` adds the forward's activations to the host estimate.
+        device: ``"cpu"`` adds the forward's activations to the host estimate; any other
+            device type gets them in ``device_bytes``.
         id_bytes: bytes of the longest sample id (fixed-length strings).
+        weight_bytes: parameters and buffers of the model (device memory on a GPU).
         free_bytes: free disk space, if measured (see :func:`free_disk_bytes`).
 
     Returns:
@@ -228,13 +237,16 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
     slots = queue_size + 2 + (0 if device == "cpu" else 1)
     stored = sum(r.bytes_per_sample for r in rows) + label + image + _STATS_BYTES * len(rows)
     loader = (max(1, num_workers * prefetch_factor) + 1) * h * w * _INPUT_BYTES
-    forward = 0
-    if device == "cpu" and rows:
-        # float32 activations of the widest point, a few alive at a time during the forward
-        forward = 3 * 4 * max(p.channels * p.size[0] * p.size[1] for p in points)
-    host = batch_size * (slots * stored + forward) + batch_size * loader
+    # float32 activations of the widest point, a few alive at a time during the forward
+    forward = 3 * 4 * max((p.channels * p.size[0] * p.size[1] for p in points), default=0)
+    on_cpu = device == "cpu"
+    host = batch_size * (slots * stored + (forward if on_cpu else 0)) + batch_size * loader
+    # on a GPU: the weights, the forward, and one point's stored copy before it goes to the host
+    copy = max((r.bytes_per_sample for r in rows), default=0)
+    gpu = 0 if on_cpu else weight_bytes + batch_size * (forward + copy)
     return ExtractPlan(tuple(rows), num_samples, (h, w), dtype, max_size, bool(save_images),
-                       batch_size, label, image, other, per_sample, total, host, free_bytes)
+                       batch_size, label, image, other, per_sample, total, host,
+                       device_bytes=gpu, weight_bytes=weight_bytes, free_bytes=free_bytes)
 
 
 def check_dtype(dtype: Any) -> str:

@@ -99,6 +99,8 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
     plan = plan_extract(pts, n, input_size, dtype=dtype, max_size=max_size,
                         save_images=save_images, batch_size=batch_size, queue_size=queue_size,
                         num_workers=num_workers, device=device.type, id_bytes=id_length,
+                        weight_bytes=sum(t.numel() * t.element_size() for t in
+                                         (*root.parameters(), *root.buffers())),
                         free_bytes=free_disk_bytes(paths.out))
     settings = ExtractSettings(
         model=spec.to_dict(), model_state=state_fingerprint(root),

@@ -110,7 +110,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
               f"{free}: {verdict}")
         print(f"host memory in flight: about {format_bytes(plan.host_bytes)} (batch "
               f"{plan.batch_size}; does not grow with N)")
-        if args.keeps_freed_memory:
+        if plan.device_bytes:
+            print(f"device memory: about {format_bytes(plan.device_bytes)} (weights "
+                  f"{format_bytes(plan.weight_bytes)} and the forward at batch "
+                  f"{plan.batch_size}; the CUDA context and cuDNN workspace come on top)")
+        elif args.keeps_freed_memory:  # a CPU run
             print("on the CPU this command keeps freed memory for speed, which can raise the "
                   "process peak above that (FEATLAB_KEEP_MEMORY=0 turns it off)")
         return 0

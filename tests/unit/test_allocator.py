@@ -63,7 +63,8 @@ def test_the_command_keeps_freed_memory_unless_told_not_to():
 
 def test_the_dry_run_says_when_the_command_keeps_freed_memory(tmp_path):
     argv = ["extract", "--model", "resnet18", "--data", "shapes", "--input-size", "32",
-            "--points", "layer1.1", "--limit", "4", "--out", str(tmp_path / "c.h5"), "--dry-run"]
+            "--points", "layer1.1", "--limit", "4", "--device", "cpu", "--out",
+            str(tmp_path / "c.h5"), "--dry-run"]
     on, off = run_cli(*argv), run_cli(*argv, FEATLAB_KEEP_MEMORY="0")
     assert on.returncode == off.returncode == 0, on.stderr + off.stderr
     note = "keeps freed memory for speed"

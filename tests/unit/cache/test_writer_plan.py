@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torchvision
 
 from featlab import cli, distributed
 from featlab.cache.plan import ExtractPlan, plan_extract, stored_size
@@ -59,6 +60,20 @@ def test_plan_memory_in_flight_does_not_grow_with_n_and_disk_fit():
     assert plan_extract(POINTS, 100, 224).fits  # free space unknown
 
 
+def test_plan_puts_the_forward_on_the_device_it_runs_on():
+    cpu = plan_extract(POINTS, 100, 224, batch_size=8, weight_bytes=10**6)
+    gpu = plan_extract(POINTS, 100, 224, batch_size=8, weight_bytes=10**6, device="cuda")
+    # the forward: 3 float32 copies of the widest point, layer1's 64 x 56 x 56, per sample
+    forward = 8 * 3 * 4 * 64 * 56 * 56
+    # a GPU run holds one more batch on the host: its copies are synchronised one batch late
+    batch = 8 * (sum(p.bytes_per_sample for p in cpu.points) + 224 * 224 + 2 * (8 + 4))
+    assert cpu.host_bytes - gpu.host_bytes == forward - batch and cpu.device_bytes == 0
+    # the weights, the forward and the largest stored copy (layer1 in float16) of a batch
+    assert gpu.device_bytes == 10**6 + forward + 8 * 64 * 56 * 56 * 2
+    assert gpu.weight_bytes == 10**6
+    assert ExtractPlan.from_dict(json.loads(json.dumps(gpu.to_dict()))) == gpu
+
+
 def test_stored_size_keeps_the_aspect_and_never_grows():
     assert stored_size((56, 56), 14) == (14, 14)
     assert stored_size((64, 32), 16) == (16, 8)
@@ -78,6 +93,21 @@ def cli_state(monkeypatch):
     log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
 
 
+def test_cli_dry_run_plans_a_gpu_run_without_a_gpu(tmp_path, capsys, cli_state):
+    argv = ["extract", "--model", "resnet18", "--data", "shapes", "--input-size", "64",
+            "--points", "stages", "--limit", "8", "--batch-size", "4", "--device", "cuda",
+            "--out", str(tmp_path / "c.h5"), "--dry-run"]
+    assert cli.main(argv + ["--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    weights = sum(t.numel() * t.element_size() for t in torchvision.models.resnet18().state_dict()
+                  .values() if t.is_floating_point())
+    assert weights < plan["weight_bytes"] < weights + 10**4  # + BatchNorm's int64 counters
+    assert plan["device_bytes"] > plan["weight_bytes"]
+    assert cli.main(argv) == 0
+    assert "device memory: about" in capsys.readouterr().out
+    assert not (tmp_path / "c.h5").exists()
+
+
 def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, cli_state):
     out = tmp_path / "sub" / "c.h5"
     argv = ["extract", "--model", "resnet18", "--data", "shapes", "--input-size", "64",
@@ -92,6 +122,7 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, cli_st
     assert lines["layer4.1"][1:5] == ["512", "2x2", "2x2", "none"]
     assert "free disk" in text and "fits" in text and "host memory in flight" in text
     assert "keeps freed memory" not in text  # only the featlab command's own process does
+    assert "device memory" not in text  # on the CPU the forward is host memory
     assert not out.parent.exists()
     assert cli.main(argv + ["--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
