@@ -62,7 +62,7 @@ class _Side:
     def widths(self) -> list[int]:
         out = []
         for p in self.points:
-            c, (h, w) = p.channels, self.cache.stored_size(p.name)
+            c, (h, w) = len(self.cache.stored_channels(p.name)), self.cache.stored_size(p.name)
             out.append(c * h * w if self.spatial == "flatten" else c)
         return out
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from featlab.analysis._io import write_json_csv
@@ -54,7 +55,7 @@ class PointScore:
 
     point: str
     stride: int | None
-    channels: int
+    channels: int  # the features the probe saw: the stored channels (max_channels)
     pixel_accuracy: float | None
     mean_accuracy: float | None
     miou: float | None
@@ -190,6 +191,13 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
             raise CacheError(f"the {what} cache must store every probed point; "
                              f"{str(other.path)!r} lacks {missing}. Fix: choose --points stored "
                              "in all caches, or re-extract.")
+        for n in names:  # a probe fit on some features must be scored on the same ones
+            if (other.stored_size(n) != train.stored_size(n)
+                    or not np.array_equal(other.stored_channels(n), train.stored_channels(n))):
+                raise CacheError(f"the {what} cache must store point {n!r} as the train cache "
+                                 f"does (the same pooled size and channels); "
+                                 f"{str(other.path)!r} does not. Fix: extract both with the "
+                                 "same --max-size, --max-channels and --channel-seed.")
     classes = tuple(train.classes)
     params = dict(alpha=alpha, alphas=tuple(alphas), holdout=holdout, standardize=standardize,
                   class_weight=class_weight, max_pixels=max_pixels, num_classes=len(classes),
@@ -215,7 +223,7 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
             extra.update(random_pixel_accuracy=_clean(rcm.pixel_accuracy()),
                          random_miou=_clean(rcm.miou()))
         scores.append(PointScore(
-            name, rec.stride, rec.channels, _clean(cm.pixel_accuracy()),
+            name, rec.stride, len(val.stored_channels(name)), _clean(cm.pixel_accuracy()),
             _clean(cm.mean_accuracy()), _clean(cm.miou()),
             tuple(_clean(v) for v in cm.iou()), probe.alpha_, probe.n_pixels_, probe.n_iter_,
             round(probe.fit_seconds_, 4), **extra))

@@ -139,6 +139,7 @@ class Snapshot:
     index: np.ndarray  # all N data-set indices
     points: list  # SkipPoint records in point_names order
     stored: dict  # point name -> (h, w) stored
+    channels: dict  # point name -> the network channels stored, in order (a tuple of ints)
     arrays: dict  # dataset name -> (shape after the sample axis, dtype)
     largest_chunk: int  # bytes of the largest chunk among the point datasets
 
@@ -157,13 +158,14 @@ def read_snapshot(path: Path) -> Snapshot:
         damaged += [n for n in (schema.IDS, schema.INDEX, schema.WRITTEN, schema.LABELS,
                                 schema.POINTS) if n not in f]
         names = attrs["point_names"] if "point_names" not in damaged else []
-        points, stored, largest = [], {}, 0
+        points, stored, channels, largest = [], {}, {}, 0
         for name in names if isinstance(names, list) else []:
             try:
                 dset = f[f"{schema.POINTS}/{name}"]
                 points.append(SkipPoint.from_dict(json.loads(decode_attr(
                     dset.attrs["skip_point"]))))
                 stored[name] = tuple(json.loads(decode_attr(dset.attrs["stored_size"])))
+                channels[name] = stored_channels(dset, points[-1].channels)
                 largest = max(largest, chunk_bytes(dset, path))
             except (KeyError, TypeError, ValueError):
                 damaged.append(f"{schema.POINTS}/{name} (with its attributes)")
@@ -184,7 +186,15 @@ def read_snapshot(path: Path) -> Snapshot:
                               *(f"{schema.POINTS}/{n}" for n in names)) if key in f}
         return Snapshot(path, version, attrs, int(attrs["num_samples"]), rows,
                         read_ids(f[schema.IDS]), f[schema.INDEX][()].astype(np.int64), points,
-                        stored, arrays, largest)
+                        stored, channels, arrays, largest)
+
+
+def stored_channels(dset, channels: int) -> tuple[int, ...]:
+    """The network channels a point dataset stores: its ``channels`` attribute (a JSON list,
+    written with ``max_channels``), else all ``channels`` of the point."""
+    if "channels" not in dset.attrs:
+        return tuple(range(channels))
+    return tuple(int(c) for c in json.loads(decode_attr(dset.attrs["channels"])))
 
 
 def decode_attr(value):

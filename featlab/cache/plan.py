@@ -29,8 +29,9 @@ from typing import Any
 from featlab._records import check_record
 from featlab.errors import ConfigError
 
-__all__ = ["PointPlan", "ExtractPlan", "plan_extract", "stored_size", "chunk_rows",
-           "free_disk_bytes", "format_bytes", "DTYPES", "CHUNK_MIN_BYTES", "CHUNK_MAX_BYTES"]
+__all__ = ["PointPlan", "ExtractPlan", "plan_extract", "stored_size", "channel_subset",
+           "chunk_rows", "free_disk_bytes", "format_bytes", "DTYPES", "CHUNK_MIN_BYTES",
+           "CHUNK_MAX_BYTES"]
 
 DTYPES = {"float16": 2, "float32": 4}
 ERROR_STATS = ("bound", "exact")  # the float16 rounding error recorded (featlab.cache.taps)
@@ -55,6 +56,32 @@ def stored_size(size: Sequence[int], max_size: int | None) -> tuple[int, int]:
         return h, w
     scale = max_size / max(h, w)
     return max(1, min(max_size, round(h * scale))), max(1, min(max_size, round(w * scale)))
+
+
+def channel_subset(name: str, channels: int, max_channels: int | None, seed: int = 0
+                   ) -> tuple[int, ...] | None:
+    """The channels stored of a point with ``channels`` when at most ``max_channels`` are kept:
+    a random subset, sorted, drawn from ``seed`` and the point's name (so a point gets the same
+    subset whichever other points are extracted). ``None`` keeps every channel.
+
+    Random rather than the first ones: where a network concatenates features (DenseNet's blocks,
+    Inception's branches) channel order is not arbitrary, and the first channels would all come
+    from one source.
+
+    Examples:
+        >>> channel_subset("layer4", 512, 4, seed=0) == channel_subset("layer4", 512, 4, seed=0)
+        True
+        >>> channel_subset("layer1", 64, 128) is None, len(channel_subset("layer4", 512, 4))
+        (True, 4)
+    """
+    import zlib
+
+    import numpy as np
+
+    if not max_channels or channels <= max_channels:
+        return None
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+    return tuple(int(c) for c in np.sort(rng.choice(channels, max_channels, replace=False)))
 
 
 def chunk_rows(row_bytes: int, num_rows: int, batch_size: int) -> int:
@@ -90,7 +117,8 @@ class PointPlan:
         size: the network's output ``(H, W)`` at the input size.
         stored_size: ``(h, w)`` on disk (smaller when pooled).
         pooling: ``"none"`` or ``"area"`` (adaptive average pooling).
-        bytes_per_sample: ``C * h * w * itemsize``.
+        stored_channels: channels on disk (fewer than ``channels`` with ``max_channels``).
+        bytes_per_sample: ``stored_channels * h * w * itemsize``.
         chunk_rows: samples per HDF5 chunk.
         total_bytes: for all samples.
     """
@@ -104,6 +132,11 @@ class PointPlan:
     bytes_per_sample: int
     chunk_rows: int
     total_bytes: int
+    stored_channels: int = 0  # 0: read as `channels` (plans from before the setting existed)
+
+    def __post_init__(self) -> None:
+        if not self.stored_channels:
+            object.__setattr__(self, "stored_channels", self.channels)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -142,6 +175,7 @@ class ExtractPlan:
             is host memory). The CUDA context and cuDNN's workspace come on top.
         weight_bytes: parameters and buffers of the model.
         free_bytes: free disk space at the destination, when the caller measured it.
+        max_channels: channel bound (0 = every channel).
     """
 
     points: tuple[PointPlan, ...]
@@ -160,6 +194,7 @@ class ExtractPlan:
     device_bytes: int = 0
     weight_bytes: int = 0
     free_bytes: int | None = None
+    max_channels: int = 0
 
     @property
     def fits(self) -> bool:
@@ -182,7 +217,8 @@ class ExtractPlan:
 
 
 def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequence[int], *,
-                 dtype: str = "float16", max_size: int | None = None, save_images: bool = False,
+                 dtype: str = "float16", max_size: int | None = None,
+                 max_channels: int | None = None, save_images: bool = False,
                  batch_size: int = 32, queue_size: int = 2, num_workers: int = 0,
                  prefetch_factor: int = 2, device: str = "cpu", id_bytes: int = 32,
                  weight_bytes: int = 0, free_bytes: int | None = None) -> ExtractPlan:
@@ -194,6 +230,8 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
         input_size: side or ``(H, W)`` of the network input.
         dtype: ``"float16"`` or ``"float32"``.
         max_size: pool each point to at most this many cells per side (None/0: no pooling).
+        max_channels: store at most this many channels of each point (None/0: all of them;
+            which ones: :func:`channel_subset`).
         save_images: also store the input images (uint8).
         batch_size: samples per forward.
         queue_size: batches that may wait for the writer thread.
@@ -209,6 +247,7 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
     """
     dtype = check_dtype(dtype)
     max_size = check_max_size(max_size)
+    max_channels = check_max_channels(max_channels)
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size),
                         ("queue_size", queue_size), ("num_workers", num_workers)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (
@@ -220,11 +259,12 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
     rows = []
     for p in points:
         sh, sw = stored_size(p.size, max_size)
-        per = p.channels * sh * sw * item
+        c = min(p.channels, max_channels or p.channels)
+        per = c * sh * sw * item
         rows.append(PointPlan(p.name, p.channels, tuple(p.size), (sh, sw), p.stride,
                               "none" if (sh, sw) == tuple(p.size) else "area", per,
                               chunk_rows(per, max(1, num_samples), batch_size),
-                              per * num_samples))
+                              per * num_samples, c))
     label = h * w
     image = 3 * h * w if save_images else 0
     other = id_bytes + 8 + 1 + _STATS_BYTES * len(rows)
@@ -246,7 +286,8 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
     gpu = 0 if on_cpu else weight_bytes + batch_size * (forward + copy)
     return ExtractPlan(tuple(rows), num_samples, (h, w), dtype, max_size, bool(save_images),
                        batch_size, label, image, other, per_sample, total, host,
-                       device_bytes=gpu, weight_bytes=weight_bytes, free_bytes=free_bytes)
+                       device_bytes=gpu, weight_bytes=weight_bytes, free_bytes=free_bytes,
+                       max_channels=max_channels)
 
 
 def check_dtype(dtype: Any) -> str:
@@ -272,6 +313,15 @@ def check_max_size(max_size: Any) -> int:
         raise ConfigError(f"`max_size` must be a positive int (cells per side) or None; got "
                           f"{max_size!r}. Fix: e.g. max_size=32.")
     return max_size
+
+
+def check_max_channels(max_channels: Any) -> int:
+    if max_channels is None:
+        return 0
+    if isinstance(max_channels, bool) or not isinstance(max_channels, int) or max_channels < 0:
+        raise ConfigError(f"`max_channels` must be a positive int or None; got "
+                          f"{max_channels!r}. Fix: e.g. max_channels=256.")
+    return max_channels
 
 
 def free_disk_bytes(path: str | os.PathLike) -> int:

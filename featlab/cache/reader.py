@@ -116,6 +116,7 @@ class CacheReader:
         self.schema_version = snap.schema_version
         self._rows, self._ids = rows, [snap.ids[r] for r in rows]
         self._index, self._points, self._stored = snap.index[rows], snap.points, snap.stored
+        self._channels = snap.channels
         self._arrays = snap.arrays
         # HDF5 shares one open file per process, chunk caches included: a chunk cached by any
         # handle while some of its rows were unwritten would be served stale to every reader.
@@ -190,6 +191,11 @@ class CacheReader:
     def stored_size(self, name: str) -> tuple[int, int]:
         """``(h, w)`` stored for a point (its ``size`` unless pooled above ``max_size``)."""
         return self._stored[self.point(name).name]
+
+    def stored_channels(self, name: str) -> np.ndarray:
+        """The network channels stored for a point, in order: ``arange(C)``, or the subset
+        kept with ``max_channels`` (the ``channels`` attribute of its dataset)."""
+        return np.asarray(self._channels[self.point(name).name], dtype=np.int64)
 
     @property
     def ids(self) -> list[str]:

@@ -15,6 +15,7 @@ Layout (N samples, points P, input H x W)::
     /labels         [N, H, W] uint8   class index per pixel, 255 = ignore
     /images         [N, 3, H, W] uint8  optional (``save_images``): the input image, 0-255
     /points/<name>  [N, C, h, w]   float16|float32, chunks (k, C, h, w); attrs: POINT_ATTRS
+                                 (+ POINT_OPTIONAL_ATTRS)
     /stats/nonfinite [N, P] int64  count of NaN/Inf values of the stored array per sample and point
                                  (P in point order; float16 overflow counts)
     /stats/abs_error [N, P] float32  float16 rounding error per sample and point, as its attribute
@@ -89,4 +90,10 @@ POINT_ATTRS = {
     "skip_point": "JSON SkipPoint record (size = the network's output size)",
     "stored_size": "JSON [h, w] stored after pooling",
     "pooling": "'none' or 'area' (adaptive average pooling to stored_size)",
+}
+
+# optional attributes of a /points/<name> dataset
+POINT_OPTIONAL_ATTRS = {
+    "channels": "JSON list of the network channels stored, increasing (written when max_channels "
+                "kept fewer than the point has; absent: every channel, in order)",
 }

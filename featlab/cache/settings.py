@@ -54,6 +54,9 @@ class ExtractSettings:
         error_stat: the float16 rounding error in ``/stats/abs_error``, ``"bound"`` or
             ``"exact"`` (:mod:`featlab.cache.taps`; ``"exact"`` for float32, which loses nothing,
             and in caches written before the setting existed).
+        max_channels: channel bound, 0 = every channel.
+        channel_seed: the seed of the channel subsets (:func:`~featlab.cache.plan.channel_subset`;
+            0 when no point has more than ``max_channels``).
     """
 
     model: Mapping[str, Any]
@@ -69,6 +72,8 @@ class ExtractSettings:
     save_images: bool = False
     world_size: int = 1
     error_stat: str = "exact"
+    max_channels: int = 0
+    channel_seed: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "points", tuple(self.points))
@@ -110,6 +115,8 @@ class ExtractSettings:
                            ("dtype", "`--dtype`"), ("max_size", "`--max-size`"),
                            ("limit", "`--limit`"), ("save_images", "`--save-images`"),
                            ("error_stat", "`--error-stat`"),
+                           ("max_channels", "`--max-channels`"),
+                           ("channel_seed", "`--channel-seed`"),
                            ("world_size", "the number of processes (torchrun world size)"),
                            ("num_samples", "the number of samples"),
                            ("ids_sha256", "the data set's sample ids (their sha256)")):

@@ -22,8 +22,9 @@ from featlab import distributed as fdist
 from featlab.cache import h5file
 from featlab.cache import schema as S
 from featlab.cache.files import CachePaths, check_writable, refuse_complete
-from featlab.cache.plan import (ExtractPlan, check_dtype, check_error_stat, check_max_size,
-                                free_disk_bytes, plan_extract)
+from featlab.cache.plan import (ExtractPlan, channel_subset, check_dtype, check_error_stat,
+                                check_max_channels, check_max_size, free_disk_bytes,
+                                plan_extract)
 from featlab.cache.settings import (ExtractSettings, absolute_root, ids_fingerprint,
                                     state_fingerprint)
 from featlab.errors import ConfigError
@@ -46,6 +47,7 @@ class Job:
     index: np.ndarray
     points: list[Any]
     stored: list[tuple[int, int]]
+    channels: list[tuple[int, ...] | None]  # per point: the channels kept, None = every one
     settings: ExtractSettings
     layout: h5file.FileLayout
     attrs: dict[str, Any]
@@ -59,9 +61,9 @@ class Job:
 def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.PathLike, *,
                 spec: Any = None, batch_size: int = 32, dtype: str = "float16",
                 error_stat: str = "bound", max_size: int | None = None, limit: int | None = None,
-                save_images: bool = False, device: str | torch.device | None = None,
-                num_workers: int | None = None, force: bool = False, queue_size: int = 2,
-                probe: bool = True) -> Job:
+                max_channels: int | None = None, channel_seed: int = 0, save_images: bool = False,
+                device: str | torch.device | None = None, num_workers: int | None = None,
+                force: bool = False, queue_size: int = 2, probe: bool = True) -> Job:
     """Resolve one rank's extraction (``probe``: also join the process group and check that
     the destination folder is writable)."""
     _check_int("batch_size", batch_size, 1)
@@ -74,6 +76,8 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
         if not isinstance(value, bool):
             raise ConfigError(f"`{name}` must be True or False; got {value!r}.")
     dtype, max_size = check_dtype(dtype), check_max_size(max_size)
+    max_channels = check_max_channels(max_channels)
+    _check_int("channel_seed", channel_seed, 0)
     # float32 storage loses nothing: its recorded error, 0, is exact whatever was asked
     error_stat = check_error_stat(error_stat) if dtype == "float16" else "exact"
     root = unwrap_model(model)
@@ -91,12 +95,14 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
     first = dataset[0]
     input_size = tuple(int(v) for v in first["image"].shape[-2:])
     pts = _resolve_points(root, points, input_size)
+    channels = [channel_subset(p.name, p.channels, max_channels, channel_seed) for p in pts]
     device = torch.device(device) if device is not None else torch.device(
         fdist.default_device(info))
     if num_workers is None:
         num_workers = min(4, max(0, (os.cpu_count() or 1) // info.local_world_size - 1))
     id_length = max((len(i.encode("utf-8")) for i in stored_ids), default=1)
     plan = plan_extract(pts, n, input_size, dtype=dtype, max_size=max_size,
+                        max_channels=max_channels,
                         save_images=save_images, batch_size=batch_size, queue_size=queue_size,
                         num_workers=num_workers, device=device.type, id_bytes=id_length,
                         weight_bytes=sum(t.numel() * t.element_size() for t in
@@ -107,15 +113,18 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
         data=absolute_root(dataset.settings()), ids_sha256=ids_fingerprint(stored_ids),
         num_samples=n, points=tuple(p.name for p in pts), input_size=input_size, dtype=dtype,
         max_size=max_size, limit=limit, save_images=save_images, world_size=info.world_size,
-        error_stat=error_stat)
+        error_stat=error_stat, max_channels=max_channels,
+        channel_seed=channel_seed if any(c is not None for c in channels) else 0)
     stored = [pp.stored_size for pp in plan.points]
     layout = h5file.FileLayout(
         num_rows=len(shard), input_size=input_size, dtype=dtype,
         points=tuple(h5file.PointLayout(
-            pp.name, (pp.channels, *pp.stored_size), min(pp.chunk_rows, max(1, len(shard))),
+            pp.name, (pp.stored_channels, *pp.stored_size),
+            min(pp.chunk_rows, max(1, len(shard))),
             {"skip_point": _json({**p.to_dict(), "rf_status": p.rf_status}),
-             "stored_size": _json(list(pp.stored_size)), "pooling": pp.pooling})
-            for p, pp in zip(pts, plan.points)),
+             "stored_size": _json(list(pp.stored_size)), "pooling": pp.pooling,
+             **({} if kept is None else {"channels": _json(list(kept))})})
+            for p, pp, kept in zip(pts, plan.points, channels)),
         save_images=save_images, id_length=id_length, error_stat=error_stat,
         label_chunk_rows=_rows(input_size[0] * input_size[1], len(shard), batch_size),
         image_chunk_rows=_rows(3 * input_size[0] * input_size[1], len(shard), batch_size))
@@ -124,7 +133,7 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
         attrs["shard"] = _json({"rank": info.rank, "world_size": info.world_size,
                                 "start": shard.start, "stop": shard.stop})
     return Job(root, dataset, spec, info, paths, shard, stored_ids[shard.start:shard.stop],
-               np.arange(shard.start, shard.stop, dtype=np.int64), pts, stored, settings,
+               np.arange(shard.start, shard.stop, dtype=np.int64), pts, stored, channels, settings,
                layout, attrs, plan, device, batch_size, num_workers, queue_size)
 
 

@@ -69,7 +69,8 @@ def stream(job: Job, path: str, written: np.ndarray, *, progress: bool, stop_ear
                                                     for s, n, _ in batches],
                         num_workers=job.num_workers, pin_memory=cuda, collate_fn=collate)
     pts = job.points
-    slots = [Slot(job.batch_size, [(p.channels, *s) for p, s in zip(pts, job.stored)],
+    slots = [Slot(job.batch_size, [(p.channels if c is None else len(c), *s)
+                                   for p, s, c in zip(pts, job.stored, job.channels)],
                   getattr(torch, job.settings.dtype), job.settings.input_size,
                   job.settings.save_images, pin=cuda) for _ in range(job.queue_size + 2 + cuda)]
     bar = _progress_bar(progress, len(job.shard), int(written.sum()), job)
@@ -86,7 +87,7 @@ def stream(job: Job, path: str, written: np.ndarray, *, progress: bool, stop_ear
         batches_iter = iter(loader)  # workers fork before the writer thread starts
         writer.start()
         taps = Taps(root, [p.name for p in pts], [p.module for p in pts],
-                    [(p.channels, *p.size) for p in pts], job.stored,
+                    [(p.channels, *p.size) for p in pts], job.stored, job.channels,
                     getattr(torch, job.settings.dtype), job.settings.error_stat, stop_early)
         normalize = _normalizer(job.spec, device)
         place = torch.cuda.device(device) if cuda else contextlib.nullcontext()

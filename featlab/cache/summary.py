@@ -47,9 +47,10 @@ def summary(cache) -> dict:
         holds: ``bound`` or ``exact``), ``max_size``, ``versions``, ``created``,
         ``world_size``, ``has_images``, ``points`` (per point: its SkipPoint record plus
         ``stored_size``, ``pooling``, ``shape`` [N, C, h, w], ``dtype``, ``bytes`` on disk,
-        ``bytes_per_sample``, and over the written samples ``nonfinite``, ``max_abs_error``
-        and ``overflow_samples``: see :func:`_point_stats`), ``arrays`` (labels/images/stats:
-        shape, dtype, bytes),
+        ``bytes_per_sample``, ``stored_channels`` (fewer than ``channels`` with
+        ``max_channels``: which ones, ``reader.stored_channels``), and over the written
+        samples ``nonfinite``, ``max_abs_error`` and ``overflow_samples``: see
+        :func:`_point_stats`), ``arrays`` (labels/images/stats: shape, dtype, bytes),
         ``files`` and ``file_size`` (bytes of the main file plus any shard files).
     """
     from featlab.cache.reader import CacheReader, open_cache
@@ -68,7 +69,8 @@ def summary(cache) -> dict:
                       pooling=str(decode_attr(dset.attrs.get("pooling", "none"))),
                       shape=list(dset.shape),
                       dtype=str(dset.dtype), bytes=storage_bytes(dset, cache.path),
-                      bytes_per_sample=int(dset.dtype.itemsize * _prod(dset.shape[1:])), **stat)
+                      bytes_per_sample=int(dset.dtype.itemsize * _prod(dset.shape[1:])),
+                      stored_channels=len(cache.stored_channels(p.name)), **stat)
         points.append(record)
     arrays = {}
     for key in (schema.LABELS, schema.IMAGES, schema.NONFINITE, schema.ABS_ERROR):
@@ -168,6 +170,8 @@ def _point_rows(info: dict) -> list[list[str]]:
     for p in info["points"]:
         shape = "x".join(str(s) for s in p["shape"][1:])
         pooled = "" if p["pooling"] == "none" else f" (area from {p['size'][0]}x{p['size'][1]})"
+        if p["stored_channels"] != p["channels"]:
+            pooled += f" ({p['stored_channels']} of {p['channels']} channels)"
         rows.append([p["name"], shape + pooled, str(p["stride"]), _rf(p), p["dtype"],
                      _error(p), str(p["nonfinite"]), human_bytes(p["bytes"])])
     return rows

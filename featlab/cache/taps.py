@@ -3,7 +3,8 @@
 Extraction cannot afford what :func:`featlab.capture` does for interactive use (a fresh tensor
 per point and batch, cast and pooled afterwards): at a cache's scale that is several extra
 passes over every activation and a stream of large allocations. Here each hook runs, on the
-device that computed the point, ``adaptive_avg_pool2d`` (when the point is pooled), the cast to
+device that computed the point, ``index_select`` (when only some channels are stored),
+``adaptive_avg_pool2d`` (when the point is pooled), the cast to
 the storage dtype and the copy into a :class:`Slot` -- preallocated (pinned, on CUDA) host
 arrays that the writer thread turns into HDF5 rows and hands back for reuse. The copy is taken
 inside the hook, so in-place operations after the module (``ReLU(inplace=True)``, ``out +=
@@ -97,6 +98,7 @@ class Taps:
         modules: module path of each point.
         shapes: the network's ``(C, H, W)`` of each point.
         stored: ``(h, w)`` stored for each point (pooled when smaller than ``H, W``).
+        channels: the channels stored of each point, None for every one.
         dtype: storage dtype.
         error_stat: the float16 rounding error recorded, ``"bound"`` or ``"exact"``.
         stop_early: end the forward after the deepest point.
@@ -104,13 +106,16 @@ class Taps:
 
     def __init__(self, root: nn.Module, names: Sequence[str], modules: Sequence[str],
                  shapes: Sequence[tuple[int, int, int]], stored: Sequence[tuple[int, int]],
-                 dtype: torch.dtype, error_stat: str, stop_early: bool = True):
+                 channels: Sequence[Sequence[int] | None], dtype: torch.dtype, error_stat: str,
+                 stop_early: bool = True):
         self._root = root
         self._names = list(names)
         self._modules = [root.get_submodule(m) for m in modules]
         self._shapes = [tuple(s) for s in shapes]
         self._stored = [tuple(s) for s in stored]
         self._pool = [tuple(st) != tuple(sh[1:]) for st, sh in zip(self._stored, self._shapes)]
+        self._channels = [None if c is None else torch.tensor(c, dtype=torch.long)
+                          for c in channels]
         self._dtype = dtype
         self._half = dtype == torch.float16
         self._exact = error_stat == "exact"
@@ -194,6 +199,11 @@ class Taps:
                               f"(as measured by skip_points at this input size); got {got}. "
                               "Fix: keep the input size of every sample the same.")
         t = output.detach()
+        keep = self._channels[k]
+        if keep is not None:  # the subset first: pooling and the cast then touch only it
+            if keep.device != t.device:
+                keep = self._channels[k] = keep.to(t.device)
+            t = t.index_select(1, keep)
         if self._pool[k]:
             t = F.adaptive_avg_pool2d(t, self._stored[k])
         dst = slot.points[k][:n]

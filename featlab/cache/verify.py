@@ -26,7 +26,8 @@ import numpy as np
 
 from featlab.cache import schema
 from featlab.cache._reading import (check_schema, decode_attr, ids_sha256, open_h5, read_ids,
-                                    read_root_attrs, resolve_cache_path, source_files)
+                                    read_root_attrs, resolve_cache_path, source_files,
+                                    stored_channels)
 from featlab.cache.summary import human_bytes
 from featlab.points import SkipPoint
 
@@ -281,8 +282,20 @@ class _Verifier:
         elif pooling not in ("none", "area"):
             self.add("metadata", f"/points/{name} pooling must be 'none' or 'area'; got "
                                  f"{pooling!r}. {_FIX_EXTRACT}")
+        try:
+            kept = stored_channels(dset, record.channels)
+        except (TypeError, ValueError):
+            kept = ()
+        if "channels" in dset.attrs and not (
+                kept and list(kept) == sorted(set(kept)) and 0 <= kept[0]
+                and kept[-1] < record.channels):
+            self.add("metadata", f"/points/{name} channels must be a JSON list of distinct "
+                                 f"increasing channel indices below {record.channels}; got "
+                                 f"{str(decode_attr(dset.attrs['channels']))[:80]!r}. "
+                                 f"{_FIX_EXTRACT}")
+            return
         dtype = self.attrs.get("dtype")
-        ok = self.expect(f"{schema.POINTS}/{name}", (self.n, record.channels, *stored),
+        ok = self.expect(f"{schema.POINTS}/{name}", (self.n, len(kept), *stored),
                          (dtype,) if dtype else ())
         if ok:
             self.scannable.append(name)

@@ -95,8 +95,9 @@ class ExtractResult:
 def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | os.PathLike =
             "cache.h5", *, spec: Any = None, batch_size: int = 32, dtype: str = "float16",
             error_stat: str = "bound", max_size: int | None = None, limit: int | None = None,
-            save_images: bool = False, device: str | torch.device | None = None,
-            num_workers: int | None = None, force: bool = False, disk_check: bool = True,
+            max_channels: int | None = None, channel_seed: int = 0, save_images: bool = False,
+            device: str | torch.device | None = None, num_workers: int | None = None,
+            force: bool = False, disk_check: bool = True,
             progress: bool = True, queue_size: int = 2, stop_early: bool = True
             ) -> ExtractResult:
     """Write the activations of ``points`` over ``dataset`` into the HDF5 cache ``path``.
@@ -119,6 +120,10 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
             file), or ``"exact"``, max |x - stored| (a few % slower on the CPU).
         max_size: area-pool each point to at most this many cells per side (None: full size).
         limit: store only the first ``limit`` samples of the sorted order.
+        max_channels: store at most this many channels of each point (None: all): a random
+            subset, sorted, the same for a point whatever else is extracted, recorded as the
+            ``channels`` attribute of its dataset (:func:`~featlab.cache.plan.channel_subset`).
+        channel_seed: the seed of those subsets.
         save_images: also store the input images (uint8).
         device: default ``cuda:<LOCAL_RANK>`` when CUDA is available, else ``cpu``.
         num_workers: data loader workers (default: a few, by CPU count).
@@ -140,6 +145,7 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
     started = time.perf_counter()
     job = prepare_job(model, dataset, points, path, spec=spec, batch_size=batch_size,
                       dtype=dtype, error_stat=error_stat, max_size=max_size, limit=limit,
+                      max_channels=max_channels, channel_seed=channel_seed,
                       save_images=save_images, device=device, num_workers=num_workers, force=force,
                       queue_size=queue_size)
     info = job.info
@@ -179,8 +185,9 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
 def estimate(model: nn.Module, dataset: Any, points: Any = "stages",
              path: str | os.PathLike = "cache.h5", *, spec: Any = None, batch_size: int = 32,
              dtype: str = "float16", max_size: int | None = None, limit: int | None = None,
-             save_images: bool = False, device: str | torch.device | None = None,
-             num_workers: int | None = None, queue_size: int = 2) -> ExtractPlan:
+             max_channels: int | None = None, channel_seed: int = 0, save_images: bool = False,
+             device: str | torch.device | None = None, num_workers: int | None = None,
+             queue_size: int = 2) -> ExtractPlan:
     """What :func:`extract` with the same arguments would store, without writing anything.
 
     This is ``featlab extract --dry-run``: the skip points are measured (a forward at batch 1)
@@ -200,8 +207,9 @@ def estimate(model: nn.Module, dataset: Any, points: Any = "stages",
         [('features.2', (4, 4), 256), ('features.5', (4, 4), 512)]
     """
     job = prepare_job(model, dataset, points, path, spec=spec, batch_size=batch_size,
-                      dtype=dtype, max_size=max_size, limit=limit, save_images=save_images,
-                      device=device, num_workers=num_workers, queue_size=queue_size, probe=False)
+                      dtype=dtype, max_size=max_size, limit=limit, max_channels=max_channels,
+                      channel_seed=channel_seed, save_images=save_images, device=device,
+                      num_workers=num_workers, queue_size=queue_size, probe=False)
     return job.plan
 
 

@@ -33,6 +33,11 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                         "float16 spacing at the largest stored value; default) or exact "
                         "(max |x - stored|; a few %% slower on the CPU)")
     p.add_argument("--max-size", type=int, help="area-pool each point to at most this grid side")
+    p.add_argument("--max-channels", type=int,
+                   help="store at most this many channels of each point (a seeded random subset, "
+                        "recorded in the cache)")
+    p.add_argument("--channel-seed", type=int, default=0,
+                   help="seed of the channel subsets (default 0)")
     p.add_argument("--limit", type=int, help="only the first N samples of the sorted order")
     p.add_argument("--save-images", action="store_true", help="also store the input images (uint8)")
     p.add_argument("--out", required=True, help="the cache file (.h5)")
@@ -82,7 +87,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data, split=args.split, root=args.root, size=size, seed=args.data_seed,
                       **options)
     kwargs = dict(spec=spec, batch_size=args.batch_size, dtype=args.dtype,
-                  max_size=args.max_size, limit=args.limit, save_images=args.save_images,
+                  max_size=args.max_size, limit=args.limit, max_channels=args.max_channels,
+                  channel_seed=args.channel_seed, save_images=args.save_images,
                   device=args.device, num_workers=args.workers)
     if args.dry_run:
         plan = estimate(model, ds, args.points, args.out, **kwargs)
@@ -90,7 +96,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
             _print_json(plan.to_dict())
             return 0
         n = plan.num_samples
-        rows = [[p.name, p.channels, f"{p.size[0]}x{p.size[1]}",
+        rows = [[p.name, p.channels if p.stored_channels == p.channels
+                 else f"{p.stored_channels} of {p.channels}", f"{p.size[0]}x{p.size[1]}",
                  f"{p.stored_size[0]}x{p.stored_size[1]}", p.pooling, p.stride,
                  format_bytes(p.bytes_per_sample), format_bytes(p.total_bytes)]
                 for p in plan.points]

@@ -38,7 +38,8 @@ def check_caches(train, val, points: Sequence[str]) -> None:
 
     Compared: backbone name, weights identity and hash, the hash of the model state the
     features were computed with, the network input size, the classes and each point's record
-    (channels, stride). Different splits are the point; identical sample ids are refused (a
+    (channels, stride); every point must be stored whole (no pooling, every channel).
+    Different splits are the point; identical sample ids are refused (a
     head validated on its training images measures nothing).
     """
     a, b = train.identity(), val.identity()
@@ -63,6 +64,12 @@ def check_caches(train, val, points: Sequence[str]) -> None:
         if train.stored_size(name) != tuple(pa.size) or val.stored_size(name) != tuple(pb.size):
             raise CacheError(f"point {name!r} must be stored at full size to train a head; it "
                              f"was pooled (max_size). Fix: re-extract without --max-size.")
+        for cache, rec in ((train, pa), (val, pb)):
+            if len(cache.stored_channels(name)) != rec.channels:
+                raise CacheError(f"point {name!r} must be stored with all its {rec.channels} "
+                                 f"channels to train a head; {cache.path} keeps "
+                                 f"{len(cache.stored_channels(name))} (max_channels). Fix: "
+                                 "re-extract without --max-channels.")
     if a["ids_sha256"] == b["ids_sha256"]:
         raise CacheError(f"train and val caches must hold different samples; both hold the "
                          f"same ids ({a['path']}, {b['path']}). Fix: extract --split val for "

@@ -337,6 +337,19 @@ def test_probe_points_refuses_mismatched_caches(caches, tmp_path):
                     dtype="float32", num_workers=0, progress=False)
     with pytest.raises(CacheError, match="share the model"):
         probe_points(caches["train"], other, progress=False)
+    # the same backbone, other channels of a point: the probe would be scored on other features
+    ds = featlab.load_dataset("shapes", split="val", size=32, length=8)
+    for name, seed in (("some.h5", 0), ("others.h5", 1)):
+        featlab.extract(ft.TinyResNet(), ds, "all", tmp_path / name, spec=SPEC, max_channels=8,
+                        channel_seed=seed, dtype="float32", num_workers=0, progress=False)
+    with pytest.raises(CacheError, match="point 'layer1.1' as the train cache does"):
+        probe_points(caches["train"], tmp_path / "some.h5", progress=False)
+    with pytest.raises(CacheError, match="--max-channels and --channel-seed"):
+        probe_points(tmp_path / "some.h5", tmp_path / "others.h5", progress=False)
+    # the same subset on both sides is fine, and the probe reports the channels it saw
+    rows = probe_points(tmp_path / "some.h5", tmp_path / "some.h5", ["layer1.1"], alpha=1e-3,
+                        device="cpu", progress=False).rows()
+    assert rows[0]["channels"] == 8
 
 
 @pytest.mark.parametrize("h,max_pixels", [(2, None), (8, 40)])  # cells < pixels; > pixels

@@ -285,6 +285,17 @@ def test_cka_matrix_pixels_and_minibatch(caches):
         sim.cka_matrix(cache, kind="minibatch", estimator="biased", progress=False)
 
 
+def test_cka_on_a_cache_of_channel_subsets(tmp_path):
+    ds = featlab.load_dataset("shapes", split="val", size=32, length=12)
+    featlab.extract(ft.TinyResNet(), ds, ["conv1", "layer1.1"], tmp_path / "c.h5", spec=SPEC,
+                    max_channels=6, dtype="float32", num_workers=0, progress=False)
+    with featlab.open_cache(tmp_path / "c.h5") as cache:
+        flat = sim.cka_matrix(cache, spatial="flatten", progress=False, device="cpu")
+        xs = [cache[n][:].astype(np.float64).reshape(12, -1) for n in cache.point_names]
+        assert [x.shape[1] for x in xs] == [6 * 16 * 16, 6 * 8 * 8]
+    assert flat.matrix[0, 1] == pytest.approx(ref_linear(xs[0], xs[1]), abs=1e-6)
+
+
 def test_cross_model_cka(caches):
     a, b = caches["a"], caches["b"]
     result = sim.cka_matrix(a, b, points="stages", progress=False, device="cpu")

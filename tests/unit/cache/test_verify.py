@@ -95,6 +95,8 @@ CORRUPTIONS = {
                         "metadata", ["execution order", "[3, 0, 4]"]),
     "stored_size vs size": (lambda f: f["points/conv1"].attrs.__setitem__(
         "stored_size", json.dumps([4, 4])), "shape shape", ["stored_size", "[8, 8]"]),
+    "channels not increasing": (lambda f: f["points/layer1.1"].attrs.__setitem__(
+        "channels", json.dumps([3, 1])), "metadata", ["/points/layer1.1 channels", "[3, 1]"]),
     "missing point attr": (lambda f: f["points/conv1"].attrs.__delitem__("pooling"),
                            "metadata", ["/points/conv1", "['pooling']"]),
     "label out of range": (lambda f: f["labels"].__setitem__((3, 5, 5), 9), "labels",

@@ -164,6 +164,48 @@ def test_area_pooling_to_max_size_float32_and_limit(tmp_path):
         assert [i.decode() for i in f[schema.IDS][:]] == ds.ids[:5]
 
 
+def test_max_channels_stores_a_seeded_channel_subset_and_records_it(tmp_path):
+    model = ft.TinyResNet()  # conv1: 8 channels, layer1.1: 16
+    ds = arrays(n=5, size=32)
+    kwargs = dict(spec=SPEC, batch_size=2, dtype="float32", num_workers=0, progress=False)
+    extract(model, ds, ["conv1", "layer1.1"], tmp_path / "c.h5", max_channels=10,
+            channel_seed=3, **kwargs)
+    ref = reference(model, ds, ["conv1", "layer1.1"], batch_size=2)
+    with h5py.File(tmp_path / "c.h5", "r") as f:  # plain h5py: what a reader without featlab sees
+        conv1, layer = f["points/conv1"], f["points/layer1.1"]
+        np.testing.assert_array_equal(conv1[:], ref["conv1"].numpy())  # 8 <= 10: every channel
+        assert "channels" not in conv1.attrs
+        kept = json.loads(layer.attrs["channels"])
+        assert len(kept) == 10 and kept == sorted(set(kept)) and 0 <= kept[0] < kept[-1] < 16
+        assert kept != list(range(10))  # a random subset, not the first channels
+        np.testing.assert_array_equal(layer[:], ref["layer1.1"][:, kept].numpy())
+        settings = json.loads(f.attrs["settings"])
+        assert (settings["max_channels"], settings["channel_seed"]) == (10, 3)
+    cache = featlab.open_cache(tmp_path / "c.h5")
+    assert cache.stored_channels("layer1.1").tolist() == kept
+    assert cache.stored_channels("conv1").tolist() == list(range(8))
+    assert summary(cache)["points"][1]["stored_channels"] == 10
+    assert "10 of 16 channels" in repr(cache)
+    cache.close()
+    assert verify(tmp_path / "c.h5", progress=False).ok
+    # the same seed, whatever else is extracted, keeps the same channels; another seed others
+    extract(model, ds, ["layer1.1"], tmp_path / "d.h5", max_channels=10, channel_seed=3, limit=2,
+            **kwargs)
+    extract(model, ds, ["layer1.1"], tmp_path / "e.h5", max_channels=10, channel_seed=4, limit=2,
+            **kwargs)
+    with featlab.open_cache(tmp_path / "d.h5") as d, featlab.open_cache(tmp_path / "e.h5") as e:
+        assert d.stored_channels("layer1.1").tolist() == kept
+        assert e.stored_channels("layer1.1").tolist() != kept
+    # pooled too: the subset is taken first, then pooled
+    extract(model, ds, ["layer1.1"], tmp_path / "p.h5", max_channels=10, channel_seed=3,
+            max_size=4, **kwargs)
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        pooled = ref["layer1.1"][:, kept].reshape(5, 10, 4, 2, 4, 2).mean(dim=(3, 5))
+        np.testing.assert_allclose(f["points/layer1.1"][:], pooled.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="`max_channels` must be a positive int"):
+        extract(model, ds, ["layer1.1"], tmp_path / "x.h5", max_channels=-1, **kwargs)
+
+
 def test_chunks_hold_whole_samples_and_batches(tmp_path):
     ds = load_dataset("shapes", "val", size=128, length=24)
     extract(ft.TinyResNet(), ds, "all", tmp_path / "c.h5", spec=SPEC, batch_size=8,

@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 from featlab import cli, distributed
-from featlab.cache.plan import ExtractPlan, plan_extract, stored_size
+from featlab.cache.plan import ExtractPlan, channel_subset, plan_extract, stored_size
 from featlab.errors import ConfigError
 from featlab.points import SkipPoint
 
@@ -60,6 +60,22 @@ def test_plan_memory_in_flight_does_not_grow_with_n_and_disk_fit():
     assert plan_extract(POINTS, 100, 224).fits  # free space unknown
 
 
+def test_plan_counts_only_the_channels_kept():
+    plan = plan_extract(POINTS, 10, 224, dtype="float16", max_channels=100)
+    layer1, layer4 = plan.points
+    assert (layer1.channels, layer1.stored_channels) == (64, 64)  # under the bound: all
+    assert (layer4.channels, layer4.stored_channels) == (512, 100)
+    assert layer4.bytes_per_sample == 100 * 7 * 7 * 2 and plan.max_channels == 100
+    assert ExtractPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    # the subsets: sorted, distinct, in range, reproducible, per point name and seed
+    kept = channel_subset("layer4", 512, 100, seed=0)
+    assert len(kept) == 100 and list(kept) == sorted(set(kept)) and kept[-1] < 512
+    assert kept == channel_subset("layer4", 512, 100, seed=0)
+    assert kept != channel_subset("layer4", 512, 100, seed=1)
+    assert kept != channel_subset("layer3", 512, 100, seed=0)
+    assert channel_subset("layer4", 512, 512) is None and channel_subset("layer4", 512, 0) is None
+
+
 def test_plan_puts_the_forward_on_the_device_it_runs_on():
     cpu = plan_extract(POINTS, 100, 224, batch_size=8, weight_bytes=10**6)
     gpu = plan_extract(POINTS, 100, 224, batch_size=8, weight_bytes=10**6, device="cuda")
@@ -103,8 +119,10 @@ def test_cli_dry_run_plans_a_gpu_run_without_a_gpu(tmp_path, capsys, cli_state):
                   .values() if t.is_floating_point())
     assert weights < plan["weight_bytes"] < weights + 10**4  # + BatchNorm's int64 counters
     assert plan["device_bytes"] > plan["weight_bytes"]
-    assert cli.main(argv) == 0
-    assert "device memory: about" in capsys.readouterr().out
+    assert cli.main(argv + ["--max-channels", "100"]) == 0
+    text = capsys.readouterr().out
+    assert "device memory: about" in text
+    assert "100 of 128" in text and "100 of 512" in text  # layer2.1 and layer4.1 are cut
     assert not (tmp_path / "c.h5").exists()
 
 

@@ -141,6 +141,7 @@ def test_resuming_with_other_settings_names_the_setting(tmp_path, monkeypatch):
         (dict(limit=5), "`--limit` differs .*: None there, 5 now"),
         (dict(save_images=True), "`--save-images` differs"),
         (dict(error_stat="exact"), "`--error-stat` differs .*: bound there, exact now"),
+        (dict(max_channels=4), "`--max-channels` differs .*: 0 there, 4 now"),
         (dict(points="layer1.1"), "`--points` differs .*: layer1.0,layer1.1 there, layer1.1 now"),
     ]
     for change, message in cases:

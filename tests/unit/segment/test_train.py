@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import featlab
+import featlab.testing as ft
 from featlab.errors import CacheError, CheckpointError, ConfigError
 from featlab.segment import runs
 from featlab.segment.loop import per_image_confusion
 from featlab.segment.metrics import ConfusionMatrix
 from featlab.segment.train import HeadResult, HeadSettings, train_head
 
-from .conftest import make_caches
+from .conftest import SPEC, make_caches
 
 FAST = dict(epochs=2, batch_size=8, lr=0.01)
 
@@ -137,6 +138,11 @@ def test_caches_of_another_backbone_or_the_same_samples_are_refused(caches, tmp_
         train_head(*caches, skip="layer1.1", out=tmp_path / "z", progress=False, **FAST)
     with pytest.raises(ConfigError, match="optimizer"):
         HeadSettings(optimizer="adam")
+    ds = featlab.load_dataset("shapes", split="val", size=32, length=16)
+    featlab.extract(ft.TinyResNet(seed=0), ds, "all", tmp_path / "some.h5", spec=SPEC,
+                    max_channels=8, dtype="float32", num_workers=0, progress=False)
+    with pytest.raises(CacheError, match=r"all its 16 channels .* keeps 8 .*--max-channels"):
+        train_head(caches[0], tmp_path / "some.h5", out=tmp_path / "w", progress=False, **FAST)
 
 
 def test_sgd_and_a_checkpoint_of_other_settings(caches, tmp_path):
