@@ -14,6 +14,8 @@ resnet18 (random init) at 128 px on ``shapes``, every skip point, float16, in on
 * **floor**: the least any extractor of these bytes must do -- the forward, one cast of every
   point into reused float16 buffers inside the hooks, and a lower-priority thread that writes
   those bytes to a file with ``O_DIRECT`` as featlab does (no HDF5, no statistics, no flags);
+* **featlab, lzf / gzip** (only with ``--compression lzf gzip``): ``featlab.extract`` with
+  ``compression=...``: the same extraction, then the copy into a compressed file;
 * **plain**: the usual script -- forward hooks that keep ``out.half()`` (torch's vectorised
   cast, which is also a copy, so ``bn1`` is stored before the in-place ReLU rewrites it), then
   ``.cpu().numpy()`` and h5py writes in the loop, from the same ``DataLoader``.
@@ -27,6 +29,7 @@ The samples are rendered once up front and served from memory, so that all measu
 model and the cache, not the procedural data generator (its rate is printed separately).
 
     python benchmarks/bench_extract.py [--samples 512] [--batch-size 32] [--repeats 3]
+                                       [--compression lzf gzip]
 
 Run it on a quiet machine (``uptime``: load below 1.5 on this 2-core box).
 """
@@ -86,12 +89,14 @@ def bare_rate(model, spec, ds, batch_size: int, repeats: int) -> float:
 
 
 def featlab_rate(model, spec, ds, batch_size: int, folder: str, direct: bool = True,
-                 error_stat: str = "bound") -> tuple[float, float, int]:
+                 error_stat: str = "bound", compression: str | None = None
+                 ) -> tuple[float, float, int]:
     path = _fresh(os.path.join(folder, "featlab.h5"))
     os.environ["FEATLAB_DIRECT_IO"] = "1" if direct else "0"
     t0 = time.perf_counter()
     result = extract(model, ds, "all", path, spec=spec, batch_size=batch_size, dtype="float16",
-                     error_stat=error_stat, num_workers=0, progress=False, force=True)
+                     error_stat=error_stat, compression=compression, num_workers=0,
+                     progress=False, force=True)
     seconds = time.perf_counter() - t0
     return len(ds) / seconds, result.written * _row_bytes(path) / seconds / 1e6, result.bytes
 
@@ -226,6 +231,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="folder for the files (default: a temp dir)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--compression", nargs="*", default=[], choices=["lzf", "gzip"],
+                        help="also run featlab with these compressions (rows 'featlab, lzf', ...)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -244,6 +251,7 @@ def main() -> None:
     print(f"shapes generation at {args.size} px: {rendering:.0f} images/s (done once, before "
           "the timings)")
     bare, feat, exact, buffered, floor, plain = [], [], [], [], [], []
+    packed = {c: [] for c in args.compression}
     kept = {"bare": [], "featlab": [], "exact": [], "floor": []}
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         bare_rate(model, spec, ds, args.batch_size, 1)  # warm-up (allocator, oneDNN kernels)
@@ -255,6 +263,9 @@ def main() -> None:
             buffered.append(featlab_rate(model, spec, ds, args.batch_size, folder, direct=False))
             floor.append(floor_rate(model, spec, ds, args.batch_size, folder))
             plain.append(plain_rate(model, spec, ds, args.batch_size, folder))
+            for c, runs in packed.items():
+                runs.append(featlab_rate(model, spec, ds, args.batch_size, folder,
+                                         compression=c))
             child_out = kept_rates(args)
             for key, runs in kept.items():
                 runs.append(child_out[key])
@@ -273,6 +284,7 @@ def main() -> None:
             ("featlab, exact error", exact), ("featlab, buffered", buffered),
             ("floor: cast + direct write", [(f, None, None) for f in floor]),
             ("plain hooks + h5py", plain),
+            *((f"featlab, {c}", runs) for c, runs in packed.items()),
             ("memory kept: bare forward", [(b, None, None) for b in kept["bare"]]),
             ("memory kept: featlab extract", kept["featlab"]),
             ("memory kept: featlab, exact error", kept["exact"]),

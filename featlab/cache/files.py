@@ -89,7 +89,8 @@ def check_writable(out: str | os.PathLike) -> None:
 def remove_all(paths: CachePaths) -> None:
     """Delete the cache, its partial file and its shards (``force``)."""
     for path in (paths.out, paths.out + S.PARTIAL_SUFFIX, paths.assembling,
-                 paths.out + S.PARTIAL_SUFFIX + S.CREATING_SUFFIX):
+                 paths.out + S.PARTIAL_SUFFIX + S.CREATING_SUFFIX,
+                 paths.out + S.COMPRESSING_SUFFIX):
         if os.path.lexists(path):
             os.remove(path)
     if os.path.isdir(paths.shards):
@@ -107,9 +108,9 @@ def prepare(paths: CachePaths, settings: ExtractSettings) -> tuple[str, np.ndarr
     if os.path.exists(paths.out):
         refuse_complete(paths.out)
     _check_world_size(paths, settings)
-    creating = paths.partial + S.CREATING_SUFFIX
-    if os.path.lexists(creating):  # a run killed while creating the file: nothing was written
-        os.remove(creating)
+    for left in (paths.partial + S.CREATING_SUFFIX, paths.target + S.COMPRESSING_SUFFIX):
+        if os.path.lexists(left):  # a run killed while creating or compressing: made again
+            os.remove(left)
     for path in (paths.target, paths.partial):
         if os.path.exists(path):
             found = h5file.inspect(path)

@@ -201,14 +201,63 @@ class RowWriter:
         self.file.close()
 
 
-def finalize(partial: str, final: str) -> None:
-    """Mark a fully written file complete and move it to its final name (atomically)."""
-    with h5py.File(partial, "r+", locking=False) as f:
+def finalize(partial: str, final: str, compression: str | None = None,
+             progress: bool = False) -> None:
+    """Mark a fully written file complete and move it to its final name (atomically).
+
+    With ``compression`` (``"lzf"`` or ``"gzip"``, :data:`~featlab.cache.plan.COMPRESSIONS`)
+    the point, label and image arrays are copied into a compressed file instead, which replaces
+    ``final`` once complete; the partial file is removed after. While samples stream in the file
+    stays uncompressed: a compressed chunk's size changes when it is rewritten, and with it the
+    chunk index, which would break the rule that rows never change metadata. Killed during the
+    copy, the same command finalises again from the partial file.
+    """
+    with h5py.File(partial, "r+" if compression is None else "r", locking=False) as f:
         written = f[S.WRITTEN][...]
         assert written.all(), "finalize called before every row was written"
-        f.attrs.modify("complete", True)
-        f.flush()
-    os.replace(partial, final)
+        if compression is None:
+            f.attrs.modify("complete", True)
+            f.flush()
+    if compression is None:
+        os.replace(partial, final)
+        return
+    tmp = final + S.COMPRESSING_SUFFIX
+    _compressed_copy(partial, tmp, compression, progress)
+    os.replace(tmp, final)
+    os.remove(partial)
+
+
+def _compressed_copy(src: str, dst: str, compression: str, progress: bool) -> None:
+    """``src`` into a new file ``dst`` marked complete: the same datasets, chunks and attributes,
+    with points, labels and images compressed (byte shuffle first: floats compress better)."""
+    from tqdm.auto import tqdm
+
+    with h5py.File(src, "r", locking=False) as s, \
+            h5py.File(dst, "w", locking=False, track_order=False) as d:
+        for key, value in s.attrs.items():
+            d.attrs[key] = value
+        d.attrs.modify("complete", True)
+        big = [S.LABELS, *(f"{S.POINTS}/{k}" for k in s[S.POINTS]),
+               *([S.IMAGES] if S.IMAGES in s else [])]
+        for name in (S.IDS, S.INDEX, S.WRITTEN, S.STATS):
+            s.copy(s[name], d, name=name)
+        d.create_group(S.POINTS)
+        total = sum(s[name].nbytes for name in big)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"compress ({compression})",
+                  disable=not progress or os.environ.get("FEATLAB_PROGRESS") == "0") as bar:
+            for name in big:
+                src_set = s[name]
+                out = d.create_dataset(name, shape=src_set.shape, dtype=src_set.dtype,
+                                       chunks=src_set.chunks, compression=compression,
+                                       shuffle=src_set.dtype.itemsize > 1, track_times=False)
+                for key, value in src_set.attrs.items():
+                    out.attrs[key] = value
+                step = max(1, (64 << 20) // max(1, src_set[0:1].nbytes) // src_set.chunks[0]
+                           ) * src_set.chunks[0]  # whole chunks, ~64 MB at a time
+                for start in range(0, len(src_set), step):
+                    block = src_set[start:start + step]
+                    out[start:start + len(block)] = block
+                    bar.update(block.nbytes)
 
 
 def read_nonfinite(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -35,6 +35,7 @@ __all__ = ["PointPlan", "ExtractPlan", "plan_extract", "stored_size", "channel_s
 
 DTYPES = {"float16": 2, "float32": 4}
 ERROR_STATS = ("bound", "exact")  # the float16 rounding error recorded (featlab.cache.taps)
+COMPRESSIONS = ("lzf", "gzip")  # opt-in, applied when a cache is finalised (h5py's own filters)
 CHUNK_MIN_BYTES = 2**20  # R-13.1: chunks of ~1-4 MB; one sample is never split
 CHUNK_MAX_BYTES = 4 * 2**20
 _STATS_BYTES = 8 + 4  # per sample and point: /stats/nonfinite int64 + /stats/abs_error float32
@@ -304,6 +305,16 @@ def check_error_stat(error_stat: Any) -> str:
                           f"{error_stat!r}. Fix: 'bound' (half the float16 spacing at the largest "
                           "stored value) or 'exact' (max |x - stored|, slower on the CPU).")
     return error_stat
+
+
+def check_compression(compression: Any) -> str | None:
+    if compression in (None, "none"):
+        return None
+    if compression not in COMPRESSIONS:
+        raise ConfigError(f"`compression` must be one of none, {', '.join(COMPRESSIONS)}; got "
+                          f"{compression!r}. Fix: 'lzf' (fast, in every h5py) or 'gzip' (smaller, "
+                          "readable by any HDF5 tool).")
+    return compression
 
 
 def check_max_size(max_size: Any) -> int:

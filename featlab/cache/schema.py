@@ -34,7 +34,9 @@ of a missing shard read as 0, ``written`` included.
 
 Chunks of ``/points/*``, ``/labels`` and ``/images`` hold whole samples (k rows of ~1-4 MB,
 aligned with the extraction batches); ``/ids``, ``/index``, ``/written`` and ``/stats/*`` are
-contiguous. No compression.
+contiguous. No compression, unless asked for (``compression="lzf"|"gzip"``): then
+``/points/*``, ``/labels`` and ``/images`` carry h5py's shuffle and lzf/gzip filters, applied
+when the cache is finalised (:func:`featlab.cache.h5file.finalize`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ PARTIAL_SUFFIX = ".partial"  # a cache being written; renamed to the final name 
 SHARDS_SUFFIX = ".shards"  # folder of per-rank shard files of a distributed cache
 CREATING_SUFFIX = ".creating"  # a partial file while its metadata is made (renamed to .partial)
 ASSEMBLING_SUFFIX = ".assembling"  # the virtual main file of a sharded cache while it is written
+COMPRESSING_SUFFIX = ".compressing"  # the compressed copy of a finished partial file (compression)
 
 # datasets
 IDS = "ids"

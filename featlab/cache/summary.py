@@ -47,7 +47,8 @@ def summary(cache) -> dict:
         holds: ``bound`` or ``exact``), ``max_size``, ``versions``, ``created``,
         ``world_size``, ``has_images``, ``points`` (per point: its SkipPoint record plus
         ``stored_size``, ``pooling``, ``shape`` [N, C, h, w], ``dtype``, ``bytes`` on disk,
-        ``bytes_per_sample``, ``stored_channels`` (fewer than ``channels`` with
+        ``bytes_per_sample``, ``compression`` (None, ``"lzf"``, ``"gzip"``),
+        ``stored_channels`` (fewer than ``channels`` with
         ``max_channels``: which ones, ``reader.stored_channels``), and over the written
         samples ``nonfinite``, ``max_abs_error`` and ``overflow_samples``: see
         :func:`_point_stats`), ``arrays`` (labels/images/stats: shape, dtype, bytes),
@@ -70,7 +71,8 @@ def summary(cache) -> dict:
                       shape=list(dset.shape),
                       dtype=str(dset.dtype), bytes=storage_bytes(dset, cache.path),
                       bytes_per_sample=int(dset.dtype.itemsize * _prod(dset.shape[1:])),
-                      stored_channels=len(cache.stored_channels(p.name)), **stat)
+                      stored_channels=len(cache.stored_channels(p.name)),
+                      compression=dset.compression, **stat)
         points.append(record)
     arrays = {}
     for key in (schema.LABELS, schema.IMAGES, schema.NONFINITE, schema.ABS_ERROR):
@@ -212,7 +214,10 @@ def format_summary(info: dict) -> str:
     images = arrays.get(schema.IMAGES)
     points_bytes = sum(p["bytes"] for p in info["points"])
     nfiles = len(info["files"])
-    lines.append(f"  sizes     points {human_bytes(points_bytes)}, labels {human_bytes(labels)}, "
+    packed = sorted({p["compression"] for p in info["points"] if p.get("compression")})
+    lines.append(f"  sizes     points {human_bytes(points_bytes)}"
+                 + (f" ({', '.join(packed)}-compressed)" if packed else "")
+                 + f", labels {human_bytes(labels)}, "
                  f"images {human_bytes(images['bytes']) if images else 'not stored'}; file "
                  f"{human_bytes(info['file_size'])}"
                  + (f" in {nfiles} files (world size {info['world_size']})" if nfiles > 1 else ""))

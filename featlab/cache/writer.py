@@ -39,7 +39,7 @@ from torch import nn
 
 from featlab import distributed as fdist
 from featlab.cache import files, h5file
-from featlab.cache.plan import ExtractPlan, format_bytes, free_disk_bytes
+from featlab.cache.plan import ExtractPlan, check_compression, format_bytes, free_disk_bytes
 from featlab.cache.setup import Job, prepare_job
 from featlab.cache.stream import stream
 from featlab.errors import CacheError, ConfigError, FeatlabWarning
@@ -96,8 +96,8 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
             "cache.h5", *, spec: Any = None, batch_size: int = 32, dtype: str = "float16",
             error_stat: str = "bound", max_size: int | None = None, limit: int | None = None,
             max_channels: int | None = None, channel_seed: int = 0, save_images: bool = False,
-            device: str | torch.device | None = None, num_workers: int | None = None,
-            force: bool = False, disk_check: bool = True,
+            compression: str | None = None, device: str | torch.device | None = None,
+            num_workers: int | None = None, force: bool = False, disk_check: bool = True,
             progress: bool = True, queue_size: int = 2, stop_early: bool = True
             ) -> ExtractResult:
     """Write the activations of ``points`` over ``dataset`` into the HDF5 cache ``path``.
@@ -125,6 +125,10 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
             ``channels`` attribute of its dataset (:func:`~featlab.cache.plan.channel_subset`).
         channel_seed: the seed of those subsets.
         save_images: also store the input images (uint8).
+        compression: ``"lzf"`` or ``"gzip"`` to compress points, labels and images when the
+            cache is finalised (None: uncompressed, the default). The samples stream into an
+            uncompressed partial file as always; at the end it is copied compressed, which takes
+            a pass over the cache and, meanwhile, up to its size again on disk.
         device: default ``cuda:<LOCAL_RANK>`` when CUDA is available, else ``cpu``.
         num_workers: data loader workers (default: a few, by CPU count).
         force: delete an existing cache (complete or partial) and start over.
@@ -143,6 +147,7 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
         ConfigError: bad arguments, no spec, samples of different sizes.
     """
     started = time.perf_counter()
+    compression = check_compression(compression)
     job = prepare_job(model, dataset, points, path, spec=spec, batch_size=batch_size,
                       dtype=dtype, error_stat=error_stat, max_size=max_size, limit=limit,
                       max_channels=max_channels, channel_seed=channel_seed,
@@ -160,7 +165,8 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
     written = np.zeros(rows, np.uint8) if resume is None else resume[1]
     todos = _together(info, failure, int(rows - written.sum()))
     local, failure = _attempt(_run_rank, job, resume, written, sum(todos), disk_check=disk_check,
-                              progress=progress, stop_early=stop_early)
+                              progress=progress, stop_early=stop_early,
+                              compression=compression)
     gathered = _together(info, failure, local)
     if info.world_size > 1:
         assembled, failure = None, None
@@ -242,12 +248,15 @@ def _together(info: fdist.DistInfo, failure: Exception | None, value: Any) -> li
 
 
 def _run_rank(job: Job, resume: tuple[str, np.ndarray] | None, written: np.ndarray,
-              todo_all: int, *, disk_check: bool, progress: bool, stop_early: bool) -> dict:
+              todo_all: int, *, disk_check: bool, progress: bool, stop_early: bool,
+              compression: str | None) -> dict:
     paths, plan = job.paths, job.plan
     todo = int(len(written) - written.sum())
     # every rank's remaining rows (conservative when the ranks write to different disks)
     metadata = plan.total_bytes - plan.bytes_per_sample * plan.num_samples
     need = todo_all * plan.bytes_per_sample + (metadata if resume is None else 0)
+    if compression is not None:  # the compressed copy, at most the cache's size, made at the end
+        need += plan.total_bytes
     free = free_disk_bytes(paths.target)
     if disk_check and todo and need > free:
         raise CacheError(f"the disk at {os.path.dirname(paths.target)} must hold the cache; it "
@@ -262,7 +271,8 @@ def _run_rank(job: Job, resume: tuple[str, np.ndarray] | None, written: np.ndarr
     if todo:
         stream(job, current, written, progress=progress, stop_early=stop_early)
     if current == paths.partial:
-        h5file.finalize(paths.partial, paths.target)
+        h5file.finalize(paths.partial, paths.target, compression,
+                        progress=progress and job.info.is_main)
     counts, ids, names = h5file.read_nonfinite(paths.target)
     found = [(names[p], str(ids[r]), int(counts[r, p])) for r in range(len(ids))
              for p in np.flatnonzero(counts[r])]

@@ -40,6 +40,9 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                    help="seed of the channel subsets (default 0)")
     p.add_argument("--limit", type=int, help="only the first N samples of the sorted order")
     p.add_argument("--save-images", action="store_true", help="also store the input images (uint8)")
+    p.add_argument("--compression", default="none", choices=["none", "lzf", "gzip"],
+                   help="compress points, labels and images when the cache is finalised "
+                        "(a pass over the cache at the end; default none)")
     p.add_argument("--out", required=True, help="the cache file (.h5)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda:LOCAL_RANK when available)")
     p.add_argument("--workers", type=int, help="data loader workers (default: by CPU count)")
@@ -111,10 +114,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
         print(_table(rows, ["point", "C", "HxW", "stored", "pooling", "stride", "per sample",
                             f"total (N={n})"]))
         free = "unknown" if plan.free_bytes is None else format_bytes(plan.free_bytes)
-        verdict = "fits" if plan.fits else "DOES NOT FIT (extract refuses; --no-disk-check)"
+        # with compression the disk also holds the compressed copy while it is made (at most as
+        # large again): extract's own disk check counts it too
+        need = plan.total_bytes * (1 if args.compression == "none" else 2)
+        fits = plan.free_bytes is None or need <= plan.free_bytes
+        verdict = "fits" if fits else "DOES NOT FIT (extract refuses; --no-disk-check)"
         print(f"\ncache {args.out}: {format_bytes(plan.total_bytes)} for {n} samples "
               f"({plan.dtype}, {format_bytes(plan.bytes_per_sample)} per sample); free disk "
               f"{free}: {verdict}")
+        if args.compression != "none":
+            print(f"--compression {args.compression}: the final file is smaller; while it is "
+                  f"made the disk holds up to {format_bytes(need)} (the uncompressed partial "
+                  "file and the compressed copy)")
         print(f"host memory in flight: about {format_bytes(plan.host_bytes)} (batch "
               f"{plan.batch_size}; does not grow with N)")
         if plan.device_bytes:
@@ -126,6 +137,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
                   "process peak above that (FEATLAB_KEEP_MEMORY=0 turns it off)")
         return 0
     result = extract(model, ds, args.points, args.out, force=args.force,
+                     compression=args.compression,
                      error_stat=args.error_stat, disk_check=not args.no_disk_check,
                      progress=not args.quiet, **kwargs)
     if args.json and os.environ.get("RANK", "0") == "0":

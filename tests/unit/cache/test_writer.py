@@ -12,7 +12,7 @@ from torch import nn
 
 import featlab
 import featlab.testing as ft
-from featlab.cache import schema
+from featlab.cache import h5file, schema
 from featlab.cache.summary import format_summary, summary
 from featlab.cache.verify import verify
 from featlab.cache.writer import ExtractResult, extract
@@ -204,6 +204,50 @@ def test_max_channels_stores_a_seeded_channel_subset_and_records_it(tmp_path):
         np.testing.assert_allclose(f["points/layer1.1"][:], pooled.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="`max_channels` must be a positive int"):
         extract(model, ds, ["layer1.1"], tmp_path / "x.h5", max_channels=-1, **kwargs)
+
+
+@pytest.mark.parametrize("compression", ["lzf", "gzip"])
+def test_compression_is_applied_when_finalising_and_keeps_every_value(tmp_path, compression,
+                                                                      monkeypatch):
+    model = ft.TinyResNet()
+    ds = load_dataset("shapes", "val", size=32, length=6)
+    kwargs = dict(spec=SPEC, batch_size=4, num_workers=0, progress=False, save_images=True)
+    extract(model, ds, "all", tmp_path / "plain.h5", **kwargs)
+    # killed while compressing: the partial file stays, and the same call finishes the job
+    real = h5file._compressed_copy
+
+    def killed(src, dst, *args):
+        real(src, dst, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(h5file, "_compressed_copy", killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract(model, ds, "all", tmp_path / "c.h5", compression=compression, **kwargs)
+    assert (tmp_path / "c.h5.partial").exists() and not (tmp_path / "c.h5").exists()
+    monkeypatch.undo()
+    again = extract(model, ds, "all", tmp_path / "c.h5", compression=compression, **kwargs)
+    assert again.skipped == 6 and again.written == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "plain.h5"]
+    with h5py.File(tmp_path / "plain.h5", "r") as a, h5py.File(tmp_path / "c.h5", "r") as b:
+        names = []
+        a.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset)
+                     else None)
+        for name in names:  # plain h5py reads every value back, bit for bit
+            np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=name)
+            assert dict(a[name].attrs) == dict(b[name].attrs), name
+            assert b[name].chunks == a[name].chunks
+        for name in ["labels", "images", *(f"points/{k}" for k in b["points"])]:
+            assert b[name].compression == compression and a[name].compression is None
+        # complete, settings, ...: the same record (two runs: started at other times)
+        assert {k: v for k, v in a.attrs.items() if k != "created"} == {
+            k: v for k, v in b.attrs.items() if k != "created"}
+    info = summary(tmp_path / "c.h5")
+    assert {p["compression"] for p in info["points"]} == {compression}
+    assert info["file_size"] < (tmp_path / "plain.h5").stat().st_size
+    assert f"({compression}-compressed)" in format_summary(info)
+    assert verify(tmp_path / "c.h5", progress=False).ok
+    with pytest.raises(ConfigError, match="`compression` must be one of none, lzf, gzip"):
+        extract(model, ds, "all", tmp_path / "d.h5", compression="zstd", **kwargs)
 
 
 def test_chunks_hold_whole_samples_and_batches(tmp_path):

@@ -140,6 +140,8 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, cli_st
     assert lines["layer4.1"][1:5] == ["512", "2x2", "2x2", "none"]
     assert "free disk" in text and "fits" in text and "host memory in flight" in text
     assert "keeps freed memory" not in text  # only the featlab command's own process does
+    assert cli.main(argv + ["--compression", "lzf"]) == 0  # the copy made at the end counts
+    assert "the disk holds up to" in capsys.readouterr().out
     assert "device memory" not in text  # on the CPU the forward is host memory
     assert not out.parent.exists()
     assert cli.main(argv + ["--json"]) == 0
