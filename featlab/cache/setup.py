@@ -102,8 +102,8 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
         num_workers = min(4, max(0, (os.cpu_count() or 1) // info.local_world_size - 1))
     id_length = max((len(i.encode("utf-8")) for i in stored_ids), default=1)
     plan = plan_extract(pts, n, input_size, dtype=dtype, max_size=max_size,
-                        max_channels=max_channels,
-                        save_images=save_images, batch_size=batch_size, queue_size=queue_size,
+                        max_channels=max_channels, save_images=save_images,
+                        batch_size=batch_size, queue_size=queue_size,
                         num_workers=num_workers, device=device.type, id_bytes=id_length,
                         weight_bytes=sum(t.numel() * t.element_size() for t in
                                          (*root.parameters(), *root.buffers())),

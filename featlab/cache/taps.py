@@ -4,11 +4,11 @@ Extraction cannot afford what :func:`featlab.capture` does for interactive use (
 per point and batch, cast and pooled afterwards): at a cache's scale that is several extra
 passes over every activation and a stream of large allocations. Here each hook runs, on the
 device that computed the point, ``index_select`` (when only some channels are stored),
-``adaptive_avg_pool2d`` (when the point is pooled), the cast to
-the storage dtype and the copy into a :class:`Slot` -- preallocated (pinned, on CUDA) host
-arrays that the writer thread turns into HDF5 rows and hands back for reuse. The copy is taken
-inside the hook, so in-place operations after the module (``ReLU(inplace=True)``, ``out +=
-identity``) cannot change it; a CUDA copy is queued on the stream before them.
+``adaptive_avg_pool2d`` (when the point is pooled), the cast to the storage dtype and the copy
+into a :class:`Slot` -- preallocated (pinned, on CUDA) host arrays that the writer thread
+turns into HDF5 rows and hands back for reuse. The copy is taken inside the hook, so in-place
+operations after the module (``ReLU(inplace=True)``, ``out += identity``) cannot change it; a
+CUDA copy is queued on the stream before them.
 
 The hooks also count non-finite values of the stored arrays and record the float16 rounding
 error per sample (R-4.3), and check that each point's module ran exactly once. Hooks exist only
