@@ -318,21 +318,21 @@ def check_compression(compression: Any) -> str | None:
 
 
 def check_max_size(max_size: Any) -> int:
-    if max_size is None:
-        return 0
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0:
-        raise ConfigError(f"`max_size` must be a positive int (cells per side) or None; got "
-                          f"{max_size!r}. Fix: e.g. max_size=32.")
-    return max_size
+    return _optional_bound("max_size", max_size, "(cells per side) ", 32)
 
 
 def check_max_channels(max_channels: Any) -> int:
-    if max_channels is None:
+    return _optional_bound("max_channels", max_channels, "", 256)
+
+
+def _optional_bound(name: str, value: Any, unit: str, example: int) -> int:
+    """``value`` as a bound: None is 0 (no bound), else a non-negative int."""
+    if value is None:
         return 0
-    if isinstance(max_channels, bool) or not isinstance(max_channels, int) or max_channels < 0:
-        raise ConfigError(f"`max_channels` must be a positive int or None; got "
-                          f"{max_channels!r}. Fix: e.g. max_channels=256.")
-    return max_channels
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"`{name}` must be a positive int {unit}or None; got {value!r}. "
+                          f"Fix: e.g. {name}={example}.")
+    return value
 
 
 def free_disk_bytes(path: str | os.PathLike) -> int:
