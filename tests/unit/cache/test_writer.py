@@ -250,6 +250,21 @@ def test_compression_is_applied_when_finalising_and_keeps_every_value(tmp_path, 
         extract(model, ds, "all", tmp_path / "d.h5", compression="zstd", **kwargs)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "uint8"])
+def test_parallel_gzip_chunks_read_back_as_h5py_writes_them(tmp_path, dtype):
+    data = (np.random.default_rng(0).standard_normal((7, 3, 5)) * 50).astype(dtype)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        src = f.create_dataset("x", data=data, chunks=(3, 3, 5))  # 3 chunks, the last one short
+        out = f.create_dataset("y", shape=data.shape, dtype=dtype, chunks=(3, 3, 5),
+                               compression="gzip", shuffle=True)
+        seen = []
+        h5file._deflate_chunks(src, out, seen.append)
+        ref = f.create_dataset("z", data=data, chunks=(3, 3, 5), compression="gzip", shuffle=True)
+        assert sum(seen) == data.nbytes
+        np.testing.assert_array_equal(out[()], data)
+        assert out.id.get_storage_size() == ref.id.get_storage_size()  # the same deflate
+
+
 def test_chunks_hold_whole_samples_and_batches(tmp_path):
     ds = load_dataset("shapes", "val", size=128, length=24)
     extract(ft.TinyResNet(), ds, "all", tmp_path / "c.h5", spec=SPEC, batch_size=8,
