@@ -27,13 +27,16 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_write_shards_read_as_one_cache_equal_to_one_process(tmp_path):
+@pytest.mark.parametrize("options", [{}, {"max_channels": 100, "compression": "gzip"}],
+                         ids=["plain", "channel-subsets-gzip"])
+def test_two_processes_write_shards_read_as_one_cache_equal_to_one_process(tmp_path, options):
     out = tmp_path / "c.h5"
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "featlab",
            "extract", "--model", "resnet18", "--data", "shapes", "--input-size", "32",
            "--points", "stages", "--limit", str(N), "--batch-size", "4", "--workers", "0",
            "--quiet", "--json", "--out", str(out)]
+    cmd += [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FEATLAB_PROGRESS": "0"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -43,7 +46,7 @@ def test_two_processes_write_shards_read_as_one_cache_equal_to_one_process(tmp_p
     model, spec = featlab.get_backbone("resnet18")
     ds = load_dataset("shapes", "val", size=32)
     single = extract(model, ds, "stages", tmp_path / "single.h5", spec=spec, batch_size=4,
-                     limit=N, num_workers=0, progress=False)
+                     limit=N, num_workers=0, progress=False, **options)
     shards = sorted(p.name for p in (tmp_path / "c.h5.shards").iterdir())
     assert shards == ["rank-0-of-2.h5", "rank-1-of-2.h5"]
     with h5py.File(out, "r") as f, h5py.File(single.path, "r") as g:  # plain h5py, one file
@@ -59,6 +62,12 @@ def test_two_processes_write_shards_read_as_one_cache_equal_to_one_process(tmp_p
                                        g[f"points/{name}"][:].astype(np.float32),
                                        rtol=1e-2, atol=1e-3, err_msg=name)
         np.testing.assert_array_equal(f["stats/nonfinite"][:], g["stats/nonfinite"][:])
+        # channel subsets: each shard keeps the same channels, and the virtual file says which
+        assert ("channels" in f["points/layer4.1"].attrs) == bool(options)
+        if options:
+            assert f["points/layer4.1"].attrs["channels"] == g["points/layer4.1"].attrs["channels"]
+    with h5py.File(tmp_path / "c.h5.shards" / "rank-0-of-2.h5", "r") as f:
+        assert f["points/layer4.1"].compression == options.get("compression")
     with h5py.File(tmp_path / "c.h5.shards" / "rank-1-of-2.h5", "r") as f:
         assert json.loads(f.attrs["shard"]) == {"rank": 1, "world_size": 2, "start": 15,
                                                 "stop": N}
