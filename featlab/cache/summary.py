@@ -48,11 +48,11 @@ def summary(cache) -> dict:
         ``world_size``, ``has_images``, ``points`` (per point: its SkipPoint record plus
         ``stored_size``, ``pooling``, ``shape`` [N, C, h, w], ``dtype``, ``bytes`` on disk,
         ``bytes_per_sample``, ``compression`` (None, ``"lzf"``, ``"gzip"``),
-        ``stored_channels`` (fewer than ``channels`` with
-        ``max_channels``: which ones, ``reader.stored_channels``), and over the written
-        samples ``nonfinite``, ``max_abs_error`` and ``overflow_samples``: see
-        :func:`_point_stats`), ``arrays`` (labels/images/stats: shape, dtype, bytes),
-        ``files`` and ``file_size`` (bytes of the main file plus any shard files).
+        ``stored_channels`` (fewer than ``channels`` with ``max_channels``; which ones:
+        ``reader.stored_channels``), and over the written samples ``nonfinite``,
+        ``max_abs_error`` and ``overflow_samples`` (see :func:`_point_stats`)), ``arrays``
+        (labels/images/stats: shape, dtype, bytes), ``files`` and ``file_size`` (bytes of the
+        main file plus any shard files).
     """
     from featlab.cache.reader import CacheReader, open_cache
 

@@ -262,7 +262,8 @@ def _run_rank(job: Job, resume: tuple[str, np.ndarray] | None, written: np.ndarr
         raise CacheError(f"the disk at {os.path.dirname(paths.target)} must hold the cache; it "
                          f"needs {format_bytes(need)} more and has {format_bytes(free)} free. "
                          "Fix: free space or choose another --out; shrink it with --dtype "
-                         "float16, --max-size or --limit (see --dry-run); or --no-disk-check.")
+                         "float16, --max-size, --max-channels or --limit (see --dry-run); or "
+                         "--no-disk-check.")
     if resume is None:
         h5file.create(paths.partial, job.layout, job.attrs, job.ids, job.index)
         current = paths.partial
