@@ -177,6 +177,7 @@ class ExtractPlan:
         weight_bytes: parameters and buffers of the model.
         free_bytes: free disk space at the destination, when the caller measured it.
         max_channels: channel bound (0 = every channel).
+        compression: ``"lzf"``/``"gzip"`` applied when the cache is finalised, or None.
     """
 
     points: tuple[PointPlan, ...]
@@ -196,11 +197,18 @@ class ExtractPlan:
     weight_bytes: int = 0
     free_bytes: int | None = None
     max_channels: int = 0
+    compression: str | None = None
+
+    @property
+    def disk_bytes(self) -> int:
+        """The most the disk holds during the run: the cache, and with ``compression`` also its
+        compressed copy while finalising (at most as large again)."""
+        return self.total_bytes * (1 if self.compression is None else 2)
 
     @property
     def fits(self) -> bool:
-        """True when the free space is unknown or holds the whole cache."""
-        return self.free_bytes is None or self.total_bytes <= self.free_bytes
+        """True when the free space is unknown or holds :attr:`disk_bytes`."""
+        return self.free_bytes is None or self.disk_bytes <= self.free_bytes
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -219,7 +227,8 @@ class ExtractPlan:
 
 def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequence[int], *,
                  dtype: str = "float16", max_size: int | None = None,
-                 max_channels: int | None = None, save_images: bool = False,
+                 max_channels: int | None = None, compression: str | None = None,
+                 save_images: bool = False,
                  batch_size: int = 32, queue_size: int = 2, num_workers: int = 0,
                  prefetch_factor: int = 2, device: str = "cpu", id_bytes: int = 32,
                  weight_bytes: int = 0, free_bytes: int | None = None) -> ExtractPlan:
@@ -233,6 +242,7 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
         max_size: pool each point to at most this many cells per side (None/0: no pooling).
         max_channels: store at most this many channels of each point (None/0: all of them;
             which ones: :func:`channel_subset`).
+        compression: ``"lzf"`` or ``"gzip"`` when finalising (None: uncompressed).
         save_images: also store the input images (uint8).
         batch_size: samples per forward.
         queue_size: batches that may wait for the writer thread.
@@ -249,6 +259,7 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
     dtype = check_dtype(dtype)
     max_size = check_max_size(max_size)
     max_channels = check_max_channels(max_channels)
+    compression = check_compression(compression)
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size),
                         ("queue_size", queue_size), ("num_workers", num_workers)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (
@@ -288,7 +299,7 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
     return ExtractPlan(tuple(rows), num_samples, (h, w), dtype, max_size, bool(save_images),
                        batch_size, label, image, other, per_sample, total, host,
                        device_bytes=gpu, weight_bytes=weight_bytes, free_bytes=free_bytes,
-                       max_channels=max_channels)
+                       max_channels=max_channels, compression=compression)
 
 
 def check_dtype(dtype: Any) -> str:

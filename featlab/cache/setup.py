@@ -62,8 +62,9 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
                 spec: Any = None, batch_size: int = 32, dtype: str = "float16",
                 error_stat: str = "bound", max_size: int | None = None, limit: int | None = None,
                 max_channels: int | None = None, channel_seed: int = 0, save_images: bool = False,
-                device: str | torch.device | None = None, num_workers: int | None = None,
-                force: bool = False, queue_size: int = 2, probe: bool = True) -> Job:
+                compression: str | None = None, device: str | torch.device | None = None,
+                num_workers: int | None = None, force: bool = False, queue_size: int = 2,
+                probe: bool = True) -> Job:
     """Resolve one rank's extraction (``probe``: also join the process group and check that
     the destination folder is writable)."""
     _check_int("batch_size", batch_size, 1)
@@ -102,7 +103,8 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
         num_workers = min(4, max(0, (os.cpu_count() or 1) // info.local_world_size - 1))
     id_length = max((len(i.encode("utf-8")) for i in stored_ids), default=1)
     plan = plan_extract(pts, n, input_size, dtype=dtype, max_size=max_size,
-                        max_channels=max_channels, save_images=save_images,
+                        max_channels=max_channels, compression=compression,
+                        save_images=save_images,
                         batch_size=batch_size, queue_size=queue_size,
                         num_workers=num_workers, device=device.type, id_bytes=id_length,
                         weight_bytes=sum(t.numel() * t.element_size() for t in

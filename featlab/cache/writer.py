@@ -39,7 +39,7 @@ from torch import nn
 
 from featlab import distributed as fdist
 from featlab.cache import files, h5file
-from featlab.cache.plan import ExtractPlan, check_compression, format_bytes, free_disk_bytes
+from featlab.cache.plan import ExtractPlan, format_bytes, free_disk_bytes
 from featlab.cache.setup import Job, prepare_job
 from featlab.cache.stream import stream
 from featlab.errors import CacheError, ConfigError, FeatlabWarning
@@ -147,12 +147,11 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
         ConfigError: bad arguments, no spec, samples of different sizes.
     """
     started = time.perf_counter()
-    compression = check_compression(compression)
     job = prepare_job(model, dataset, points, path, spec=spec, batch_size=batch_size,
                       dtype=dtype, error_stat=error_stat, max_size=max_size, limit=limit,
                       max_channels=max_channels, channel_seed=channel_seed,
-                      save_images=save_images, device=device, num_workers=num_workers, force=force,
-                      queue_size=queue_size)
+                      save_images=save_images, compression=compression, device=device,
+                      num_workers=num_workers, force=force, queue_size=queue_size)
     info = job.info
     if force:
         if info.is_main:
@@ -165,8 +164,7 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
     written = np.zeros(rows, np.uint8) if resume is None else resume[1]
     todos = _together(info, failure, int(rows - written.sum()))
     local, failure = _attempt(_run_rank, job, resume, written, sum(todos), disk_check=disk_check,
-                              progress=progress, stop_early=stop_early,
-                              compression=compression)
+                              progress=progress, stop_early=stop_early)
     gathered = _together(info, failure, local)
     if info.world_size > 1:
         assembled, failure = None, None
@@ -192,8 +190,8 @@ def estimate(model: nn.Module, dataset: Any, points: Any = "stages",
              path: str | os.PathLike = "cache.h5", *, spec: Any = None, batch_size: int = 32,
              dtype: str = "float16", max_size: int | None = None, limit: int | None = None,
              max_channels: int | None = None, channel_seed: int = 0, save_images: bool = False,
-             device: str | torch.device | None = None, num_workers: int | None = None,
-             queue_size: int = 2) -> ExtractPlan:
+             compression: str | None = None, device: str | torch.device | None = None,
+             num_workers: int | None = None, queue_size: int = 2) -> ExtractPlan:
     """What :func:`extract` with the same arguments would store, without writing anything.
 
     This is ``featlab extract --dry-run``: the skip points are measured (a forward at batch 1)
@@ -214,8 +212,9 @@ def estimate(model: nn.Module, dataset: Any, points: Any = "stages",
     """
     job = prepare_job(model, dataset, points, path, spec=spec, batch_size=batch_size,
                       dtype=dtype, max_size=max_size, limit=limit, max_channels=max_channels,
-                      channel_seed=channel_seed, save_images=save_images, device=device,
-                      num_workers=num_workers, queue_size=queue_size, probe=False)
+                      channel_seed=channel_seed, save_images=save_images,
+                      compression=compression, device=device, num_workers=num_workers,
+                      queue_size=queue_size, probe=False)
     return job.plan
 
 
@@ -248,15 +247,13 @@ def _together(info: fdist.DistInfo, failure: Exception | None, value: Any) -> li
 
 
 def _run_rank(job: Job, resume: tuple[str, np.ndarray] | None, written: np.ndarray,
-              todo_all: int, *, disk_check: bool, progress: bool, stop_early: bool,
-              compression: str | None) -> dict:
+              todo_all: int, *, disk_check: bool, progress: bool, stop_early: bool) -> dict:
     paths, plan = job.paths, job.plan
     todo = int(len(written) - written.sum())
     # every rank's remaining rows (conservative when the ranks write to different disks)
     metadata = plan.total_bytes - plan.bytes_per_sample * plan.num_samples
     need = todo_all * plan.bytes_per_sample + (metadata if resume is None else 0)
-    if compression is not None:  # the compressed copy, at most the cache's size, made at the end
-        need += plan.total_bytes
+    need += plan.disk_bytes - plan.total_bytes  # with compression: the copy made at the end
     free = free_disk_bytes(paths.target)
     if disk_check and todo and need > free:
         raise CacheError(f"the disk at {os.path.dirname(paths.target)} must hold the cache; it "
@@ -272,7 +269,7 @@ def _run_rank(job: Job, resume: tuple[str, np.ndarray] | None, written: np.ndarr
     if todo:
         stream(job, current, written, progress=progress, stop_early=stop_early)
     if current == paths.partial:
-        h5file.finalize(paths.partial, paths.target, compression,
+        h5file.finalize(paths.partial, paths.target, plan.compression,
                         progress=progress and job.info.is_main)
     counts, ids, names = h5file.read_nonfinite(paths.target)
     found = [(names[p], str(ids[r]), int(counts[r, p])) for r in range(len(ids))

@@ -92,7 +92,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     kwargs = dict(spec=spec, batch_size=args.batch_size, dtype=args.dtype,
                   max_size=args.max_size, limit=args.limit, max_channels=args.max_channels,
                   channel_seed=args.channel_seed, save_images=args.save_images,
-                  device=args.device, num_workers=args.workers)
+                  compression=args.compression, device=args.device, num_workers=args.workers)
     if args.dry_run:
         plan = estimate(model, ds, args.points, args.out, **kwargs)
         if args.json:
@@ -114,18 +114,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
         print(_table(rows, ["point", "C", "HxW", "stored", "pooling", "stride", "per sample",
                             f"total (N={n})"]))
         free = "unknown" if plan.free_bytes is None else format_bytes(plan.free_bytes)
-        # with compression the disk also holds the compressed copy while it is made (at most as
-        # large again): extract's own disk check counts it too
-        need = plan.total_bytes * (1 if args.compression == "none" else 2)
-        fits = plan.free_bytes is None or need <= plan.free_bytes
-        verdict = "fits" if fits else "DOES NOT FIT (extract refuses; --no-disk-check)"
+        verdict = "fits" if plan.fits else "DOES NOT FIT (extract refuses; --no-disk-check)"
         print(f"\ncache {args.out}: {format_bytes(plan.total_bytes)} for {n} samples "
               f"({plan.dtype}, {format_bytes(plan.bytes_per_sample)} per sample); free disk "
               f"{free}: {verdict}")
-        if args.compression != "none":
-            print(f"--compression {args.compression}: the final file is smaller; while it is "
-                  f"made the disk holds up to {format_bytes(need)} (the uncompressed partial "
-                  "file and the compressed copy)")
+        if plan.compression:
+            print(f"--compression {plan.compression}: the final file is smaller; while it is "
+                  f"made the disk holds up to {format_bytes(plan.disk_bytes)} (the uncompressed "
+                  "partial file and the compressed copy)")
         print(f"host memory in flight: about {format_bytes(plan.host_bytes)} (batch "
               f"{plan.batch_size}; does not grow with N)")
         if plan.device_bytes:
@@ -137,7 +133,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
                   "process peak above that (FEATLAB_KEEP_MEMORY=0 turns it off)")
         return 0
     result = extract(model, ds, args.points, args.out, force=args.force,
-                     compression=args.compression,
                      error_stat=args.error_stat, disk_check=not args.no_disk_check,
                      progress=not args.quiet, **kwargs)
     if args.json and os.environ.get("RANK", "0") == "0":
