@@ -255,7 +255,8 @@ def _compressed_copy(src: str, dst: str, compression: str, progress: bool) -> No
                 if compression == "gzip":
                     _deflate_chunks(src_set, out, bar.update)
                     continue
-                step = max(1, (64 << 20) // max(1, src_set[0:1].nbytes) // src_set.chunks[0]
+                row = src_set.dtype.itemsize * int(np.prod(src_set.shape[1:]))
+                step = max(1, (64 << 20) // max(1, row) // src_set.chunks[0]
                            ) * src_set.chunks[0]  # whole chunks, ~64 MB at a time
                 for start in range(0, len(src_set), step):  # lzf: h5py's filter, one thread
                     block = src_set[start:start + step]

@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from featlab.cache import schema
 from featlab.cache._reading import decode_attr, source_files, storage_bytes
 
@@ -113,8 +115,6 @@ def _point_stats(f, num_points: int) -> list[dict]:
     """Per point, over the written samples: ``nonfinite`` (NaN/Inf values in all), and from
     ``/stats/abs_error`` ``max_abs_error`` (the largest finite value; None before any sample is
     written) and ``overflow_samples`` (samples whose error is inf: a value overflowed float16)."""
-    import numpy as np
-
     written = f[schema.WRITTEN][...].astype(bool)
     columns = {}
     for key in (schema.NONFINITE, schema.ABS_ERROR):
