@@ -27,6 +27,7 @@ _LAZY = {
     "list_datasets": "featlab.data",
     "extract": "featlab.cache.writer",
     "open_cache": "featlab.cache.reader",
+    "merge_shards": "featlab.cache.merge",
     "keep_freed_memory": "featlab.allocator",
 }
 

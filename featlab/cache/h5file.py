@@ -31,7 +31,7 @@ from featlab.cache.settings import ExtractSettings
 from featlab.errors import CacheError
 
 __all__ = ["FileLayout", "PointLayout", "create", "inspect", "RowWriter", "finalize",
-           "assemble_virtual", "versions", "Inspection"]
+           "copy_cache", "write_virtual", "versions", "Inspection"]
 
 
 @dataclass(frozen=True)
@@ -222,14 +222,18 @@ def finalize(partial: str, final: str, compression: str | None = None,
         os.replace(partial, final)
         return
     tmp = final + S.COMPRESSING_SUFFIX
-    _compressed_copy(partial, tmp, compression, progress)
+    copy_cache(partial, tmp, compression, progress=progress)
     os.replace(tmp, final)
     os.remove(partial)
 
 
-def _compressed_copy(src: str, dst: str, compression: str, progress: bool) -> None:
-    """``src`` into a new file ``dst`` marked complete: the same datasets, chunks and attributes,
-    with points, labels and images compressed (byte shuffle first: floats compress better)."""
+def copy_cache(src: str, dst: str, compression: str | None, *,
+               chunk_rows: Mapping[str, int] | None = None, progress: bool = False,
+               desc: str | None = None) -> None:
+    """``src`` into a new file ``dst`` marked complete, every array stored in ``dst`` itself (a
+    virtual dataset is read through): the same datasets and attributes, with points, labels and
+    images chunked like ``src`` (or by ``chunk_rows``, per dataset name: virtual datasets have
+    no chunks) and compressed if asked (byte shuffle first: floats compress better)."""
     from tqdm.auto import tqdm
 
     with h5py.File(src, "r", locking=False) as s, \
@@ -239,40 +243,48 @@ def _compressed_copy(src: str, dst: str, compression: str, progress: bool) -> No
         d.attrs.modify("complete", True)
         big = [S.LABELS, *(f"{S.POINTS}/{k}" for k in s[S.POINTS]),
                *([S.IMAGES] if S.IMAGES in s else [])]
-        for name in (S.IDS, S.INDEX, S.WRITTEN, S.STATS):
-            s.copy(s[name], d, name=name)
+        for name in (S.IDS, S.INDEX, S.WRITTEN, S.NONFINITE, S.ABS_ERROR):
+            _with_attrs(s[name], d.create_dataset(name, data=s[name][()], dtype=s[name].dtype,
+                                                  track_times=False))
         d.create_group(S.POINTS)
         total = sum(s[name].nbytes for name in big)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"compress ({compression})",
+        with tqdm(total=total, unit="B", unit_scale=True,
+                  desc=desc or f"compress ({compression})",
                   disable=not progress or os.environ.get("FEATLAB_PROGRESS") == "0") as bar:
             for name in big:
                 src_set = s[name]
-                out = d.create_dataset(name, shape=src_set.shape, dtype=src_set.dtype,
-                                       chunks=src_set.chunks, compression=compression,
-                                       shuffle=src_set.dtype.itemsize > 1, track_times=False)
-                for key, value in src_set.attrs.items():
-                    out.attrs[key] = value
+                rows = src_set.chunks[0] if chunk_rows is None else chunk_rows[name]
+                out = _with_attrs(src_set, d.create_dataset(
+                    name, shape=src_set.shape, dtype=src_set.dtype,
+                    chunks=(rows, *src_set.shape[1:]), compression=compression,
+                    shuffle=compression is not None and src_set.dtype.itemsize > 1,
+                    track_times=False))
                 if compression == "gzip":
                     _deflate_chunks(src_set, out, bar.update)
                     continue
                 row = src_set.dtype.itemsize * int(np.prod(src_set.shape[1:]))
-                step = max(1, (64 << 20) // max(1, row) // src_set.chunks[0]
-                           ) * src_set.chunks[0]  # whole chunks, ~64 MB at a time
-                for start in range(0, len(src_set), step):  # lzf: h5py's filter, one thread
+                step = max(1, (64 << 20) // max(1, row) // rows) * rows  # whole chunks, ~64 MB
+                for start in range(0, len(src_set), step):  # none or lzf (h5py's, 1 thread)
                     block = src_set[start:start + step]
                     out[start:start + len(block)] = block
                     bar.update(block.nbytes)
 
 
+def _with_attrs(src: h5py.Dataset, out: h5py.Dataset) -> h5py.Dataset:
+    for key, value in src.attrs.items():
+        out.attrs[key] = value
+    return out
+
+
 def _deflate_chunks(src: h5py.Dataset, out: h5py.Dataset, done: Any) -> None:
-    """Copy ``src`` into ``out`` (chunked like it, with shuffle and gzip filters) chunk by chunk,
+    """Copy ``src`` into ``out`` (chunked, with shuffle and gzip filters) chunk by chunk,
     shuffling and deflating the chunks on a thread pool (zlib releases the GIL) and writing them
     with ``write_direct_chunk``: h5py's own gzip runs in one thread, ~30 MB/s here."""
     import collections
     import zlib
     from concurrent.futures import ThreadPoolExecutor
 
-    k, item = src.chunks[0], src.dtype.itemsize
+    k, item = out.chunks[0], src.dtype.itemsize
     level = out.compression_opts
     tail = (0,) * (src.ndim - 1)
 
@@ -313,14 +325,14 @@ def read_nonfinite(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         return counts[rows], np.asarray(ids, dtype=object), json.loads(f.attrs["point_names"])
 
 
-def assemble_virtual(tmp: str, final: str, shards: Sequence[str], attrs: Mapping[str, Any]
-                     ) -> None:
-    """Write ``final``: one cache whose datasets are virtual datasets over the ``shards``.
+def write_virtual(path: str, shards: Sequence[str], attrs: Mapping[str, Any]) -> None:
+    """Write ``path``: one cache whose datasets are virtual datasets over the ``shards`` (complete
+    shard files in rank order, checked by :func:`featlab.cache.merge.check_shards`).
 
-    Sources are named relative to ``final``'s folder, so the cache and its ``.shards`` folder
-    move together. Rows of a missing shard read as 0, so their ``written`` flag reads 0 too.
+    Sources are named relative to ``path``'s folder, so the cache and its shards move together.
+    Rows of a missing shard read as 0, so their ``written`` flag reads 0 too.
     """
-    folder = os.path.dirname(os.path.abspath(final))
+    folder = os.path.dirname(os.path.abspath(path))
     with h5py.File(shards[0], "r", locking=False) as f0:
         names: list[str] = []
         f0.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset)
@@ -331,7 +343,7 @@ def assemble_virtual(tmp: str, final: str, shards: Sequence[str], attrs: Mapping
         with h5py.File(shard, "r", locking=False) as f:
             counts.append(len(f[S.WRITTEN]))
     total = sum(counts)
-    with h5py.File(tmp, "w", locking=False) as out:
+    with h5py.File(path, "w", locking=False) as out:
         for key, value in attrs.items():
             out.attrs[key] = value
         for name in names:
@@ -347,7 +359,6 @@ def assemble_virtual(tmp: str, final: str, shards: Sequence[str], attrs: Mapping
             for key, value in dattrs.items():
                 dset.attrs[key] = value
         out.flush()
-    os.replace(tmp, final)
 
 
 def versions() -> dict[str, str]:

@@ -30,7 +30,8 @@ or plain h5py) see one cache. Each shard ``rank-<r>-of-<K>.h5`` has the layout a
 contiguous range of the sorted samples (``num_samples`` = its rows; ``/index`` holds the global
 sample indices) and the extra root attribute ``shard``. The virtual datasets name their sources
 relative to the main file's folder, so the cache and its ``.shards`` folder move together; rows
-of a missing shard read as 0, ``written`` included.
+of a missing shard read as 0, ``written`` included. ``featlab merge`` (:mod:`featlab.cache.merge`)
+copies such a cache into one file of this layout (``world_size`` stays K).
 
 Chunks of ``/points/*``, ``/labels`` and ``/images`` hold whole samples (k rows of ~1-4 MB,
 aligned with the extraction batches); ``/ids``, ``/index``, ``/written`` and ``/stats/*`` are
@@ -49,6 +50,7 @@ SHARDS_SUFFIX = ".shards"  # folder of per-rank shard files of a distributed cac
 CREATING_SUFFIX = ".creating"  # a partial file while its metadata is made (renamed to .partial)
 ASSEMBLING_SUFFIX = ".assembling"  # the virtual main file of a sharded cache while it is written
 COMPRESSING_SUFFIX = ".compressing"  # the compressed copy of a finished partial file (compression)
+MERGING_SUFFIX = ".merging"  # the one-file copy of a sharded cache while featlab merge writes it
 
 # datasets
 IDS = "ids"
@@ -80,7 +82,8 @@ ROOT_ATTRS = {
     "versions": "JSON featlab, torch, torchvision, h5py, numpy, python versions",
     "runtime": "JSON device, world size, training flag, AMP, cudnn/deterministic flags",
     "created": "ISO 8601 time the cache was started",
-    "world_size": "number of processes that wrote it (1 = single file, >1 = virtual datasets)",
+    "world_size": "number of processes that wrote it (>1: shards, joined by virtual datasets "
+                  "or copied into one file by featlab merge)",
 }
 
 # root attributes of shard files only

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from featlab import distributed as fdist
-from featlab.cache import files, h5file
+from featlab.cache import files, h5file, merge
 from featlab.cache.plan import ExtractPlan, format_bytes, free_disk_bytes
 from featlab.cache.setup import Job, prepare_job
 from featlab.cache.stream import stream
@@ -279,11 +279,7 @@ def _run_rank(job: Job, resume: tuple[str, np.ndarray] | None, written: np.ndarr
 
 # ----------------------------------------------------------------------------- ends
 def _assemble(job: Job) -> None:
-    attrs = dict(job.attrs)
-    attrs.pop("shard", None)
-    attrs.update(num_samples=job.settings.num_samples, complete=True,
-                 world_size=job.info.world_size)
-    h5file.assemble_virtual(job.paths.assembling, job.paths.out, job.paths.shard_files(), attrs)
+    merge.assemble(job.paths.shard_files(), job.paths.out)
 
 
 def _report(result: ExtractResult, job: Job) -> None:

@@ -1,4 +1,4 @@
-"""Commands that write and check activation caches: extract, inspect, verify."""
+"""Commands that write and check activation caches: extract, merge, inspect, verify."""
 
 from __future__ import annotations
 
@@ -54,6 +54,20 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                    help="replace an existing cache (complete or partial)")
     p.add_argument("--json", action="store_true", help="print the result (or the plan) as JSON")
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("merge", parents=[common],
+                       help="join the shards of a torchrun extraction into one cache")
+    p.add_argument("inputs", nargs="+", metavar="SHARDS",
+                   help="shard files (rank-R-of-K.h5), folders holding them, or a sharded cache")
+    p.add_argument("--out", required=True, help="the merged cache file (.h5)")
+    p.add_argument("--virtual", action="store_true",
+                   help="write only virtual datasets over the shards where they are (no copy; "
+                        "the shards must stay beside it)")
+    p.add_argument("--compression", default="same", choices=["same", "none", "lzf", "gzip"],
+                   help="compression of the copy (default: the shards')")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("inspect", parents=[common], help="summarise an activation cache")
     p.add_argument("cache", help="path of the .h5 cache (or its .partial while being written)")
@@ -136,6 +150,24 @@ def cmd_extract(args: argparse.Namespace) -> int:
                      error_stat=args.error_stat, disk_check=not args.no_disk_check,
                      progress=not args.quiet, **kwargs)
     if args.json and os.environ.get("RANK", "0") == "0":
+        _print_json(result.to_dict())
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Check that the shards are one whole extraction, then copy them into one file (or join
+    them with virtual datasets)."""
+    from featlab.cache.merge import merge_shards
+
+    if args.virtual and args.compression != "same":
+        from featlab.errors import ConfigError
+
+        raise ConfigError("`--compression` needs a copy; got it with --virtual, which copies "
+                          "nothing. Fix: drop one of the two.")
+    result = merge_shards(args.inputs, args.out, virtual=args.virtual,
+                          compression=args.compression, force=args.force,
+                          progress=not args.quiet)
+    if args.json:
         _print_json(result.to_dict())
     return 0
 

@@ -214,13 +214,13 @@ def test_compression_is_applied_when_finalising_and_keeps_every_value(tmp_path, 
     kwargs = dict(spec=SPEC, batch_size=4, num_workers=0, progress=False, save_images=True)
     extract(model, ds, "all", tmp_path / "plain.h5", **kwargs)
     # killed while compressing: the partial file stays, and the same call finishes the job
-    real = h5file._compressed_copy
+    real = h5file.copy_cache
 
-    def killed(src, dst, *args):
-        real(src, dst, *args)
+    def killed(src, dst, *args, **kwargs):
+        real(src, dst, *args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(h5file, "_compressed_copy", killed)
+    monkeypatch.setattr(h5file, "copy_cache", killed)
     with pytest.raises(KeyboardInterrupt):
         extract(model, ds, "all", tmp_path / "c.h5", compression=compression, **kwargs)
     assert (tmp_path / "c.h5.partial").exists() and not (tmp_path / "c.h5").exists()
