@@ -18,7 +18,7 @@ import datetime
 import json
 import os
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,11 +229,16 @@ def finalize(partial: str, final: str, compression: str | None = None,
 
 def copy_cache(src: str, dst: str, compression: str | None, *,
                chunk_rows: Mapping[str, int] | None = None, progress: bool = False,
-               desc: str | None = None) -> None:
+               desc: str | None = None,
+               copy: Callable[[str, h5py.Dataset, Callable[[int], Any]], bool] | None = None
+               ) -> None:
     """``src`` into a new file ``dst`` marked complete, every array stored in ``dst`` itself (a
     virtual dataset is read through): the same datasets and attributes, with points, labels and
     images chunked like ``src`` (or by ``chunk_rows``, per dataset name: virtual datasets have
-    no chunks) and compressed if asked (byte shuffle first: floats compress better)."""
+    no chunks) and compressed if asked (byte shuffle first: floats compress better).
+
+    ``copy(name, out, done)``, if given, may fill the new, empty chunked dataset ``out`` itself
+    (calling ``done(nbytes)`` as it goes) and return True; on False the rows are copied here."""
     from tqdm.auto import tqdm
 
     with h5py.File(src, "r", locking=False) as s, \
@@ -259,6 +264,8 @@ def copy_cache(src: str, dst: str, compression: str | None, *,
                     chunks=(rows, *src_set.shape[1:]), compression=compression,
                     shuffle=compression is not None and src_set.dtype.itemsize > 1,
                     track_times=False))
+                if copy is not None and copy(name, out, bar.update):
+                    continue
                 if compression == "gzip":
                     _deflate_chunks(src_set, out, bar.update)
                     continue

@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import h5py
@@ -261,7 +262,7 @@ def merge_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike],
     try:
         h5file.write_virtual(vds, [s.path for s in shards], _main_attrs(shards))
         h5file.copy_cache(vds, tmp, compression, chunk_rows=_chunk_rows(shards),
-                          progress=progress, desc="merge")
+                          progress=progress, desc="merge", copy=partial(_copy_chunks, shards))
         os.replace(tmp, out)
     finally:
         for leftover in (vds, tmp):
@@ -304,6 +305,33 @@ def _chunk_rows(shards: Sequence[Shard]) -> dict[str, int]:
                 rows[name] = max(rows.get(name, 1), f[name].chunks[0])
     n = shards[0].settings.num_samples
     return {name: min(r, n) for name, r in rows.items()}
+
+
+def _copy_chunks(shards: Sequence[Shard], name: str, out: h5py.Dataset, done: Any) -> bool:
+    """Copy the shards' chunks of ``name`` into ``out`` as stored (no decoding, no
+    recompression) when they line up with its chunks: the same chunk rows and filters, and
+    every shard but the last a whole number of chunks. Returns False, copying nothing, when
+    they do not."""
+    k, tail = out.chunks[0], (0,) * (out.ndim - 1)
+    filters = (out.compression, out.compression_opts, out.shuffle)
+    files = [h5py.File(s.path, "r", locking=False) for s in shards]
+    try:
+        sources = [f[name] for f in files]
+        if any(d.chunks[0] != k or (d.compression, d.compression_opts, d.shuffle) != filters
+               for d in sources) or any(len(d) % k for d in sources[:-1]):
+            return False
+        row = out.dtype.itemsize * int(np.prod(out.shape[1:]))
+        offset = 0
+        for d in sources:
+            for start in range(0, len(d), k):
+                mask, data = d.id.read_direct_chunk((start, *tail))
+                out.id.write_direct_chunk((offset + start, *tail), data, mask)
+                done(min(k, len(d) - start) * row)
+            offset += len(d)
+        return True
+    finally:
+        for f in files:
+            f.close()
 
 
 def _check_disk(shards: Sequence[Shard], out: str, compression: str | None) -> None:
