@@ -11,6 +11,7 @@ error names the first setting that differs.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,8 @@ from featlab.cache.settings import ExtractSettings
 from featlab.errors import CacheError
 
 __all__ = ["CachePaths", "check_writable", "prepare", "refuse_complete", "remove_all"]
+
+log = logging.getLogger("featlab")
 
 _FIX = "Fix: re-run with the same settings, or --force (force=True) to start over."
 
@@ -119,8 +122,26 @@ def prepare(paths: CachePaths, settings: ExtractSettings) -> tuple[str, np.ndarr
                 flag, there, now = diff
                 raise CacheError(f"{flag} differs from the partial cache at {path}: {there} "
                                  f"there, {now} now. {_FIX}")
-            return path, found.written
+            written = found.written
+            if path == paths.partial:
+                written = _recheck(path, written)
+            return path, written
     return None
+
+
+def _recheck(path: str, written: np.ndarray) -> np.ndarray:
+    """``written`` without the last flagged rows that do not read back as recorded (R-5.2)."""
+    from featlab.cache.verify import recheck_tail
+
+    bad = recheck_tail(path, written)
+    if bad.size:
+        log.warning("resuming %s: %d written sample(s) near the end (rows %s) do not read back "
+                    "as recorded (lost in a crash before they reached the disk?); extracting "
+                    "them again", path, bad.size, ", ".join(map(str, bad[:5].tolist()))
+                    + (", ..." if bad.size > 5 else ""))
+        written = written.copy()
+        written[bad] = 0
+    return written
 
 
 def refuse_complete(out: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -31,7 +32,7 @@ from featlab.cache._reading import (check_schema, decode_attr, ids_sha256, open_
 from featlab.cache.summary import human_bytes
 from featlab.points import SkipPoint
 
-__all__ = ["verify", "VerifyReport", "Problem"]
+__all__ = ["verify", "VerifyReport", "Problem", "recheck_tail"]
 
 _BLOCK_BYTES = 64 << 20  # bytes read at a time per dataset: bounds verify's memory
 _FIX_EXTRACT = "Fix: re-extract the cache (featlab.extract / `featlab extract`)."
@@ -391,9 +392,7 @@ class _Verifier:
                         mismatches.append((start + r, int(counted[r]), int(recorded[r])))
                     if self.bound_ok and data.dtype == np.float16:
                         recorded = self.f[schema.ABS_ERROR][start:stop, column]
-                        expected = _error_bound_of_stored(data)
-                        # inf: a finite value overflowed, which the stored copy cannot show
-                        ok = (recorded == expected) | (np.isinf(recorded) & (counted > 0))
+                        ok, expected = _bound_agrees(data, recorded, counted)
                         bounds += [(start + r, float(expected[r]), float(recorded[r]))
                                    for r in np.flatnonzero(written & ~ok)]
                 hits = np.flatnonzero(written & agree & (counted > 0))  # recorded, so a note
@@ -417,6 +416,58 @@ class _Verifier:
             self.add("labels", f"labels must be class indices in [0, {classes}) or "
                                f"{ignore}; {len(bad_labels)} sample(s) have others, first "
                                f"{self.sample(row)} with {value}. {_FIX_EXTRACT}")
+
+
+def recheck_tail(path: str, written: np.ndarray) -> np.ndarray:
+    """Flagged rows of a partial cache, among the last chunk's worth of each array, that do
+    not read back as recorded and must be extracted again before resuming (R-5.2).
+
+    A flag is set only after its rows were flushed, which a killed process cannot undo; a
+    machine that crashes can lose pages the kernel had not yet written, the last ones most
+    likely. Checked per point: readable, the NaN/Inf count against ``/stats/nonfinite``, and
+    (``bound`` caches, float16) the error bound recomputed against ``/stats/abs_error``, which
+    a zeroed or stale row fails unless it held the same largest value; labels: class indices.
+    """
+    flagged = np.flatnonzero(written)
+    bad: set[int] = set()
+    if not flagged.size:
+        return np.zeros(0, np.int64)
+    with open_h5(Path(path)) as f:
+        names = json.loads(decode_attr(f.attrs["point_names"]))
+        bound = decode_attr(f[schema.ABS_ERROR].attrs.get("statistic")) == "bound"
+        classes = len(json.loads(decode_attr(f.attrs["classes"])))
+        ignore = int(f.attrs["ignore_index"])
+        for key, column in [*((f"{schema.POINTS}/{n}", p) for p, n in enumerate(names)),
+                            *([(schema.LABELS, None)] if classes else [])]:
+            dset = f[key]
+            rows = dset.chunks[0] if dset.chunks else 1
+            lo = int(max(0, flagged[-1] - rows + 1))
+            hi = int(flagged[-1]) + 1
+            mine = written[lo:hi] == 1
+            try:
+                data = dset[lo:hi]
+            except OSError:
+                bad.update(lo + np.flatnonzero(mine))
+                continue
+            if column is None:
+                wrong = ((data >= classes) & (data != ignore)).reshape(len(data), -1).any(1)
+            else:
+                counted = np.count_nonzero(~np.isfinite(data.reshape(len(data), -1)), axis=1)
+                wrong = counted != f[schema.NONFINITE][lo:hi, column]
+                if bound and data.dtype == np.float16:
+                    ok, _ = _bound_agrees(data, f[schema.ABS_ERROR][lo:hi, column], counted)
+                    wrong |= ~ok
+            bad.update(lo + np.flatnonzero(mine & wrong))
+    return np.array(sorted(bad), np.int64)
+
+
+def _bound_agrees(data: np.ndarray, recorded: np.ndarray, counted: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of float16 ``data``: whether the recorded error bound is the one recomputed from
+    the stored values, and that recomputed bound. ``inf`` agrees where a value is not finite:
+    a finite value overflowed, which the stored copy cannot show."""
+    expected = _error_bound_of_stored(data)
+    return (recorded == expected) | (np.isinf(recorded) & (counted > 0)), expected
 
 
 def _error_bound_of_stored(data: np.ndarray) -> np.ndarray:

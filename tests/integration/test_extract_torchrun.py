@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import featlab
+from featlab.cache.verify import verify
 from featlab.cache.writer import extract
 from featlab.data import load_dataset
 from featlab.errors import CacheError
@@ -155,6 +156,7 @@ def test_merge_copies_the_shards_into_one_file_that_reads_as_the_sharded_cache(s
         np.testing.assert_array_equal(cache[name][:], ref[name][:])
         np.testing.assert_array_equal(cache.stored_channels(name), ref.stored_channels(name))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]  # no temporary left
+    assert verify(alone, progress=False).ok
     # another compression: every chunk decoded and compressed again (the merge above copied
     # the chunks as stored wherever they lined up)
     assert _merge(capsys, out.parent / "c.h5.shards", "--out", tmp_path / "lzf.h5",
