@@ -225,26 +225,38 @@ def test_disk_check_refuses_what_does_not_fit(tmp_path, monkeypatch):
     assert result.written == 4
 
 
-def test_a_batch_recomputed_after_a_kill_is_the_same_batch(tmp_path):
-    # a partial file whose flags say rows 0-2 and 6 were written (as if batch 2 of a run with
-    # batch size 3 was cut short and the run then continued with batch size... 1 elsewhere)
-    model, ds = ft.TinyResNet(), dataset(8)
+def partial_from_complete(tmp_path, model, ds, flags):
+    """A complete extraction made into ``c.h5.partial`` whose ``written`` flags are ``flags``."""
     ref = tmp_path / "ref.h5"
     extract(model, ds, "stages", ref, **ARGS)
     partial = str(tmp_path / "c.h5") + schema.PARTIAL_SUFFIX
     os.rename(ref, partial)
     with h5py.File(partial, "r+", locking=False) as f:
         f.attrs.modify("complete", False)
-        f[schema.WRITTEN][...] = np.array([1, 1, 1, 0, 0, 0, 1, 0], np.uint8)
+        f[schema.WRITTEN][...] = np.array(flags, np.uint8)
+    return partial
+
+
+def assert_equals_a_fresh_run(tmp_path, model, ds):
+    extract(model, ds, "stages", tmp_path / "ref.h5", **ARGS)
+    got, expected = contents(tmp_path / "c.h5"), contents(tmp_path / "ref.h5")
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    return got
+
+
+def test_a_batch_recomputed_after_a_kill_is_the_same_batch(tmp_path):
+    # a partial file whose flags say rows 0-2 and 6 were written (as if batch 2 of a run with
+    # batch size 3 was cut short and the run then continued with batch size... 1 elsewhere)
+    model, ds = ft.TinyResNet(), dataset(8)
+    partial = partial_from_complete(tmp_path, model, ds, [1, 1, 1, 0, 0, 0, 1, 0])
+    with h5py.File(partial, "r+", locking=False) as f:
         sentinel = f["points/layer1.1"][6].copy()
         for name in ("points/layer1.1", "points/layer1.0"):
             f[name][3:6] = np.full(f[name].shape[1:], 7.0, np.float16)  # stale junk rows
     result = extract(model, ds, "stages", tmp_path / "c.h5", **ARGS)
     assert (result.written, result.skipped) == (4, 4)
-    extract(model, ds, "stages", ref, **ARGS)
-    got, expected = contents(tmp_path / "c.h5"), contents(ref)
-    for name in expected:
-        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    got = assert_equals_a_fresh_run(tmp_path, model, ds)
     np.testing.assert_array_equal(got["points/layer1.1"][6], sentinel)
     assert torch.is_inference_mode_enabled() is False
 
@@ -254,35 +266,20 @@ def test_resume_extracts_again_the_last_rows_that_do_not_read_back_as_recorded(t
     # R-5.2: flags say rows 0-5 were written, but a crash lost what rows 4 and 5 held on disk
     # (4 zeroed, 5 partly NaN); rows 0-3 are fine. Resuming checks the last chunk's worth.
     model, ds = ft.TinyResNet(), dataset(10)
-    ref = tmp_path / "ref.h5"
-    extract(model, ds, "stages", ref, **ARGS)
-    partial = str(tmp_path / "c.h5") + schema.PARTIAL_SUFFIX
-    os.rename(ref, partial)
+    partial = partial_from_complete(tmp_path, model, ds, [1] * 6 + [0] * 4)
     with h5py.File(partial, "r+", locking=False) as f:
-        f.attrs.modify("complete", False)
-        f[schema.WRITTEN][...] = np.array([1] * 6 + [0] * 4, np.uint8)
         assert f["points/layer1.1"].chunks[0] >= 3  # rows 3-5 lie in the last chunk checked
         f["points/layer1.1"][4] = np.zeros(f["points/layer1.1"].shape[1:], np.float16)
         f["points/layer1.0"][5, 0] = np.nan
-        kept = f["points/layer1.1"][0].copy()
     with caplog.at_level("WARNING", logger="featlab"):
         result = extract(model, ds, "stages", tmp_path / "c.h5", **ARGS)
     assert (result.written, result.skipped) == (6, 4)
     assert "2 written sample(s) near the end (rows 4, 5) do not read back" in caplog.text
-    extract(model, ds, "stages", ref, **ARGS)
-    got, expected = contents(tmp_path / "c.h5"), contents(ref)
-    for name in expected:
-        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
-    np.testing.assert_array_equal(got["points/layer1.1"][0], kept)
+    assert_equals_a_fresh_run(tmp_path, model, ds)
 
 
 def test_resume_trusts_rows_that_read_back_as_recorded(tmp_path):
     model, ds = ft.TinyResNet(), dataset(10)
-    extract(model, ds, "stages", tmp_path / "ref.h5", **ARGS)
-    partial = str(tmp_path / "c.h5") + schema.PARTIAL_SUFFIX
-    os.rename(tmp_path / "ref.h5", partial)
-    with h5py.File(partial, "r+", locking=False) as f:
-        f.attrs.modify("complete", False)
-        f[schema.WRITTEN][...] = np.array([1] * 9 + [0], np.uint8)
+    partial_from_complete(tmp_path, model, ds, [1] * 9 + [0])
     result = extract(model, ds, "stages", tmp_path / "c.h5", **ARGS)
     assert (result.written, result.skipped) == (1, 9)
