@@ -141,9 +141,10 @@ def check_shards(paths: Sequence[str]) -> list[Shard]:
     missing = [r for r in range(k) if r not in by_rank]
     if missing:
         names = ", ".join(os.path.basename(shard_path("", r, k)) for r in missing[:4])
+        folders = ", ".join(sorted({os.path.dirname(s.path) for s in shards}))
         raise CacheError(f"every rank's shard must be there; {len(missing)} of {k} missing "
-                         f"({names}{', ...' if len(missing) > 4 else ''}) beside "
-                         f"{os.path.dirname(first.path)}. Fix: copy every rank's shard into one "
+                         f"({names}{', ...' if len(missing) > 4 else ''}) from {folders}. "
+                         "Fix: copy every rank's shard into one "
                          "folder (ranks on other nodes wrote theirs on their disks), then "
                          "`featlab merge FOLDER --out CACHE`.")
     ordered = [by_rank[r] for r in range(k)]
