@@ -23,6 +23,7 @@ import numpy as np
 from featlab.cache import h5file
 from featlab.cache import schema as S
 from featlab.cache.settings import ExtractSettings
+from featlab.cache.verify import recheck_tail
 from featlab.errors import CacheError
 
 __all__ = ["CachePaths", "check_writable", "prepare", "refuse_complete", "remove_all"]
@@ -131,8 +132,6 @@ def prepare(paths: CachePaths, settings: ExtractSettings) -> tuple[str, np.ndarr
 
 def _recheck(path: str, written: np.ndarray) -> np.ndarray:
     """``written`` without the last flagged rows that do not read back as recorded (R-5.2)."""
-    from featlab.cache.verify import recheck_tail
-
     bad = recheck_tail(path, written)
     if bad.size:
         log.warning("resuming %s: %d written sample(s) near the end (rows %s) do not read back "

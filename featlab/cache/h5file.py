@@ -31,7 +31,7 @@ from featlab.cache.settings import ExtractSettings
 from featlab.errors import CacheError
 
 __all__ = ["FileLayout", "PointLayout", "create", "inspect", "RowWriter", "finalize",
-           "copy_cache", "write_virtual", "versions", "Inspection"]
+           "copy_cache", "chunked_arrays", "write_virtual", "versions", "Inspection"]
 
 
 @dataclass(frozen=True)
@@ -246,8 +246,7 @@ def copy_cache(src: str, dst: str, compression: str | None, *,
         for key, value in s.attrs.items():
             d.attrs[key] = value
         d.attrs.modify("complete", True)
-        big = [S.LABELS, *(f"{S.POINTS}/{k}" for k in s[S.POINTS]),
-               *([S.IMAGES] if S.IMAGES in s else [])]
+        big = chunked_arrays(s)
         for name in (S.IDS, S.INDEX, S.WRITTEN, S.NONFINITE, S.ABS_ERROR):
             _with_attrs(s[name], d.create_dataset(name, data=s[name][()], dtype=s[name].dtype,
                                                   track_times=False))
@@ -275,6 +274,12 @@ def copy_cache(src: str, dst: str, compression: str | None, *,
                     block = src_set[start:start + step]
                     out[start:start + len(block)] = block
                     bar.update(block.nbytes)
+
+
+def chunked_arrays(f: h5py.File) -> list[str]:
+    """Names of a cache file's chunked arrays: labels, every point, images if stored."""
+    return [S.LABELS, *(f"{S.POINTS}/{k}" for k in f[S.POINTS]),
+            *([S.IMAGES] if S.IMAGES in f else [])]
 
 
 def _with_attrs(src: h5py.Dataset, out: h5py.Dataset) -> h5py.Dataset:
@@ -332,9 +337,11 @@ def read_nonfinite(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         return counts[rows], np.asarray(ids, dtype=object), json.loads(f.attrs["point_names"])
 
 
-def write_virtual(path: str, shards: Sequence[str], attrs: Mapping[str, Any]) -> None:
+def write_virtual(path: str, shards: Sequence[str], rows: Sequence[int],
+                  attrs: Mapping[str, Any]) -> None:
     """Write ``path``: one cache whose datasets are virtual datasets over the ``shards`` (complete
-    shard files in rank order, checked by :func:`featlab.cache.merge.check_shards`).
+    shard files in rank order, of ``rows`` rows each, checked by
+    :func:`featlab.cache.merge.check_shards`).
 
     Sources are named relative to ``path``'s folder, so the cache and its shards move together.
     Rows of a missing shard read as 0, so their ``written`` flag reads 0 too.
@@ -345,11 +352,7 @@ def write_virtual(path: str, shards: Sequence[str], attrs: Mapping[str, Any]) ->
         f0.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset)
                       else None)
         meta = {name: (f0[name].shape[1:], f0[name].dtype, dict(f0[name].attrs)) for name in names}
-    counts = []
-    for shard in shards:
-        with h5py.File(shard, "r", locking=False) as f:
-            counts.append(len(f[S.WRITTEN]))
-    total = sum(counts)
+    total = sum(rows)
     with h5py.File(path, "w", locking=False) as out:
         for key, value in attrs.items():
             out.attrs[key] = value
@@ -357,7 +360,7 @@ def write_virtual(path: str, shards: Sequence[str], attrs: Mapping[str, Any]) ->
             rest, dtype, dattrs = meta[name]
             layout = h5py.VirtualLayout(shape=(total, *rest), dtype=dtype)
             start = 0
-            for shard, count in zip(shards, counts):
+            for shard, count in zip(shards, rows):
                 rel = os.path.relpath(os.path.abspath(shard), folder)
                 layout[start:start + count] = h5py.VirtualSource(rel, name, shape=(count, *rest),
                                                                  dtype=dtype)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -33,18 +33,26 @@ from featlab.cache.files import check_writable, refuse_complete, shard_path
 from featlab.cache.plan import check_compression, format_bytes, free_disk_bytes
 from featlab.cache.settings import ExtractSettings, ids_fingerprint
 from featlab.distributed import shard_range
-from featlab.errors import CacheError
+from featlab.errors import CacheError, ConfigError
 
 __all__ = ["MergeResult", "Shard", "assemble", "check_shards", "find_shards", "merge_shards"]
 
 log = logging.getLogger("featlab")
 
-_BIG = (S.LABELS, S.IMAGES)  # with /points/*: the chunked arrays, copied chunk by chunk
+
+class Layout(NamedTuple):
+    """How a shard stores one chunked array: rows per chunk, filters (compression, its options,
+    shuffle), bytes when decoded."""
+
+    rows: int
+    filters: tuple
+    nbytes: int
 
 
 @dataclass(frozen=True)
 class Shard:
-    """One checked shard file: its rank's rows ``[start, stop)`` of the sorted samples."""
+    """One checked shard file: its rank's rows ``[start, stop)`` of the sorted samples, and the
+    layout of each chunked array (:func:`featlab.cache.h5file.chunked_arrays`)."""
 
     path: str
     rank: int
@@ -53,6 +61,7 @@ class Shard:
     settings: ExtractSettings
     attrs: dict
     ids: list[str]
+    arrays: dict[str, Layout]
 
 
 @dataclass(frozen=True)
@@ -186,6 +195,9 @@ def _read_shard(path: str) -> Shard:
         complete = bool(attrs.get("complete")) and bool(f[S.WRITTEN][()].all())
         index = f[S.INDEX][()]
         ids = [i.decode("utf-8") for i in f[S.IDS][()]]
+        arrays = {name: Layout(f[name].chunks[0], (f[name].compression,
+                                                   f[name].compression_opts, f[name].shuffle),
+                               f[name].nbytes) for name in h5file.chunked_arrays(f)}
     if not complete:
         raise CacheError(f"every shard must be complete; {path} is not. {fix}")
     start, stop = int(rows["start"]), int(rows["stop"])
@@ -193,15 +205,17 @@ def _read_shard(path: str) -> Shard:
         raise CacheError(f"shard {path} must hold the rows of its range [{start}, {stop}); its "
                          f"/index says otherwise. Fix: re-extract that rank.")
     settings = ExtractSettings.from_dict(json.loads(attrs["settings"]))
-    return Shard(path, int(rows["rank"]), start, stop, settings, attrs, ids)
+    return Shard(path, int(rows["rank"]), start, stop, settings, attrs, ids, arrays)
 
 
-def _main_attrs(shards: Sequence[Shard]) -> dict[str, Any]:
-    """Root attributes of the joined cache: rank 0's, for all N samples, complete."""
+def _write_virtual(path: str, shards: Sequence[Shard]) -> None:
+    """The joined cache as virtual datasets, with rank 0's root attributes for all N samples,
+    complete."""
     attrs = {k: v for k, v in shards[0].attrs.items() if k != "shard"}
     attrs.update(num_samples=shards[0].settings.num_samples, complete=True,
                  world_size=shards[0].settings.world_size)
-    return attrs
+    h5file.write_virtual(path, [s.path for s in shards], [s.stop - s.start for s in shards],
+                         attrs)
 
 
 def assemble(paths: Sequence[str], out: str) -> list[Shard]:
@@ -213,7 +227,7 @@ def assemble(paths: Sequence[str], out: str) -> list[Shard]:
     shards = check_shards([p for p in found if os.path.exists(p)])
     tmp = out + S.ASSEMBLING_SUFFIX
     try:
-        h5file.write_virtual(tmp, [s.path for s in shards], _main_attrs(shards))
+        _write_virtual(tmp, shards)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -245,6 +259,9 @@ def merge_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike],
             ``out`` exists, or its disk cannot hold the copy.
     """
     started = time.perf_counter()
+    if virtual and compression != "same":
+        raise ConfigError("`--compression` needs a copy; got it with --virtual, which copies "
+                          "nothing. Fix: drop one of the two.")
     out = os.path.abspath(os.fspath(out))
     paths = find_shards(inputs)
     check_writable(out)
@@ -257,11 +274,13 @@ def merge_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike],
         shards = assemble(paths, out)
         return _done(out, shards, True, None, started)
     shards = check_shards(paths)
-    compression = _compression(shards[0].path, compression)
+    if compression == "same":
+        compression = shards[0].arrays[S.LABELS].filters[0]
+    compression = check_compression(compression)
     _check_disk(shards, out, compression)
     vds, tmp = out + S.ASSEMBLING_SUFFIX, out + S.MERGING_SUFFIX
     try:
-        h5file.write_virtual(vds, [s.path for s in shards], _main_attrs(shards))
+        _write_virtual(vds, shards)
         h5file.copy_cache(vds, tmp, compression, chunk_rows=_chunk_rows(shards),
                           progress=progress, desc="merge", copy=partial(_copy_chunks, shards))
         os.replace(tmp, out)
@@ -285,27 +304,11 @@ def _done(out: str, shards: Sequence[Shard], virtual: bool, compression: str | N
     return result
 
 
-def _compression(first: str, compression: str) -> str | None:
-    if compression == "same":
-        with h5py.File(first, "r", locking=False) as f:
-            return f[S.LABELS].compression
-    return check_compression(None if compression == "none" else compression)
-
-
-def _arrays(f: h5py.File) -> list[str]:
-    return [*(name for name in _BIG if name in f), *(f"{S.POINTS}/{k}" for k in f[S.POINTS])]
-
-
 def _chunk_rows(shards: Sequence[Shard]) -> dict[str, int]:
     """Rows per chunk of each chunked array in the copy: the shards' (the largest, as a shard
     smaller than a chunk has smaller chunks), at most N."""
-    rows: dict[str, int] = {}
-    for shard in shards:
-        with h5py.File(shard.path, "r", locking=False) as f:
-            for name in _arrays(f):
-                rows[name] = max(rows.get(name, 1), f[name].chunks[0])
     n = shards[0].settings.num_samples
-    return {name: min(r, n) for name, r in rows.items()}
+    return {name: min(n, max(s.arrays[name].rows for s in shards)) for name in shards[0].arrays}
 
 
 def _copy_chunks(shards: Sequence[Shard], name: str, out: h5py.Dataset, done: Any) -> bool:
@@ -315,35 +318,26 @@ def _copy_chunks(shards: Sequence[Shard], name: str, out: h5py.Dataset, done: An
     they do not."""
     k, tail = out.chunks[0], (0,) * (out.ndim - 1)
     filters = (out.compression, out.compression_opts, out.shuffle)
-    files = [h5py.File(s.path, "r", locking=False) for s in shards]
-    try:
-        sources = [f[name] for f in files]
-        if any(d.chunks[0] != k or (d.compression, d.compression_opts, d.shuffle) != filters
-               for d in sources) or any(len(d) % k for d in sources[:-1]):
-            return False
-        row = out.dtype.itemsize * int(np.prod(out.shape[1:]))
-        offset = 0
-        for d in sources:
-            for start in range(0, len(d), k):
-                mask, data = d.id.read_direct_chunk((start, *tail))
+    if any((s.arrays[name].rows, s.arrays[name].filters) != (k, filters) for s in shards) or any(
+            (s.stop - s.start) % k for s in shards[:-1]):
+        return False
+    row = out.dtype.itemsize * int(np.prod(out.shape[1:]))
+    offset = 0
+    for shard in shards:
+        with h5py.File(shard.path, "r", locking=False) as f:
+            src = f[name]
+            for start in range(0, len(src), k):
+                mask, data = src.id.read_direct_chunk((start, *tail))
                 out.id.write_direct_chunk((offset + start, *tail), data, mask)
-                done(min(k, len(d) - start) * row)
-            offset += len(d)
-        return True
-    finally:
-        for f in files:
-            f.close()
+                done(min(k, len(src) - start) * row)
+        offset += shard.stop - shard.start
+    return True
 
 
 def _check_disk(shards: Sequence[Shard], out: str, compression: str | None) -> None:
     """The copy needs about the shards' size (their arrays' size when it is uncompressed)."""
-    need = 0
-    for shard in shards:
-        if compression is None:
-            with h5py.File(shard.path, "r", locking=False) as f:
-                need += sum(f[name].nbytes for name in _arrays(f))
-        else:
-            need += os.path.getsize(shard.path)
+    need = sum(sum(a.nbytes for a in s.arrays.values()) if compression is None
+               else os.path.getsize(s.path) for s in shards)
     free = free_disk_bytes(out)
     if need > free:
         raise CacheError(f"the disk at {os.path.dirname(out)} must hold the merged cache; it "

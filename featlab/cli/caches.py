@@ -159,11 +159,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     them with virtual datasets)."""
     from featlab.cache.merge import merge_shards
 
-    if args.virtual and args.compression != "same":
-        from featlab.errors import ConfigError
-
-        raise ConfigError("`--compression` needs a copy; got it with --virtual, which copies "
-                          "nothing. Fix: drop one of the two.")
     result = merge_shards(args.inputs, args.out, virtual=args.virtual,
                           compression=args.compression, force=args.force,
                           progress=not args.quiet)
