@@ -28,8 +28,15 @@ ratios under that allocator setting.
 The samples are rendered once up front and served from memory, so that all measure the
 model and the cache, not the procedural data generator (its rate is printed separately).
 
+``--fresh N`` measures instead the goal's three rates -- **bare**, **featlab extract** and the
+**floor** -- each in a process of its own (a warm-up forward, then one timed run), under both
+allocator settings, for N rounds in rotating order, and prints each ratio's median over the
+rounds with a 95 % bootstrap interval. Within one process glibc's mmap threshold moves with
+what ran before (the same bare forward took 131k or 600k page faults, 5.3 or 7.5 s), so in the
+default setting only fresh processes compare like with like.
+
     python benchmarks/bench_extract.py [--samples 512] [--batch-size 32] [--repeats 3]
-                                       [--compression lzf gzip]
+                                       [--compression lzf gzip] [--fresh N]
 
 Run it on a quiet machine (``uptime``: load below 1.5 on this 2-core box).
 """
@@ -211,6 +218,18 @@ def kept_rates(args: argparse.Namespace) -> dict:
     return out
 
 
+def measure_one(args: argparse.Namespace, ds, model, spec) -> None:
+    """A ``--fresh`` child: one warm-up forward, then one timed run of ``args.measure``."""
+    kept = featlab.keep_freed_memory() if args.keep else False
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        bare_rate(model, spec, ds, args.batch_size, 1)
+        rate = {"bare": lambda: bare_rate(model, spec, ds, args.batch_size, 1),
+                "featlab": lambda: featlab_rate(model, spec, ds, args.batch_size, folder)[0],
+                "floor": lambda: floor_rate(model, spec, ds, args.batch_size, folder),
+                }[args.measure]()
+    print(json.dumps({"kept": kept, "rate": rate}))
+
+
 def child(args: argparse.Namespace, ds, model, spec) -> None:
     kept = featlab.keep_freed_memory()
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
@@ -223,6 +242,50 @@ def child(args: argparse.Namespace, ds, model, spec) -> None:
                       "floor": floor}))
 
 
+FRESH = ("bare", "featlab", "floor")
+
+
+def fresh_rounds(args: argparse.Namespace) -> None:
+    """``--fresh``: every variant in a new process, both allocator settings, rotating order."""
+    import numpy as np
+
+    rates = {(keep, v): [] for keep in (False, True) for v in FRESH}
+    for r in range(args.fresh):
+        for keep in (False, True):
+            for v in FRESH[r % 3:] + FRESH[:r % 3]:
+                cmd = [sys.executable, __file__, "--measure", v, *(["--keep"] if keep else []),
+                       "--samples", str(args.samples), "--size", str(args.size), "--batch-size",
+                       str(args.batch_size), *(["--dir", args.dir] if args.dir else []),
+                       *(["--threads", str(args.threads)] if args.threads else [])]
+                done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                rates[keep, v].append(json.loads(done.stdout.splitlines()[-1])["rate"])
+        print(f"  round {r + 1}: " + "; ".join(
+            f"{'memory kept' if keep else 'default'}: " + ", ".join(
+                f"{v} {rates[keep, v][-1]:.1f}" for v in FRESH) for keep in (False, True))
+            + f" images/s (load {os.getloadavg()[0]:.2f})", flush=True)
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, args.fresh, size=(10_000, args.fresh))  # bootstrap over rounds
+
+    def summary(num: list[float], den: list[float]) -> str:
+        ratios = np.array(num) / np.array(den)
+        low, high = np.percentile(np.median(ratios[picks], axis=1), [2.5, 97.5])
+        return f"{np.median(ratios):.3f} [{low:.3f}, {high:.3f}]"
+
+    print(f"\nresnet18, {args.size} px, {args.samples} samples, batch {args.batch_size}, all "
+          f"skip points, float16; {args.fresh} rounds, one process per run; median ratio over "
+          "rounds [95 % bootstrap interval]")
+    for keep in (False, True):
+        setting = "memory kept" if keep else "default allocator"
+        bare = rates[keep, "bare"]
+        print(f"{setting}: bare {statistics.median(bare):.1f} images/s (median)")
+        for v in FRESH[1:]:
+            print(f"  {v:<8} {statistics.median(rates[keep, v]):6.1f} images/s, vs bare "
+                  f"{summary(rates[keep, v], bare)}")
+    print(f"the command (featlab, memory kept) vs an ordinary bare forward: "
+          f"{summary(rates[True, 'featlab'], rates[False, 'bare'])}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=512)
@@ -233,8 +296,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--compression", nargs="*", default=[], choices=["lzf", "gzip"],
                         help="also run featlab with these compressions (rows 'featlab, lzf', ...)")
+    parser.add_argument("--fresh", type=int, default=0, metavar="N",
+                        help="instead: bare, featlab and the floor, each in a fresh process, "
+                             "both allocator settings, N rounds, medians with 95%% intervals")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=FRESH, help=argparse.SUPPRESS)
+    parser.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.fresh:
+        fresh_rounds(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -243,6 +314,9 @@ def main() -> None:
     ds = InMemory(raw)
     rendering = len(ds) / (time.perf_counter() - t0)
     model, spec = featlab.get_backbone("resnet18", weights="none")
+    if args.measure:
+        measure_one(args, ds, model, spec)
+        return
     if args.child:
         child(args, ds, model, spec)
         return
