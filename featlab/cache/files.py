@@ -26,7 +26,8 @@ from featlab.cache.settings import ExtractSettings
 from featlab.cache.verify import recheck_tail
 from featlab.errors import CacheError
 
-__all__ = ["CachePaths", "check_writable", "prepare", "refuse_complete", "remove_all"]
+__all__ = ["CachePaths", "check_writable", "prepare", "refuse_complete", "remove_all",
+           "remove_finalised_partial"]
 
 log = logging.getLogger("featlab")
 
@@ -109,6 +110,7 @@ def prepare(paths: CachePaths, settings: ExtractSettings) -> tuple[str, np.ndarr
         CacheError: ``out`` is complete already, or a partial file was made with other settings
             (the message names the setting), or cannot be read.
     """
+    remove_finalised_partial(paths)
     if os.path.exists(paths.out):
         refuse_complete(paths.out)
     _check_world_size(paths, settings)
@@ -128,6 +130,22 @@ def prepare(paths: CachePaths, settings: ExtractSettings) -> tuple[str, np.ndarr
                 written = _recheck(path, written)
             return path, written
     return None
+
+
+def remove_finalised_partial(paths: CachePaths) -> None:
+    """Delete a partial file that a complete one has replaced: a run stopped between the rename
+    of its compressed copy and the removal of the partial file (``h5file.finalize``) leaves
+    both. Only a partial with every row written and the complete file's settings is deleted."""
+    if not (os.path.exists(paths.target) and os.path.exists(paths.partial)):
+        return
+    try:
+        done, left = h5file.inspect(paths.target), h5file.inspect(paths.partial)
+    except CacheError:
+        return  # not provably a copy of the complete file: left alone
+    if done.complete and left.written.all() and left.settings.difference(done.settings) is None:
+        os.remove(paths.partial)
+        log.warning("removed %s: an uncompressed copy of %s, which is complete (left by a run "
+                    "stopped just after finalising)", paths.partial, paths.target)
 
 
 def _recheck(path: str, written: np.ndarray) -> np.ndarray:

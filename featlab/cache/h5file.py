@@ -210,7 +210,8 @@ def finalize(partial: str, final: str, compression: str | None = None,
     ``final`` once complete; the partial file is removed after. While samples stream in the file
     stays uncompressed: a compressed chunk's size changes when it is rewritten, and with it the
     chunk index, which would break the rule that rows never change metadata. Killed during the
-    copy, the same command finalises again from the partial file.
+    copy, the same command finalises again from the partial file; stopped between the rename
+    and the removal, the next extraction deletes the partial (``files.remove_finalised_partial``).
     """
     with h5py.File(partial, "r+" if compression is None else "r", locking=False) as f:
         written = f[S.WRITTEN][...]

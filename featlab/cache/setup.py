@@ -21,7 +21,8 @@ from torch import nn
 from featlab import distributed as fdist
 from featlab.cache import h5file
 from featlab.cache import schema as S
-from featlab.cache.files import CachePaths, check_writable, refuse_complete
+from featlab.cache.files import (CachePaths, check_writable, refuse_complete,
+                                 remove_finalised_partial)
 from featlab.cache.plan import (ExtractPlan, channel_subset, check_dtype, check_error_stat,
                                 check_max_channels, check_max_size, free_disk_bytes,
                                 plan_extract)
@@ -89,6 +90,7 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
     if probe:
         check_writable(paths.out)
         if not force and os.path.exists(paths.out):
+            remove_finalised_partial(paths)
             refuse_complete(paths.out)
     n = len(ids_all) if limit is None else min(limit, len(ids_all))
     stored_ids = ids_all[:n]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import h5py
 import numpy as np
@@ -18,7 +19,7 @@ from featlab.cache.verify import verify
 from featlab.cache.writer import ExtractResult, extract
 from featlab.data import load_dataset
 from featlab.data.base import SegmentationDataset
-from featlab.errors import ConfigError, FeatlabWarning, ModelModeError
+from featlab.errors import CacheError, ConfigError, FeatlabWarning, ModelModeError
 from featlab.models import BackboneSpec
 
 SPEC = BackboneSpec("tiny", "none", (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), 32, 10)
@@ -204,6 +205,37 @@ def test_max_channels_stores_a_seeded_channel_subset_and_records_it(tmp_path):
         np.testing.assert_allclose(f["points/layer1.1"][:], pooled.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="`max_channels` must be a positive int"):
         extract(model, ds, ["layer1.1"], tmp_path / "x.h5", max_channels=-1, **kwargs)
+
+
+def test_a_partial_copy_left_beside_its_compressed_cache_is_removed(tmp_path, monkeypatch):
+    model = ft.TinyResNet()
+    ds = load_dataset("shapes", "val", size=32, length=6)
+    kwargs = dict(spec=SPEC, batch_size=4, num_workers=0, progress=False, compression="lzf")
+    real = h5file.finalize
+
+    def stopped_before_removal(partial, final, *args, **kw):  # killed after the rename
+        os.link(partial, partial + ".kept")
+        real(partial, final, *args, **kw)
+        os.replace(partial + ".kept", partial)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(h5file, "finalize", stopped_before_removal)
+    with pytest.raises(KeyboardInterrupt):
+        extract(model, ds, "all", tmp_path / "c.h5", **kwargs)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "c.h5.partial"]
+    before = (tmp_path / "c.h5").read_bytes()
+    with pytest.raises(CacheError, match="must not be a complete cache"):
+        extract(model, ds, "all", tmp_path / "c.h5", **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5"]  # the copy is gone
+    assert (tmp_path / "c.h5").read_bytes() == before  # the cache untouched
+    # a partial that is not a whole copy of the complete file is left alone
+    extract(model, load_dataset("shapes", "val", size=32, length=5), "all",
+            tmp_path / "other.h5", **{**kwargs, "compression": None})
+    os.replace(tmp_path / "other.h5", tmp_path / "c.h5.partial")
+    with pytest.raises(CacheError, match="must not be a complete cache"):
+        extract(model, ds, "all", tmp_path / "c.h5", **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "c.h5.partial"]
 
 
 @pytest.mark.parametrize("compression", ["lzf", "gzip"])
