@@ -211,7 +211,11 @@ class Writer(threading.Thread):
         super().__init__(name="featlab-cache-writer", daemon=True)
         self.path, self.point_names, self.save_images = path, list(point_names), save_images
         self.jobs: queue.Queue[Slot | None] = queue.Queue(maxsize=queue_size)
-        self.free: queue.Queue[Slot] = queue.Queue()
+        # last in, first out: the slot handed back most recently is reused first, so a writer
+        # that keeps up cycles two slots and the others are never touched. Their memory is
+        # allocated but never faulted in (in a fresh process a first touch costs ~0.06 s per
+        # slot of resnet18's 12 points at batch 32), and a reused slot is warmer in the caches.
+        self.free: queue.Queue[Slot] = queue.LifoQueue()
         for slot in slots:
             self.free.put(slot)
         self.on_rows = on_rows
