@@ -126,6 +126,10 @@ class Taps:
         self._counts = [0] * len(self._names)
         self._scratch = torch.empty(0)
         self._dev_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the bound on the host: each point's largest and smallest stored value per sample,
+        # turned into bounds for every point at once after the forward
+        self._bounds = self._half and not self._exact
+        self._extremes = torch.empty((2, len(self._names), 0), dtype=torch.float16)
 
     def __enter__(self) -> Taps:
         try:
@@ -148,10 +152,14 @@ class Taps:
         self._slot, self._n = slot, n
         self._counts = [0] * len(self._names)
         cuda = x.is_cuda
+        p = len(self._names)
         if cuda:
-            p = len(self._names)
             self._dev_stats = (torch.zeros((n, p), dtype=torch.int64, device=x.device),
                                torch.zeros((n, p), dtype=torch.float32, device=x.device))
+        else:
+            slot.nonfinite[:n] = 0  # the hooks count only in samples that have any
+            if self._bounds and self._extremes.shape[2] < n:
+                self._extremes = torch.empty((2, p, n), dtype=torch.float16)
         try:
             self._root(x)
         except _Stop:
@@ -173,6 +181,14 @@ class Taps:
             slot.nonfinite[:n].copy_(nonfinite, non_blocking=True)
             slot.abs_error[:n].copy_(abs_error, non_blocking=True)
             self._dev_stats = None
+        elif self._bounds:
+            extremes = self._extremes[:, :, :n].float()
+            largest = torch.maximum(extremes[0], -extremes[1]).T  # [n, P]; NaN where any is NaN
+            finite = torch.isfinite(largest)
+            bound = float16_error_bound(torch.where(finite, largest, 0.0))
+            # samples with a NaN or inf already hold what the hook measured over their values
+            error = slot.abs_error[:n]
+            error.copy_(torch.where(finite, bound, error))
 
     def _make_hook(self, k: int):
         last = len(self._names) - 1
@@ -230,14 +246,23 @@ class Taps:
         # Whole-batch operations into preallocated memory, with same-dtype operands and
         # amin/amax: the vectorised kernels, and few of them. (Per-sample or per-block loops
         # stay in the CPU cache but start many short parallel regions, which stall badly when
-        # other processes share the cores; aminmax along a dim is a slow kernel.) A row whose
+        # other processes share the cores; aminmax along a dim is a slow kernel.) A sample whose
         # statistic is not finite holds a NaN or inf somewhere: exact counts only for those.
-        if not self._half:
+        if self._bounds:
+            # two reductions here; the bounds of all points are one pass after the forward
+            extremes = self._extremes[:, k, :n]
+            torch.amax(flat, 1, out=extremes[0])
+            torch.amin(flat, 1, out=extremes[1])
+            # float32 sums of float16 values cannot overflow: not finite iff a NaN or inf
+            if torch.isfinite(extremes.sum(dtype=torch.float32)):
+                return
+            finite = torch.isfinite(extremes).all(0)
+        elif not self._half:
             slot.abs_error[:n, k] = 0.0
             # one pass: a sum is finite when every value is (an overflowing sum of finite values
             # only sends the sample to the exact count below)
             finite = torch.isfinite(flat.sum(1))
-        elif self._exact:
+        else:
             if self._scratch.numel() < x.numel():
                 self._scratch = torch.empty(x.numel(), dtype=torch.float32)
             diff = self._scratch[:x.numel()].view(n, -1)
@@ -247,11 +272,6 @@ class Taps:
             err = torch.maximum(diff.amax(1), -diff.amin(1))
             slot.abs_error[:n, k] = err
             finite = torch.isfinite(err)
-        else:
-            largest = torch.maximum(flat.amax(1), -flat.amin(1)).float()  # NaN if any is NaN
-            finite = torch.isfinite(largest)
-            slot.abs_error[:n, k] = float16_error_bound(torch.where(finite, largest, 0.0))
-        slot.nonfinite[:n, k] = 0
         for i in torch.nonzero(~finite).flatten().tolist():
             row = torch.isfinite(flat[i])
             slot.nonfinite[i, k] = int((~row).sum())
