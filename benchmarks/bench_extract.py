@@ -25,6 +25,12 @@ Then, in a child process that first calls ``featlab.keep_freed_memory()`` -- wha
 statistics) and the **floor** again: the rate a user of the command gets, and the like-for-like
 ratios under that allocator setting.
 
+``--parts N`` splits the goal's gap into its pieces, in one process that keeps freed memory,
+N rounds in rotating order: **bare**; **cast** (hooks that cast every point into reused
+float16 buffers, nothing else); **cast + bound** (the same plus the two reductions of the
+default error statistic, as featlab's hooks take them); the **floor**; **featlab extract**.
+Medians of the same-round ratios with 95 % bootstrap intervals.
+
 The samples are rendered once up front and served from memory, so that all measure the
 model and the cache, not the procedural data generator (its rate is printed separately).
 
@@ -36,7 +42,7 @@ what ran before (the same bare forward took 131k or 600k page faults, 5.3 or 7.5
 default setting only fresh processes compare like with like.
 
     python benchmarks/bench_extract.py [--samples 512] [--batch-size 32] [--repeats 3]
-                                       [--compression lzf gzip] [--fresh N]
+                                       [--compression lzf gzip] [--fresh N] [--parts N]
 
 Run it on a quiet machine (``uptime``: load below 1.5 on this 2-core box).
 """
@@ -95,6 +101,37 @@ def bare_rate(model, spec, ds, batch_size: int, repeats: int) -> float:
     return best
 
 
+def hooked_rate(model, spec, ds, batch_size: int, bound: bool) -> float:
+    """The bare loop with hooks that cast every point into reused float16 buffers (``bound``:
+    and take the per-sample amax and amin of the stored copy, as featlab's hooks do)."""
+    points = featlab.skip_points(model, input_size=ds[0]["image"].shape[-1])
+    modules = dict(model.named_modules())
+    buffers = [{p.name: torch.empty((batch_size, p.channels, *p.size), dtype=torch.float16)
+                for p in points} for _ in range(2)]
+    current = {}
+
+    def hook(m, a, out, name):
+        flat = current[name][:len(out)].view(len(out), -1)
+        flat.copy_(out.reshape(len(out), -1))
+        if bound:
+            flat.amax(1), flat.amin(1)
+
+    batches = [torch.stack([ds[i]["image"] for i in range(s, min(len(ds), s + batch_size))])
+               for s in range(0, len(ds), batch_size)]
+    handles = [modules[p.module].register_forward_hook(
+        lambda m, a, out, name=p.name: hook(m, a, out, name)) for p in points]
+    try:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for k, x in enumerate(batches):
+                current = buffers[k % 2]
+                model(spec.normalize(x))
+        return len(ds) / (time.perf_counter() - t0)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def featlab_rate(model, spec, ds, batch_size: int, folder: str, direct: bool = True,
                  error_stat: str = "bound", compression: str | None = None
                  ) -> tuple[float, float, int]:
@@ -116,7 +153,7 @@ def floor_rate(model, spec, ds, batch_size: int, folder: str) -> float:
     modules = dict(model.named_modules())
     buffers = [{p.name: aligned_empty((batch_size, p.channels, *p.size), torch.float16)
                 for p in points} for _ in range(3)]
-    free, todo = queue.Queue(), queue.Queue(maxsize=1)
+    free, todo = queue.LifoQueue(), queue.Queue(maxsize=1)  # slot reuse as featlab's
     for b in buffers:
         free.put(b)
     current = {}
@@ -242,13 +279,55 @@ def child(args: argparse.Namespace, ds, model, spec) -> None:
                       "floor": floor}))
 
 
+def median_interval(num: list[float], den: list[float]) -> str:
+    """The median of the paired ratios ``num / den`` and its 95 % bootstrap interval over the
+    rounds (seeded)."""
+    import numpy as np
+
+    ratios = np.array(num) / np.array(den)
+    picks = np.random.default_rng(0).integers(0, len(ratios), size=(10_000, len(ratios)))
+    low, high = np.percentile(np.median(ratios[picks], axis=1), [2.5, 97.5])
+    return f"{np.median(ratios):.3f} [{low:.3f}, {high:.3f}]"
+
+
+def parts_rounds(args: argparse.Namespace, ds, model, spec) -> None:
+    """``--parts``: bare, cast, cast + bound, floor and featlab in this process, which keeps
+    freed memory (the command's setting: in one process the default allocator's state depends
+    on what ran before), rotating order."""
+    kept = featlab.keep_freed_memory()
+    variants = {
+        "bare": lambda folder: bare_rate(model, spec, ds, args.batch_size, 1),
+        "cast": lambda folder: hooked_rate(model, spec, ds, args.batch_size, bound=False),
+        "cast + bound": lambda folder: hooked_rate(model, spec, ds, args.batch_size,
+                                                    bound=True),
+        "floor": lambda folder: floor_rate(model, spec, ds, args.batch_size, folder),
+        "featlab": lambda folder: featlab_rate(model, spec, ds, args.batch_size, folder)[0],
+    }
+    names = list(variants)
+    rates = {v: [] for v in names}
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        for v in names:  # warm-up: the heap reaches its size, every path runs once
+            variants[v](folder)
+        for r in range(args.parts):
+            for v in names[r % len(names):] + names[:r % len(names)]:
+                rates[v].append(variants[v](folder))
+            print(f"  round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.1f}" for v in names)
+                  + f" images/s (load {os.getloadavg()[0]:.2f})", flush=True)
+    print(f"\nresnet18, {args.size} px, {args.samples} samples, batch {args.batch_size}, all "
+          f"skip points, float16; {args.parts} rounds in one process"
+          f"{' that keeps freed memory' if kept else ' (default allocator: not glibc)'}; "
+          "median ratio over rounds [95 % bootstrap interval]")
+    for v in names:
+        print(f"  {v:<13} {statistics.median(rates[v]):6.1f} images/s, vs bare "
+              f"{median_interval(rates[v], rates['bare'])}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 FRESH = ("bare", "featlab", "floor")
 
 
 def fresh_rounds(args: argparse.Namespace) -> None:
     """``--fresh``: every variant in a new process, both allocator settings, rotating order."""
-    import numpy as np
-
     rates = {(keep, v): [] for keep in (False, True) for v in FRESH}
     for r in range(args.fresh):
         for keep in (False, True):
@@ -263,14 +342,6 @@ def fresh_rounds(args: argparse.Namespace) -> None:
             f"{'memory kept' if keep else 'default'}: " + ", ".join(
                 f"{v} {rates[keep, v][-1]:.1f}" for v in FRESH) for keep in (False, True))
             + f" images/s (load {os.getloadavg()[0]:.2f})", flush=True)
-    rng = np.random.default_rng(0)
-    picks = rng.integers(0, args.fresh, size=(10_000, args.fresh))  # bootstrap over rounds
-
-    def summary(num: list[float], den: list[float]) -> str:
-        ratios = np.array(num) / np.array(den)
-        low, high = np.percentile(np.median(ratios[picks], axis=1), [2.5, 97.5])
-        return f"{np.median(ratios):.3f} [{low:.3f}, {high:.3f}]"
-
     print(f"\nresnet18, {args.size} px, {args.samples} samples, batch {args.batch_size}, all "
           f"skip points, float16; {args.fresh} rounds, one process per run; median ratio over "
           "rounds [95 % bootstrap interval]")
@@ -280,9 +351,9 @@ def fresh_rounds(args: argparse.Namespace) -> None:
         print(f"{setting}: bare {statistics.median(bare):.1f} images/s (median)")
         for v in FRESH[1:]:
             print(f"  {v:<8} {statistics.median(rates[keep, v]):6.1f} images/s, vs bare "
-                  f"{summary(rates[keep, v], bare)}")
+                  f"{median_interval(rates[keep, v], bare)}")
     print(f"the command (featlab, memory kept) vs an ordinary bare forward: "
-          f"{summary(rates[True, 'featlab'], rates[False, 'bare'])}")
+          f"{median_interval(rates[True, 'featlab'], rates[False, 'bare'])}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
@@ -299,6 +370,10 @@ def main() -> None:
     parser.add_argument("--fresh", type=int, default=0, metavar="N",
                         help="instead: bare, featlab and the floor, each in a fresh process, "
                              "both allocator settings, N rounds, medians with 95%% intervals")
+    parser.add_argument("--parts", type=int, default=0, metavar="N",
+                        help="instead: bare, cast, cast + bound, floor and featlab in one "
+                             "process that keeps freed memory, N rounds, medians with 95%% "
+                             "intervals")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=FRESH, help=argparse.SUPPRESS)
     parser.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
@@ -316,6 +391,9 @@ def main() -> None:
     model, spec = featlab.get_backbone("resnet18", weights="none")
     if args.measure:
         measure_one(args, ds, model, spec)
+        return
+    if args.parts:
+        parts_rounds(args, ds, model, spec)
         return
     if args.child:
         child(args, ds, model, spec)
