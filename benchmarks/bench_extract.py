@@ -88,9 +88,25 @@ class InMemory(torch.utils.data.Dataset):
         return self._samples[i]
 
 
+def _batches(ds, batch_size: int) -> list[torch.Tensor]:
+    """The data set's images stacked into batches, once, before any clock starts."""
+    return [torch.stack([ds[i]["image"] for i in range(s, min(len(ds), s + batch_size))])
+            for s in range(0, len(ds), batch_size)]
+
+
+def _points(model, ds) -> list:
+    return featlab.skip_points(model, input_size=ds[0]["image"].shape[-1])
+
+
+def _hook_points(model, points, fn) -> list:
+    """A plain forward hook ``fn(name, output)`` on every skip point; returns the handles."""
+    modules = dict(model.named_modules())
+    return [modules[p.module].register_forward_hook(
+        lambda m, a, out, name=p.name: fn(name, out)) for p in points]
+
+
 def bare_rate(model, spec, ds, batch_size: int, repeats: int) -> float:
-    batches = [torch.stack([ds[i]["image"] for i in range(s, min(len(ds), s + batch_size))])
-               for s in range(0, len(ds), batch_size)]
+    batches = _batches(ds, batch_size)
     best = 0.0
     with torch.inference_mode():
         for _ in range(repeats):
@@ -104,22 +120,19 @@ def bare_rate(model, spec, ds, batch_size: int, repeats: int) -> float:
 def hooked_rate(model, spec, ds, batch_size: int, bound: bool) -> float:
     """The bare loop with hooks that cast every point into reused float16 buffers (``bound``:
     and take the per-sample amax and amin of the stored copy, as featlab's hooks do)."""
-    points = featlab.skip_points(model, input_size=ds[0]["image"].shape[-1])
-    modules = dict(model.named_modules())
+    points = _points(model, ds)
     buffers = [{p.name: torch.empty((batch_size, p.channels, *p.size), dtype=torch.float16)
                 for p in points} for _ in range(2)]
     current = {}
 
-    def hook(m, a, out, name):
+    def hook(name, out):
         flat = current[name][:len(out)].view(len(out), -1)
         flat.copy_(out.reshape(len(out), -1))
         if bound:
             flat.amax(1), flat.amin(1)
 
-    batches = [torch.stack([ds[i]["image"] for i in range(s, min(len(ds), s + batch_size))])
-               for s in range(0, len(ds), batch_size)]
-    handles = [modules[p.module].register_forward_hook(
-        lambda m, a, out, name=p.name: hook(m, a, out, name)) for p in points]
+    batches = _batches(ds, batch_size)
+    handles = _hook_points(model, points, hook)
     try:
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -149,8 +162,7 @@ def floor_rate(model, spec, ds, batch_size: int, folder: str) -> float:
     import queue
     import threading
 
-    points = featlab.skip_points(model, input_size=ds[0]["image"].shape[-1])
-    modules = dict(model.named_modules())
+    points = _points(model, ds)
     buffers = [{p.name: aligned_empty((batch_size, p.channels, *p.size), torch.float16)
                 for p in points} for _ in range(3)]
     free, todo = queue.LifoQueue(), queue.Queue(maxsize=1)  # slot reuse as featlab's
@@ -158,7 +170,7 @@ def floor_rate(model, spec, ds, batch_size: int, folder: str) -> float:
         free.put(b)
     current = {}
 
-    def hook(m, a, out, name):
+    def hook(name, out):
         current[name][:len(out)].copy_(out)
 
     def write(fd):
@@ -168,8 +180,7 @@ def floor_rate(model, spec, ds, batch_size: int, folder: str) -> float:
                 os.write(fd, t.numpy().data)
             free.put(b)
 
-    handles = [modules[p.module].register_forward_hook(
-        lambda m, a, out, name=p.name: hook(m, a, out, name)) for p in points]
+    handles = _hook_points(model, points, hook)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
     name, flags = _fresh(os.path.join(folder, "floor.bin")), os.O_WRONLY | os.O_CREAT
     try:  # as featlab writes its rows (every buffer here is 4 KiB-aligned in size and address)
@@ -196,12 +207,10 @@ def floor_rate(model, spec, ds, batch_size: int, folder: str) -> float:
 
 def plain_rate(model, spec, ds, batch_size: int, folder: str) -> tuple[float, float, int]:
     path = _fresh(os.path.join(folder, "plain.h5"))
-    points = featlab.skip_points(model, input_size=ds[0]["image"].shape[-1])
-    modules = dict(model.named_modules())
+    points = _points(model, ds)
     t0 = time.perf_counter()
     store = {}
-    handles = [modules[p.module].register_forward_hook(
-        lambda m, a, out, name=p.name: store.__setitem__(name, out.half())) for p in points]
+    handles = _hook_points(model, points, lambda name, out: store.__setitem__(name, out.half()))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
     try:
         with h5py.File(path, "w") as f, torch.inference_mode():
