@@ -34,6 +34,14 @@ Medians of the same-round ratios with 95 % bootstrap intervals.
 The samples are rendered once up front and served from memory, so that all measure the
 model and the cache, not the procedural data generator (its rate is printed separately).
 
+``--device cuda`` runs the default mode on a GPU: the model lives there, the bare forward moves
+each batch from pinned host memory to the device as a ``DataLoader`` with ``pin_memory`` hands
+it over (and waits for the device before its clock stops), featlab and the plain loop run with
+``device="cuda"``, and the floor's hooks copy each point asynchronously into pinned float16
+buffers that its writer takes once the batch's CUDA event has completed. A ``dd``-like
+``O_DIRECT`` write of the same bytes is timed in the same run: there the disk, not the forward,
+is usually the limit.
+
 ``--fresh N`` measures instead the goal's three rates -- **bare**, **featlab extract** and the
 **floor** -- each in a process of its own (a warm-up forward, then one timed run), under both
 allocator settings, for N rounds in rotating order, and prints each ratio's median over the
@@ -43,6 +51,7 @@ default setting only fresh processes compare like with like.
 
     python benchmarks/bench_extract.py [--samples 512] [--batch-size 32] [--repeats 3]
                                        [--compression lzf gzip] [--fresh N] [--parts N]
+                                       [--device cuda]
 
 Run it on a quiet machine (``uptime``: load below 1.5 on this 2-core box).
 """
@@ -105,14 +114,17 @@ def _hook_points(model, points, fn) -> list:
         lambda m, a, out, name=p.name: fn(name, out)) for p in points]
 
 
-def bare_rate(model, spec, ds, batch_size: int, repeats: int) -> float:
-    batches = _batches(ds, batch_size)
+def bare_rate(model, spec, ds, batch_size: int, repeats: int, device: str = "cpu") -> float:
+    cuda = torch.device(device).type == "cuda"
+    batches = [x.pin_memory() if cuda else x for x in _batches(ds, batch_size)]
     best = 0.0
     with torch.inference_mode():
         for _ in range(repeats):
             t0 = time.perf_counter()
             for x in batches:
-                model(spec.normalize(x))
+                model(spec.normalize(x.to(device, non_blocking=True)))
+            if cuda:
+                torch.cuda.synchronize(device)
             best = max(best, len(ds) / (time.perf_counter() - t0))
     return best
 
@@ -146,32 +158,33 @@ def hooked_rate(model, spec, ds, batch_size: int, bound: bool) -> float:
 
 
 def featlab_rate(model, spec, ds, batch_size: int, folder: str, direct: bool = True,
-                 error_stat: str = "bound", compression: str | None = None
-                 ) -> tuple[float, float, int]:
+                 error_stat: str = "bound", compression: str | None = None,
+                 device: str = "cpu") -> tuple[float, float, int]:
     path = _fresh(os.path.join(folder, "featlab.h5"))
     os.environ["FEATLAB_DIRECT_IO"] = "1" if direct else "0"
     t0 = time.perf_counter()
     result = extract(model, ds, "all", path, spec=spec, batch_size=batch_size, dtype="float16",
                      error_stat=error_stat, compression=compression, num_workers=0,
-                     progress=False, force=True)
+                     progress=False, force=True, device=device)
     seconds = time.perf_counter() - t0
     return len(ds) / seconds, result.written * _row_bytes(path) / seconds / 1e6, result.bytes
 
 
-def floor_rate(model, spec, ds, batch_size: int, folder: str) -> float:
+def floor_rate(model, spec, ds, batch_size: int, folder: str, device: str = "cpu") -> float:
     import queue
     import threading
 
+    cuda = torch.device(device).type == "cuda"
     points = _points(model, ds)
-    buffers = [{p.name: aligned_empty((batch_size, p.channels, *p.size), torch.float16)
-                for p in points} for _ in range(3)]
+    buffers = [{p.name: aligned_empty((batch_size, p.channels, *p.size), torch.float16,
+                                      pin=cuda) for p in points} for _ in range(3 + cuda)]
     free, todo = queue.LifoQueue(), queue.Queue(maxsize=1)  # slot reuse as featlab's
     for b in buffers:
         free.put(b)
     current = {}
 
     def hook(name, out):
-        current[name][:len(out)].copy_(out)
+        current[name][:len(out)].copy_(out, non_blocking=cuda)
 
     def write(fd):
         _lower_priority(WRITER_NICE)  # fill the forward's gaps rather than preempt it
@@ -181,7 +194,7 @@ def floor_rate(model, spec, ds, batch_size: int, folder: str) -> float:
             free.put(b)
 
     handles = _hook_points(model, points, hook)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, pin_memory=cuda)
     name, flags = _fresh(os.path.join(folder, "floor.bin")), os.O_WRONLY | os.O_CREAT
     try:  # as featlab writes its rows (every buffer here is 4 KiB-aligned in size and address)
         fd = os.open(name, flags | os.O_DIRECT)
@@ -192,10 +205,22 @@ def floor_rate(model, spec, ds, batch_size: int, folder: str) -> float:
     writer.start()
     try:
         with torch.inference_mode():
+            lagging = None  # on a GPU: handed over once its copies are done, one batch late
             for batch in loader:
                 current = free.get()
-                model(spec.normalize(batch["image"]))
-                todo.put(current)
+                model(spec.normalize(batch["image"].to(device, non_blocking=True)))
+                if not cuda:
+                    todo.put(current)
+                    continue
+                event = torch.cuda.Event()
+                event.record()
+                if lagging is not None:
+                    lagging[1].synchronize()
+                    todo.put(lagging[0])
+                lagging = current, event
+            if lagging is not None:
+                lagging[1].synchronize()
+                todo.put(lagging[0])
     finally:
         todo.put(None)
         writer.join()
@@ -205,13 +230,15 @@ def floor_rate(model, spec, ds, batch_size: int, folder: str) -> float:
     return len(ds) / (time.perf_counter() - t0)
 
 
-def plain_rate(model, spec, ds, batch_size: int, folder: str) -> tuple[float, float, int]:
+def plain_rate(model, spec, ds, batch_size: int, folder: str, device: str = "cpu"
+               ) -> tuple[float, float, int]:
     path = _fresh(os.path.join(folder, "plain.h5"))
     points = _points(model, ds)
     t0 = time.perf_counter()
     store = {}
     handles = _hook_points(model, points, lambda name, out: store.__setitem__(name, out.half()))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0,
+                        pin_memory=torch.device(device).type == "cuda")
     try:
         with h5py.File(path, "w") as f, torch.inference_mode():
             dsets = {p.name: f.create_dataset(f"points/{p.name}", (len(ds), p.channels, *p.size),
@@ -219,7 +246,7 @@ def plain_rate(model, spec, ds, batch_size: int, folder: str) -> tuple[float, fl
             labels = f.create_dataset("labels", (len(ds), *ds[0]["mask"].shape), "u1")
             start = 0
             for batch in loader:
-                model(spec.normalize(batch["image"]))
+                model(spec.normalize(batch["image"].to(device, non_blocking=True)))
                 n = len(batch["image"])
                 for name, out in store.items():
                     dsets[name][start:start + n] = out.cpu().numpy()
@@ -256,7 +283,8 @@ def kept_rates(args: argparse.Namespace) -> dict:
         cmd += ["--dir", args.dir]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    done = subprocess.run(cmd + ["--device", args.device], capture_output=True, text=True,
+                          check=True)
     out = json.loads(done.stdout.splitlines()[-1])
     if not out["kept"]:
         print("  (keep_freed_memory does not apply here, not glibc: the 'memory kept' rows ran "
@@ -279,13 +307,36 @@ def measure_one(args: argparse.Namespace, ds, model, spec) -> None:
 def child(args: argparse.Namespace, ds, model, spec) -> None:
     kept = featlab.keep_freed_memory()
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
-        bare_rate(model, spec, ds, args.batch_size, 1)  # warm-up: the heap reaches its size
-        bare = bare_rate(model, spec, ds, args.batch_size, 1)
-        feat = featlab_rate(model, spec, ds, args.batch_size, folder)
-        exact = featlab_rate(model, spec, ds, args.batch_size, folder, error_stat="exact")
-        floor = floor_rate(model, spec, ds, args.batch_size, folder)
+        dev = args.device
+        bare_rate(model, spec, ds, args.batch_size, 1, dev)  # warm-up: the heap reaches its size
+        bare = bare_rate(model, spec, ds, args.batch_size, 1, dev)
+        feat = featlab_rate(model, spec, ds, args.batch_size, folder, device=dev)
+        exact = featlab_rate(model, spec, ds, args.batch_size, folder, error_stat="exact",
+                             device=dev)
+        floor = floor_rate(model, spec, ds, args.batch_size, folder, dev)
     print(json.dumps({"kept": kept, "bare": bare, "featlab": feat, "exact": exact,
                       "floor": floor}))
+
+
+def disk_rate(folder: str, nbytes: int) -> float:
+    """MB/s of ``nbytes`` written with ``O_DIRECT`` in 64 MiB pieces from one aligned buffer
+    (what ``dd oflag=direct`` measures): the disk's own limit, for the rows above."""
+    piece = aligned_empty((64 * 2**20,), torch.uint8)
+    piece.fill_(1)
+    path, flags = _fresh(os.path.join(folder, "disk.bin")), os.O_WRONLY | os.O_CREAT
+    try:
+        fd = os.open(path, flags | os.O_DIRECT)
+    except (AttributeError, OSError):
+        fd = os.open(path, flags)
+    t0 = time.perf_counter()
+    try:
+        for _ in range(max(1, nbytes // piece.numel())):
+            os.write(fd, piece.numpy().data)
+    finally:
+        os.close(fd)
+    rate = os.path.getsize(path) / (time.perf_counter() - t0) / 1e6
+    os.remove(path)
+    return rate
 
 
 def median_interval(num: list[float], den: list[float]) -> str:
@@ -383,10 +434,15 @@ def main() -> None:
                         help="instead: bare, cast, cast + bound, floor and featlab in one "
                              "process that keeps freed memory, N rounds, medians with 95%% "
                              "intervals")
+    parser.add_argument("--device", default="cpu",
+                        help="where the model runs (default mode only): cpu, cuda, cuda:1...")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=FRESH, help=argparse.SUPPRESS)
     parser.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if (args.fresh or args.parts) and torch.device(args.device).type != "cpu":
+        parser.error(f"--fresh and --parts measure the CPU; got --device {args.device}. Fix: "
+                     "leave --device out, or drop --fresh/--parts.")
     if args.fresh:
         fresh_rounds(args)
         return
@@ -398,6 +454,7 @@ def main() -> None:
     ds = InMemory(raw)
     rendering = len(ds) / (time.perf_counter() - t0)
     model, spec = featlab.get_backbone("resnet18", weights="none")
+    model.to(args.device)
     if args.measure:
         measure_one(args, ds, model, spec)
         return
@@ -407,26 +464,30 @@ def main() -> None:
     if args.child:
         child(args, ds, model, spec)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+    dev = args.device
+    gpu = (f", {torch.cuda.get_device_name(dev)}" if torch.device(dev).type == "cuda" else "")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}, load average "
           f"{os.getloadavg()[0]:.2f}")
     print(f"shapes generation at {args.size} px: {rendering:.0f} images/s (done once, before "
           "the timings)")
-    bare, feat, exact, buffered, floor, plain = [], [], [], [], [], []
+    bare, feat, exact, buffered, floor, plain, disk = [], [], [], [], [], [], []
     packed = {c: [] for c in args.compression}
     kept = {"bare": [], "featlab": [], "exact": [], "floor": []}
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
-        bare_rate(model, spec, ds, args.batch_size, 1)  # warm-up (allocator, oneDNN kernels)
+        bare_rate(model, spec, ds, args.batch_size, 1, dev)  # warm-up (allocator, kernels)
         for _ in range(args.repeats):  # interleaved rounds: each ratio compares neighbours
-            bare.append(bare_rate(model, spec, ds, args.batch_size, 1))
-            feat.append(featlab_rate(model, spec, ds, args.batch_size, folder))
+            bare.append(bare_rate(model, spec, ds, args.batch_size, 1, dev))
+            feat.append(featlab_rate(model, spec, ds, args.batch_size, folder, device=dev))
             exact.append(featlab_rate(model, spec, ds, args.batch_size, folder,
-                                      error_stat="exact"))
-            buffered.append(featlab_rate(model, spec, ds, args.batch_size, folder, direct=False))
-            floor.append(floor_rate(model, spec, ds, args.batch_size, folder))
-            plain.append(plain_rate(model, spec, ds, args.batch_size, folder))
+                                      error_stat="exact", device=dev))
+            buffered.append(featlab_rate(model, spec, ds, args.batch_size, folder, direct=False,
+                                         device=dev))
+            floor.append(floor_rate(model, spec, ds, args.batch_size, folder, dev))
+            plain.append(plain_rate(model, spec, ds, args.batch_size, folder, dev))
+            disk.append(disk_rate(folder, feat[-1][2]))
             for c, runs in packed.items():
                 runs.append(featlab_rate(model, spec, ds, args.batch_size, folder,
-                                         compression=c))
+                                         compression=c, device=dev))
             child_out = kept_rates(args)
             for key, runs in kept.items():
                 runs.append(child_out[key])
@@ -435,10 +496,11 @@ def main() -> None:
                   f"{buffered[-1][0]:.1f}, floor {floor[-1]:.1f}, plain {plain[-1][0]:.1f}; "
                   f"memory kept: bare {kept['bare'][-1]:.1f}, featlab "
                   f"{kept['featlab'][-1][0]:.1f}, exact error "
-                  f"{kept['exact'][-1][0]:.1f}, floor {kept['floor'][-1]:.1f} images/s (load "
-                  f"{os.getloadavg()[0]:.2f})", flush=True)
+                  f"{kept['exact'][-1][0]:.1f}, floor {kept['floor'][-1]:.1f} images/s; disk "
+                  f"{disk[-1]:.0f} MB/s (load {os.getloadavg()[0]:.2f})", flush=True)
     print(f"\nresnet18, {args.size} px, {len(ds)} samples, batch {args.batch_size}, all skip "
-          f"points, float16; best of {args.repeats} rounds, ratios = median over rounds")
+          f"points, float16, on {dev}; best of {args.repeats} rounds, ratios = median over "
+          "rounds")
     print(f"{'variant':<36} {'images/s':>9} {'vs bare':>8} {'vs kept':>8} {'MB/s':>7} "
           f"{'file':>10}")
     rows = [("bare forward", [(b, None, None) for b in bare]), ("featlab extract", feat),
@@ -460,6 +522,8 @@ def main() -> None:
               f"{'' if like is None else f'{like:8.2f}':>8} "
               f"{'' if mbs is None else f'{mbs:7.0f}':>7} "
               f"{'' if size is None else f'{size / 2**20:7.0f} MiB':>10}")
+    print(f"disk, O_DIRECT writes of the same bytes: {statistics.median(disk):.0f} MB/s (median); "
+          f"featlab extract wrote {statistics.median(r[1] for r in feat):.0f} MB/s")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
