@@ -386,8 +386,11 @@ def test_featlab_capture_stays_callable_after_importing_the_module():
 # -- wrapped models -------------------------------------------------------------------------
 def test_data_parallel_is_unwrapped_and_multi_device_refused():
     net, x = ft.TinyCNN(), ft.random_images(1, 16)
-    dp = nn.DataParallel(net, device_ids=[]) if not torch.cuda.is_available() else \
-        nn.DataParallel(net, device_ids=[0])
+    if torch.cuda.is_available():  # DataParallel on one GPU: model and input live there
+        net, x = net.cuda(), x.cuda()
+        dp = nn.DataParallel(net, device_ids=[0])
+    else:
+        dp = nn.DataParallel(net, device_ids=[])
     with torch.no_grad(), capture(dp, ["features.2", "module.features.5"]) as acts:
         dp(x)
     torch.testing.assert_close(acts["features.2"], net.features[:3](x))

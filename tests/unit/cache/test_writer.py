@@ -1,4 +1,6 @@
-"""featlab.extract: what lands in the file, checked against independent computations."""
+"""featlab.extract: what lands in the file, checked against independent computations (on the
+CPU, where the references are computed; ``tests/integration/test_extract_cuda.py`` does the same
+on a GPU)."""
 
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ def test_points_labels_ids_and_images_are_stored_as_computed(tmp_path):
     model = ft.TinyResNet()
     ds = load_dataset("shapes", "val", size=32, length=7)
     result = extract(model, ds, "stages", tmp_path / "c.h5", spec=SPEC, batch_size=3,
-                     save_images=True, num_workers=0, progress=False)
+                     save_images=True, num_workers=0, progress=False, device="cpu")
     names = ["layer1.0", "layer1.1"]
     ref = reference(model, ds, names, batch_size=3)
     with h5py.File(tmp_path / "c.h5", "r") as f:
@@ -129,7 +131,7 @@ def test_exact_error_stat_is_the_largest_rounding_error(tmp_path):
     model = ft.TinyResNet()
     ds = load_dataset("shapes", "val", size=32, length=5)
     extract(model, ds, "stages", tmp_path / "c.h5", spec=SPEC, batch_size=2,
-            error_stat="exact", num_workers=0, progress=False)
+            error_stat="exact", num_workers=0, progress=False, device="cpu")
     names = ["layer1.0", "layer1.1"]
     ref = reference(model, ds, names, batch_size=2)
     with h5py.File(tmp_path / "c.h5", "r") as f:
@@ -147,7 +149,7 @@ def test_area_pooling_to_max_size_float32_and_limit(tmp_path):
     model = ft.TinyResNet()
     ds = arrays(n=9, size=32)
     extract(model, ds, ["conv1", "layer1.1"], tmp_path / "c.h5", spec=SPEC, batch_size=4,
-            dtype="float32", max_size=4, limit=5, num_workers=0, progress=False)
+            dtype="float32", max_size=4, limit=5, num_workers=0, progress=False, device="cpu")
     ref = reference(model, ds, ["conv1", "layer1.1"], batch_size=4)
     with h5py.File(tmp_path / "c.h5", "r") as f:
         conv1 = f["points/conv1"]  # 16x16 -> 4x4: each cell the mean of a 4x4 block
@@ -168,7 +170,8 @@ def test_area_pooling_to_max_size_float32_and_limit(tmp_path):
 def test_max_channels_stores_a_seeded_channel_subset_and_records_it(tmp_path):
     model = ft.TinyResNet()  # conv1: 8 channels, layer1.1: 16
     ds = arrays(n=5, size=32)
-    kwargs = dict(spec=SPEC, batch_size=2, dtype="float32", num_workers=0, progress=False)
+    kwargs = dict(spec=SPEC, batch_size=2, dtype="float32", num_workers=0, progress=False,
+                  device="cpu")
     extract(model, ds, ["conv1", "layer1.1"], tmp_path / "c.h5", max_channels=10,
             channel_seed=3, **kwargs)
     ref = reference(model, ds, ["conv1", "layer1.1"], batch_size=2)

@@ -130,7 +130,7 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, cli_st
     out = tmp_path / "sub" / "c.h5"
     argv = ["extract", "--model", "resnet18", "--data", "shapes", "--input-size", "64",
             "--points", "layer1.1,layer4.1", "--max-size", "8", "--limit", "50", "--out",
-            str(out), "--dry-run"]
+            str(out), "--dry-run", "--device", "cpu"]
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     lines = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
@@ -143,6 +143,9 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, cli_st
     assert cli.main(argv + ["--compression", "lzf"]) == 0  # the copy made at the end counts
     assert "the disk holds up to" in capsys.readouterr().out
     assert "device memory" not in text  # on the CPU the forward is host memory
+    if torch.cuda.is_available():
+        assert cli.main(argv + ["--device", "cuda"]) == 0
+        assert "device memory: about" in capsys.readouterr().out
     assert not out.parent.exists()
     assert cli.main(argv + ["--json"]) == 0
     plan = json.loads(capsys.readouterr().out)

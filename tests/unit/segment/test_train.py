@@ -19,7 +19,8 @@ from featlab.segment.train import HeadResult, HeadSettings, train_head
 
 from .conftest import SPEC, make_caches
 
-FAST = dict(epochs=2, batch_size=8, lr=0.01)
+# on the CPU, where training is deterministic (these tests compare runs bit for bit)
+FAST = dict(epochs=2, batch_size=8, lr=0.01, device="cpu")
 
 
 def matrix(result):
