@@ -5,11 +5,13 @@ The same single-skip head (resnet18 with the ``shapes`` weights, skip ``layer2.1
 trains one epoch on the same images twice in one process: from an activation cache (features
 read from HDF5, no backbone compute; the default of ``featlab train-head``) and from the images
 through a ``FrozenBackbone`` (render, normalize, forward, capture). It prints train images/s of
-both and their ratio, and the one-off extraction rate that the cache path pays up front. Then
-(unless ``--no-sweep``) it extracts train/val caches and times ``featlab.segment.sweep`` over the
+both and their ratio, the cache path again with ``deterministic=True`` (the price of runs that
+repeat bit for bit on a GPU), and the one-off extraction rate that the cache path pays up
+front. Then (unless ``--no-sweep``) it extracts train/val caches and times ``featlab.segment.sweep`` over the
 ``stages`` points with 3 seeds — the experiment of the README — with its table.
 
     python benchmarks/bench_heads.py [--quick] [--size 128] [--images 256] [--no-sweep]
+                                     [--device cuda] [--weights none]
 
 ``--quick``: 64 images, 64 px, and a small sweep (200/100 images, 2 epochs) to check the script.
 Run it with ``OMP_NUM_THREADS=1`` on a shared machine; the figures depend on the load.
@@ -46,8 +48,9 @@ def head_for(cache, points, seed=0):
                    skip_channels=skip.channels)
 
 
-def throughput(tmp: Path, size: int, n: int, batch_size: int) -> None:
-    model, spec = featlab.get_backbone("resnet18", weights="shapes")
+def throughput(tmp: Path, size: int, n: int, batch_size: int, device: str, weights: str
+               ) -> None:
+    model, spec = featlab.get_backbone("resnet18", weights=weights)
     rate = extract(model, spec, "train", n, size, tmp / "t.h5")
     extract(model, spec, "val", 8, size, tmp / "v.h5")
     train, val = featlab.open_cache(tmp / "t.h5"), featlab.open_cache(tmp / "v.h5")
@@ -55,7 +58,7 @@ def throughput(tmp: Path, size: int, n: int, batch_size: int) -> None:
     settings = HeadSettings(skip="layer2.1", epochs=1, batch_size=batch_size)
     frozen = FrozenBackbone(model, points)
     results = {}
-    for kind in ("cache", "images", "cache again"):
+    for kind in ("cache", "images", "cache again", "cache, deterministic"):
         head = head_for(train, points)
         if kind == "images":
             src = ImageSource(featlab.load_dataset("shapes", "train", size=size), train.index,
@@ -65,27 +68,33 @@ def throughput(tmp: Path, size: int, n: int, batch_size: int) -> None:
         else:
             src, vsrc = CacheSource(train, points), CacheSource(val, points)
         head.set_input_stats(CacheSource(train, points).stats())
-        r = fit(head, src, vsrc, settings, tmp / f"run-{kind}", device="cpu", progress=False,
+        r = fit(head, src, vsrc, HeadSettings(**{**settings.to_dict(), "deterministic":
+                                                 kind.endswith("deterministic")}),
+                tmp / f"run-{kind}", device=device, progress=False,
                 backbone=frozen if kind == "images" else None, classes=train.classes)
         results[kind] = r.train_images_per_second
     cache_rate = max(results["cache"], results["cache again"])
-    print(f"resnet18 (shapes weights), {size} px, {n} images, batch {batch_size}, skip layer2.1 "
-          f"(sum), {torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.2f}")
+    print(f"resnet18 ({weights} weights), {size} px, {n} images, batch {batch_size}, skip "
+          f"layer2.1 (sum), on {device}, {torch.get_num_threads()} thread(s), load "
+          f"{os.getloadavg()[0]:.2f}")
     print(f"  train from cache      {cache_rate:8.1f} img/s   (runs: {results['cache']:.1f}, "
           f"{results['cache again']:.1f})")
     print(f"  train from images     {results['images']:8.1f} img/s   (frozen backbone forward "
           "every step)")
     print(f"  ratio cache / images  {cache_rate / results['images']:8.1f}x")
+    det = results["cache, deterministic"]
+    print(f"  cache, deterministic  {det:8.1f} img/s   ({det / cache_rate:.2f}x the cache rate)")
     saved = 1 / results["images"] - 1 / cache_rate  # seconds saved per image and epoch
     even = (1 / rate) / saved if saved > 0 else float("inf")
     print(f"  one-off extraction    {rate:8.1f} img/s   (the cache pays for itself after "
           f"{even:.1f} epochs)")
 
 
-def sweep_time(tmp: Path, size: int, n_train: int, n_val: int, epochs: int | None) -> None:
+def sweep_time(tmp: Path, size: int, n_train: int, n_val: int, epochs: int | None,
+               device: str, weights: str) -> None:
     from featlab.segment.sweep import sweep
 
-    model, spec = featlab.get_backbone("resnet18", weights="shapes")
+    model, spec = featlab.get_backbone("resnet18", weights=weights)
     t0 = time.perf_counter()
     extract(model, spec, "train", n_train, size, tmp / "train.h5")
     extract(model, spec, "val", n_val, size, tmp / "val.h5")
@@ -93,7 +102,7 @@ def sweep_time(tmp: Path, size: int, n_train: int, n_val: int, epochs: int | Non
     kwargs = {"epochs": epochs} if epochs else {}
     t1 = time.perf_counter()
     r = sweep(tmp / "train.h5", tmp / "val.h5", "stages", 3, out=tmp / "sweep", progress=False,
-              **kwargs)
+              device=device, **kwargs)
     t_sweep = time.perf_counter() - t1
     print(f"\nstages sweep, 3 seeds, {len(r.points) + 1} configurations, {n_train}/{n_val} "
           f"images at {size} px, {r.settings['epochs']} epochs, load "
@@ -112,16 +121,19 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--device", default="cpu", help="where the heads train: cpu, cuda, ...")
+    parser.add_argument("--weights", default="shapes",
+                        help="backbone weights (none: where the shapes weights are not made)")
     args = parser.parse_args()
     os.environ.setdefault("FEATLAB_PROGRESS", "0")
     size, n = (64, 64) if args.quick else (args.size, args.images)
     with tempfile.TemporaryDirectory(prefix="featlab-bench-heads-") as tmp:
-        throughput(Path(tmp), size, n, args.batch_size)
+        throughput(Path(tmp), size, n, args.batch_size, args.device, args.weights)
         if not args.no_sweep:
             if args.quick:
-                sweep_time(Path(tmp), 64, 200, 100, 2)
+                sweep_time(Path(tmp), 64, 200, 100, 2, args.device, args.weights)
             else:
-                sweep_time(Path(tmp), 128, 1000, 300, None)
+                sweep_time(Path(tmp), 128, 1000, 300, None, args.device, args.weights)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,26 @@ provenance (R-9.2) and every progress bar obeys the same switch (``--quiet`` set
 Examples:
     >>> import torch
     >>> sorted(run_versions(torch.device("cpu")))[:3]
-    ['cudnn_benchmark', 'cudnn_deterministic', 'featlab']
+    ['cudnn_benchmark', 'cudnn_deterministic', 'deterministic_algorithms']
     >>> progress_enabled(False)
     False
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["run_versions", "progress_enabled"]
+__all__ = ["run_versions", "progress_enabled", "deterministic_algorithms"]
+
+# cuBLAS needs a fixed workspace to give the same sums every time (CUDA >= 10.2); read when
+# the process first uses cuBLAS, so set before any CUDA matrix product
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
 
 
 def run_versions(device: torch.device | str = "cpu") -> dict:
@@ -33,7 +39,8 @@ def run_versions(device: torch.device | str = "cpu") -> dict:
             "torchvision": str(torchvision.__version__), "numpy": np.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
             "cudnn_deterministic": torch.backends.cudnn.deterministic,
-            "cudnn_benchmark": torch.backends.cudnn.benchmark}
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
     device = torch.device(device)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -43,3 +50,28 @@ def run_versions(device: torch.device | str = "cpu") -> dict:
 def progress_enabled(progress: bool) -> bool:
     """Whether to draw a progress bar: asked for, and not switched off by ``FEATLAB_PROGRESS=0``."""
     return progress and os.environ.get("FEATLAB_PROGRESS", "1") != "0"
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """Within the block: ``torch.use_deterministic_algorithms(True)``, cuDNN's deterministic
+    kernels without benchmarking, and ``CUBLAS_WORKSPACE_CONFIG`` set if it is not (it takes
+    effect only if cuBLAS has not run in this process yet: in a notebook, set it before the
+    first CUDA matrix product). Every switch is restored on exit; ``enabled=False`` changes
+    nothing. An operation with no deterministic implementation raises torch's RuntimeError.
+    """
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.deterministic,
+             cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]

@@ -37,8 +37,13 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 def _head_overrides(args: argparse.Namespace) -> dict:
     keys = ("fusion", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "mid_channels")
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    if getattr(args, "finetune", False):
-        out["finetune"] = True
+    for flag in ("finetune", "deterministic"):
+        if getattr(args, flag, False):
+            out[flag] = True
+    if out.get("deterministic"):  # before this process's first CUDA matrix product
+        from featlab.runinfo import CUBLAS_WORKSPACE_CONFIG
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
     return out
 
 
@@ -131,6 +136,8 @@ def _add_head_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mid-channels", type=int, help="concat fusion width (default 64)")
     p.add_argument("--finetune", action="store_true",
                    help="run and train the backbone on the images (default: frozen, from caches)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms: runs on a GPU repeat bit for bit (slower)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda:LOCAL_RANK when available)")
     p.add_argument("--force", action="store_true", help="replace existing runs")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -48,11 +48,35 @@ FUSIONS = ("sum", "concat")
 
 
 def upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize of ``[N, C, h, w]`` to ``size`` (no-op when already that size)."""
+    """Bilinear resize of ``[N, C, h, w]`` to ``size`` (no-op when already that size).
+
+    Under ``torch.use_deterministic_algorithms`` the same weights are applied as two matrix
+    products, whose gradients are deterministic (``interpolate``'s CUDA backward is not, and
+    raises in that mode); the values agree with ``interpolate`` to float rounding.
+    """
     size = tuple(int(s) for s in size)
     if tuple(x.shape[-2:]) == size:
         return x
+    if torch.are_deterministic_algorithms_enabled():
+        rows = _bilinear_weights(x.shape[-2], size[0], x.dtype, x.device)
+        cols = _bilinear_weights(x.shape[-1], size[1], x.dtype, x.device)
+        return rows @ x @ cols.T
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def _bilinear_weights(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device
+                      ) -> torch.Tensor:
+    """``[n_out, n_in]`` weights of ``interpolate(mode="bilinear", align_corners=False)``
+    along one axis: source ``(o + 0.5) * n_in / n_out - 0.5``, clamped at 0, between its two
+    neighbours (the last one repeated at the edge)."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    low = src.floor().long().clamp(max=n_in - 1)
+    high = (low + 1).clamp(max=n_in - 1)
+    frac = src - low
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    w[torch.arange(n_out), low] += 1 - frac
+    w[torch.arange(n_out), high] += frac
+    return w.to(device=device, dtype=dtype)
 
 
 class _Standardize(nn.Module):

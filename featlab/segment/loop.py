@@ -25,7 +25,29 @@ from featlab.segment.metrics import ConfusionMatrix
 
 log = logging.getLogger("featlab")
 
-__all__ = ["Loop", "per_image_confusion"]
+__all__ = ["Loop", "per_image_confusion", "segmentation_loss"]
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255
+                      ) -> torch.Tensor:
+    """Cross-entropy of ``[b, C, H, W]`` logits, mean over the pixels not ``ignore_index``.
+
+    With every pixel ignored it is 0, still connected to the graph (DDP syncs every step).
+    Under ``torch.use_deterministic_algorithms`` it is taken by ``log_softmax`` and ``gather``,
+    whose gradients are deterministic (CUDA's ``NLLLoss`` has no deterministic kernel).
+
+    Examples:
+        >>> logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 0.0]]]])  # 2 classes, 1 x 2 pixels
+        >>> round(segmentation_loss(logits, torch.tensor([[[0, 255]]])).item(), 4)
+        0.1269
+    """
+    keep = labels != ignore_index
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    if torch.are_deterministic_algorithms_enabled():
+        picked = F.log_softmax(logits, 1).gather(1, torch.where(keep, labels, 0)[:, None])
+        return -(picked[:, 0] * keep).sum() / keep.sum()
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index)
 
 
 def per_image_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -110,11 +132,6 @@ class Loop:
         return self.train_images / self.train_seconds if self.train_seconds else 0.0
 
     # ---- steps --------------------------------------------------------------------------------
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if not bool((labels != self.ignore_index).any()):
-            return logits.sum() * 0.0  # every pixel ignored: no signal, but DDP still syncs
-        return F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
-
     def run_epoch(self, epoch: int) -> dict:
         from tqdm.auto import tqdm
 
@@ -127,7 +144,8 @@ class Loop:
         for start in range(0, len(order), self.local_batch):
             inputs, labels = self.train_src.get(order[start:start + self.local_batch],
                                                 self.device)
-            loss = self._loss(self.net(inputs, labels.shape[-2:]), labels)
+            loss = segmentation_loss(self.net(inputs, labels.shape[-2:]), labels,
+                                     self.ignore_index)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

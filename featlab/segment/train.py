@@ -58,6 +58,11 @@ class HeadSettings:
         finetune: train the backbone too (runs it on images); else train from caches.
         backbone_lr: learning-rate multiplier of the backbone when fine-tuning.
         seed: seeds the head's initialisation and the shuffling order.
+        deterministic: run with ``torch.use_deterministic_algorithms`` (and cuDNN's
+            deterministic kernels), so that two runs on a GPU end bit for bit equal, as they
+            do on the CPU anyway. The logits are then upsampled and the loss taken by
+            formulations with deterministic gradients (bilinear weights as two matrix
+            products; cross-entropy by ``gather``), on every device; slower on a GPU.
     """
 
     skip: str | None = None
@@ -73,6 +78,7 @@ class HeadSettings:
     finetune: bool = False
     backbone_lr: float = 0.1
     seed: int = 0
+    deterministic: bool = False
 
     def __post_init__(self):
         bad = [f"{n}={getattr(self, n)!r}" for n in ("epochs", "batch_size", "mid_channels")
@@ -271,7 +277,7 @@ def _existing(folder: Path, settings: HeadSettings, force: bool, reuse: bool,
         return None
     if record is None or not record.get("finished"):
         return None
-    if record["settings"] != settings.to_dict():
+    if not _same_settings(record["settings"], settings):
         raise CheckpointError(f"the finished run in {folder} must have the requested settings "
                               f"to be reused; it has {record['settings']}. Fix: choose another "
                               "--out, or pass --force to replace it.")
@@ -281,6 +287,15 @@ def _existing(folder: Path, settings: HeadSettings, force: bool, reuse: bool,
     raise ConfigError(f"the run folder must not hold a finished run; {folder} has one (val "
                       f"mIoU {record['miou']:.4f}). Fix: pass --force to train again, or "
                       "choose another --out.")
+
+
+def _same_settings(recorded: dict, settings: HeadSettings) -> bool:
+    """Whether a run's recorded settings are ``settings`` (fields added since it was recorded
+    count as their defaults)."""
+    try:
+        return HeadSettings.from_dict(recorded) == settings
+    except ConfigError:  # a field this featlab does not know
+        return False
 
 
 def _optimizer(model: _Joint, settings: HeadSettings):
@@ -304,6 +319,16 @@ def fit(head: SegHead, train_src, val_src, settings: HeadSettings, folder, *, de
         ignore_index: int = 255, identity=({}, {}), info=None) -> HeadResult:
     """The training loop over two sources (see :mod:`featlab.segment.sources`); resumes from
     ``folder/checkpoint.pt`` when one exists with the same settings."""
+    from featlab.runinfo import deterministic_algorithms
+
+    with deterministic_algorithms(settings.deterministic):
+        return _fit(head, train_src, val_src, settings, folder, device=device,
+                    progress=progress, backbone=backbone, classes=classes,
+                    ignore_index=ignore_index, identity=identity, info=info)
+
+
+def _fit(head, train_src, val_src, settings, folder, *, device, progress, backbone, classes,
+         ignore_index, identity, info) -> HeadResult:
     from featlab.runinfo import progress_enabled, run_versions
     from featlab.segment.loop import Loop
 
@@ -326,7 +351,8 @@ def fit(head: SegHead, train_src, val_src, settings: HeadSettings, folder, *, de
     state = runs.load_checkpoint(folder)
     resumed = 0
     if state is not None:
-        if state["settings"] != settings.to_dict() or state["identity"] != list(identity):
+        if not _same_settings(state["settings"], settings) or \
+                state["identity"] != list(identity):
             raise CheckpointError(f"the checkpoint in {folder} must come from the same settings "
                                   f"and caches to resume; it has {state['settings']}. Fix: pass "
                                   "--force to start over, or choose another --out.")

@@ -52,6 +52,10 @@ def test_train_head_writes_a_run_folder_next_to_the_cache_and_refuses_to_overwri
     assert main(args(caches, "--skip", "layer1.0", "--fusion", "concat", "--force",
                      "--json")) == 0
     assert json.loads(capsys.readouterr().out)["miou"] == pytest.approx(record["miou"])
+    assert main(args(caches, "--skip", "layer1.0", "--fusion", "concat", "--deterministic",
+                     "--force", "--json")) == 0
+    det = json.loads(capsys.readouterr().out)
+    assert det["settings"]["deterministic"] and det["versions"]["deterministic_algorithms"]
     assert main(args(caches, "--skip", "layer7")) == 2
     assert "layer1.0" in capsys.readouterr().err  # the message lists the stored points
 
@@ -102,6 +106,6 @@ def test_finetune_rebuilds_backbone_and_images_from_the_cache_records(tmp_path, 
     record = json.loads(capsys.readouterr().out)
     assert record["settings"]["finetune"] and record["metrics"]["matrix"]
     ckpt = torch.load(tmp_path / "heads" / "skip-layer2.1-sum-ft-seed0" / "checkpoint.pt",
-                      weights_only=True)
+                      map_location="cpu", weights_only=True)  # saved from the GPU if there is one
     moved = [k for k, v in model.state_dict().items() if not torch.equal(ckpt["backbone"][k], v)]
     assert "layer1.0.bn1.running_mean" in moved and "conv1.weight" in moved

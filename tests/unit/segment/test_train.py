@@ -153,3 +153,79 @@ def test_sgd_and_a_checkpoint_of_other_settings(caches, tmp_path):
     (out / runs.RUN_JSON).unlink()
     with pytest.raises(CheckpointError, match="same settings"):
         train_head(*caches, out=out, progress=False, **FAST)
+
+
+def test_deterministic_formulations_equal_the_usual_ones():
+    """Under deterministic algorithms the logits are upsampled by two matrix products and the
+    loss taken by gather: the same values and gradients as interpolate and cross_entropy."""
+    import torch.nn.functional as F
+
+    from featlab.segment.heads import upsample
+    from featlab.segment.loop import segmentation_loss
+
+    g = torch.Generator().manual_seed(0)
+    for (h, w), size in [((8, 8), (32, 32)), ((5, 7), (17, 30)), ((16, 16), (9, 5))]:
+        x = torch.randn(2, 4, h, w, generator=g, requires_grad=True)
+        labels = torch.randint(0, 4, (2, *size), generator=g)
+        labels[:, 0] = 255
+        usual = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        usual_loss = F.cross_entropy(usual, labels, ignore_index=255)
+        usual_grad, = torch.autograd.grad(usual_loss, x)
+        torch.use_deterministic_algorithms(True)
+        try:
+            ours = upsample(x, size)
+            loss = segmentation_loss(ours, labels)
+            grad, = torch.autograd.grad(loss, x)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        torch.testing.assert_close(ours, usual, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, usual_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, usual_grad, rtol=1e-4, atol=1e-6)
+    ignored = torch.full((1, 3, 3), 255)
+    assert segmentation_loss(torch.randn(1, 2, 3, 3), ignored).item() == 0.0
+
+
+def test_deterministic_training_is_a_recorded_setting_and_restores_torch(caches, tmp_path):
+    usual = train_head(*caches, skip="layer1.0", out=tmp_path / "a", progress=False, **FAST)
+    det = train_head(*caches, skip="layer1.0", out=tmp_path / "d", progress=False,
+                     deterministic=True, **FAST)
+    assert not torch.are_deterministic_algorithms_enabled()  # switched back on return
+    assert not torch.backends.cudnn.deterministic
+    record = json.loads((tmp_path / "d" / runs.RUN_JSON).read_text())
+    assert record["settings"]["deterministic"] is True
+    assert record["versions"]["deterministic_algorithms"] is True
+    assert record["versions"]["cudnn_deterministic"] is True
+    assert usual.versions["deterministic_algorithms"] is False
+    # the same training, to float rounding
+    np.testing.assert_allclose([h["loss"] for h in det.history],
+                               [h["loss"] for h in usual.history], rtol=1e-4)
+    with pytest.raises(CheckpointError, match="requested settings"):
+        train_head(*caches, skip="layer1.0", out=tmp_path / "d", progress=False, reuse=True,
+                   **FAST)  # a run made otherwise is not reused for it
+    # a run recorded before the setting existed counts as deterministic=False
+    path = tmp_path / "a" / runs.RUN_JSON
+    old = json.loads(path.read_text())
+    del old["settings"]["deterministic"]
+    path.write_text(json.dumps(old))
+    assert train_head(*caches, skip="layer1.0", out=tmp_path / "a", progress=False, reuse=True,
+                      **FAST).miou == usual.miou
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fusion", ["sum", "concat"])
+def test_deterministic_gpu_runs_repeat_bit_for_bit(caches, tmp_path, fusion):
+    kwargs = {**FAST, "skip": "layer1.0", "fusion": fusion, "device": "cuda",
+              "deterministic": True, "progress": False}
+    a = train_head(*caches, out=tmp_path / "a", **kwargs)
+    b = train_head(*caches, out=tmp_path / "b", **kwargs)
+    assert a.device.startswith("cuda") and a.versions["deterministic_algorithms"]
+    np.testing.assert_array_equal(matrix(a), matrix(b))
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    wa = torch.load(tmp_path / "a" / runs.CHECKPOINT, weights_only=True)["head"]
+    wb = torch.load(tmp_path / "b" / runs.CHECKPOINT, weights_only=True)["head"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not torch.are_deterministic_algorithms_enabled()
+    # without the setting a GPU run trains as usual (interpolate and NLLLoss), to the same losses
+    usual = train_head(*caches, out=tmp_path / "u", **{**kwargs, "deterministic": False})
+    np.testing.assert_allclose([h["loss"] for h in usual.history],
+                               [h["loss"] for h in a.history], rtol=1e-2)
