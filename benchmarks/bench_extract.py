@@ -195,11 +195,8 @@ def floor_rate(model, spec, ds, batch_size: int, folder: str, device: str = "cpu
 
     handles = _hook_points(model, points, hook)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, pin_memory=cuda)
-    name, flags = _fresh(os.path.join(folder, "floor.bin")), os.O_WRONLY | os.O_CREAT
-    try:  # as featlab writes its rows (every buffer here is 4 KiB-aligned in size and address)
-        fd = os.open(name, flags | os.O_DIRECT)
-    except (AttributeError, OSError):
-        fd = os.open(name, flags)
+    # as featlab writes its rows (every buffer here is 4 KiB-aligned in size and address)
+    fd = _open_direct(os.path.join(folder, "floor.bin"))
     writer = threading.Thread(target=write, args=(fd,))
     t0 = time.perf_counter()
     writer.start()
@@ -268,6 +265,16 @@ def _fresh(path: str) -> str:
     return path
 
 
+def _open_direct(path: str) -> int:
+    """A new, empty ``path`` opened for writing with ``O_DIRECT`` (plain writes where the OS or
+    file system has none)."""
+    flags = os.O_WRONLY | os.O_CREAT
+    try:
+        return os.open(_fresh(path), flags | os.O_DIRECT)
+    except (AttributeError, OSError):
+        return os.open(path, flags)
+
+
 def _row_bytes(path: str) -> int:
     with h5py.File(path, "r") as f:
         return sum(d[0].nbytes for d in f["points"].values()) + f["labels"][0].nbytes
@@ -323,11 +330,8 @@ def disk_rate(folder: str, nbytes: int) -> float:
     (what ``dd oflag=direct`` measures): the disk's own limit, for the rows above."""
     piece = aligned_empty((64 * 2**20,), torch.uint8)
     piece.fill_(1)
-    path, flags = _fresh(os.path.join(folder, "disk.bin")), os.O_WRONLY | os.O_CREAT
-    try:
-        fd = os.open(path, flags | os.O_DIRECT)
-    except (AttributeError, OSError):
-        fd = os.open(path, flags)
+    path = os.path.join(folder, "disk.bin")
+    fd = _open_direct(path)
     t0 = time.perf_counter()
     try:
         for _ in range(max(1, nbytes // piece.numel())):

@@ -31,6 +31,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -64,11 +65,13 @@ def upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+@functools.lru_cache(maxsize=32)
 def _bilinear_weights(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device
                       ) -> torch.Tensor:
     """``[n_out, n_in]`` weights of ``interpolate(mode="bilinear", align_corners=False)``
     along one axis: source ``(o + 0.5) * n_in / n_out - 0.5``, clamped at 0, between its two
-    neighbours (the last one repeated at the edge)."""
+    neighbours (the last one repeated at the edge). Made once per shape and device, not at
+    every step (read-only: only matrix products use them)."""
     src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
     low = src.floor().long().clamp(max=n_in - 1)
     high = (low + 1).clamp(max=n_in - 1)
