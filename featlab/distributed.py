@@ -20,7 +20,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,7 +29,8 @@ from featlab._records import check_record
 from featlab.errors import ConfigError
 
 __all__ = ["DistInfo", "info_from_env", "init", "is_distributed", "barrier", "all_gather_object",
-           "shard_range", "default_device", "destroy"]
+           "shard_range", "default_device", "resolve_device", "backend_for", "require_own_gpus",
+           "shared_device", "destroy"]
 
 log = logging.getLogger("featlab")
 
@@ -113,14 +115,72 @@ def default_device(info: DistInfo | None = None) -> str:
     return "cpu"
 
 
-def init(backend: str | None = None, *, timeout_s: float = 1800.0) -> DistInfo:
+def resolve_device(device: Any = None, info: DistInfo | None = None, *,
+                   require: bool = True) -> Any:
+    """The ``torch.device`` a process computes on: ``device`` as given (``"cpu"``, ``"cuda"``,
+    ``"cuda:N"``, a ``torch.device``), or :func:`default_device` when None. A bare ``"cuda"``
+    means this rank's GPU, ``cuda:<local rank>``, so that ``torchrun ... --device cuda`` does not
+    put every rank on GPU 0.
+
+    Args:
+        require: refuse CUDA where torch sees none (False: plan a GPU run on a machine without
+            one, as ``--dry-run`` does).
+
+    Raises:
+        ConfigError: not a device name, or CUDA asked for where torch sees none.
+    """
+    import torch
+
+    info = info or info_from_env()
+    if device is None:
+        return torch.device(default_device(info))
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"`device` must be cpu, cuda or cuda:N; got {device!r}.") from err
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        if require:
+            raise ConfigError(f"`device` must be available; got {device!r}, but torch sees no "
+                              "CUDA device. Fix: use --device cpu, or leave it unset.")
+        return dev
+    if dev.index is None:
+        dev = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+    return dev
+
+
+def backend_for(device: Any) -> str:
+    """The process-group backend for a job whose tensors live on ``device``.
+
+    ``gloo`` on the CPU. On a GPU ``"cpu:gloo,cuda:nccl"``: NCCL carries the tensors that live
+    there (DDP's gradients, the confusion matrix), gloo the barriers and object collectives, which
+    then stay in host memory and touch no GPU (so ranks that share a GPU can extract together);
+    plain ``gloo`` where this torch build has no NCCL.
+
+    Examples:
+        >>> backend_for("cpu")
+        'gloo'
+    """
+    import torch
+    import torch.distributed as dist
+
+    if torch.device(device).type != "cuda" or not dist.is_nccl_available():
+        return "gloo"
+    return "cpu:gloo,cuda:nccl"
+
+
+def init(backend: str | None = None, *, device: Any = None, timeout_s: float = 1800.0
+         ) -> DistInfo:
     """Join the process group that ``torchrun``'s environment describes (once per process).
 
     Without ``WORLD_SIZE > 1`` in the environment nothing is started and the single-process
     :class:`DistInfo` is returned. A group already initialised by the caller is used as it is.
 
     Args:
-        backend: ``"gloo"`` or ``"nccl"``; default ``nccl`` when CUDA is available, else ``gloo``.
+        backend: a ``torch.distributed`` backend; default :func:`backend_for` the device.
+        device: the device this process computes on (default :func:`default_device`); a CUDA
+            device becomes the process's current device.
         timeout_s: how long collectives wait for the slowest rank.
 
     Returns:
@@ -144,12 +204,53 @@ def init(backend: str | None = None, *, timeout_s: float = 1800.0) -> DistInfo:
         raise ConfigError(f"a distributed job needs {', '.join(missing)} in the environment; "
                           f"got WORLD_SIZE={info.world_size} without them. Fix: launch with "
                           "`torchrun --nproc_per_node=K -m featlab ...`.")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    device = resolve_device(device, info)
+    backend = backend or backend_for(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     log.debug("joined process group: rank %d of %d (%s)", info.rank, info.world_size, backend)
     return info
+
+
+def require_own_gpus(device: Any) -> None:
+    """Refuse a distributed job in which two ranks compute on the same GPU of one node (NCCL,
+    and so DDP, cannot run two ranks on one device); every rank raises the same error.
+
+    Raises:
+        ConfigError: naming the ranks, the GPU and the fix.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not is_distributed():
+        return
+    shared = shared_device(all_gather_object((socket.gethostname(), device.index)))
+    if shared is not None:
+        (host, index), ranks = shared
+        raise ConfigError(f"each process of a distributed training run must have a GPU of its "
+                          f"own; ranks {ranks[0]} and {ranks[1]} both use cuda:{index} on "
+                          f"{host}. Fix: start at most as many processes per node as it has GPUs "
+                          "(torchrun --nproc_per_node), give each its own --device, or use "
+                          "--device cpu.")
+
+
+def shared_device(places: Sequence[tuple[str, int]]) -> tuple[tuple[str, int], list[int]] | None:
+    """The first ``(host, GPU index)`` that two ranks share, with those ranks; None if none.
+
+    Examples:
+        >>> shared_device([("a", 0), ("a", 1), ("b", 0)]) is None
+        True
+        >>> shared_device([("a", 0), ("a", 1), ("a", 1)])
+        (('a', 1), [1, 2])
+    """
+    seen: dict[tuple[str, int], int] = {}
+    for rank, place in enumerate(places):
+        place = tuple(place)
+        if place in seen:
+            return place, [seen[place], rank]
+        seen[place] = rank
+    return None
 
 
 def barrier() -> None:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from featlab import models
+from featlab.distributed import resolve_device
 from featlab.errors import CheckpointError, ConfigError, UnknownNameError, did_you_mean
 from featlab.runinfo import progress_enabled, run_versions
 
@@ -328,7 +329,7 @@ def _train(name: str, data: str, settings: PretrainSettings, key: str, path: Pat
 
     start = time.perf_counter()
     s = settings
-    dev = _device(device)
+    dev = resolve_device(device)
     train_set = ObjectCrops("train", s, s.steps * s.batch_size, train=True)
     val_x, val_y = _materialize(ObjectCrops("val", s, s.val_images))
     # the normalization that belongs to these weights: statistics of the first training crops
@@ -395,19 +396,6 @@ def _train(name: str, data: str, settings: PretrainSettings, key: str, path: Pat
              "%.0f images/s on %s", path, name, result.accuracy, result.chance, result.prior,
              s.steps, result.seconds, result.images_per_second, dev)
     return result
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"`device` must be cpu, cuda or cuda:N; got {device!r}.") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"`device` must be available; got {device!r} but torch sees no CUDA "
-                          f"device. Fix: pass device='cpu' or leave it unset.")
-    return dev
 
 
 def _worker_init(_: int) -> None:

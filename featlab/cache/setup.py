@@ -85,7 +85,8 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
     root = unwrap_model(model)
     spec = _resolve_spec(model, root, spec)
     ids_all = _check_dataset(dataset)
-    info = fdist.init() if probe else fdist.info_from_env()
+    device = fdist.resolve_device(device, require=probe)
+    info = fdist.init(device=device) if probe else fdist.info_from_env()
     paths = CachePaths.make(path, info.rank, info.world_size)
     if probe:
         check_writable(paths.out)
@@ -99,8 +100,6 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
     input_size = tuple(int(v) for v in first["image"].shape[-2:])
     pts = _resolve_points(root, points, input_size)
     channels = [channel_subset(p.name, p.channels, max_channels, channel_seed) for p in pts]
-    device = torch.device(device) if device is not None else torch.device(
-        fdist.default_device(info))
     if num_workers is None:
         num_workers = min(4, max(0, (os.cpu_count() or 1) // info.local_world_size - 1))
     id_length = max((len(i.encode("utf-8")) for i in stored_ids), default=1)

@@ -103,6 +103,7 @@ class Loop:
             opt, lambda step: max(0.0, 1.0 - step / total) ** settings.poly_power)
         self.net = model
         if fdist.is_distributed():
+            fdist.require_own_gpus(self.device)
             self.net = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.history: list[dict] = []

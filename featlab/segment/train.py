@@ -219,8 +219,8 @@ def train_head(train, val, settings: HeadSettings | None = None, *, out=None, de
     points = [last] + ([settings.skip] if settings.skip else [])
     check_caches(train, val, points)
     folder = Path(out) if out is not None else train.path.parent / "heads" / run_name(settings)
-    info = fdist.init()
-    dev = torch.device(device or fdist.default_device(info))
+    dev = fdist.resolve_device(device)
+    info = fdist.init(device=dev)
     done = _existing(folder, settings, force, reuse, info)
     if done is not None:
         return done
@@ -332,7 +332,8 @@ def _fit(head, train_src, val_src, settings, folder, *, device, progress, backbo
     from featlab.runinfo import progress_enabled, run_versions
     from featlab.segment.loop import Loop
 
-    info = info or fdist.init()
+    device = fdist.resolve_device(device)
+    info = info or fdist.init(device=device)
     folder = Path(folder)
     started = time.perf_counter()
     if settings.finetune and backbone is None:

@@ -1,4 +1,4 @@
-"""The dry-run estimate (pure function and `featlab extract --dry-run`) and the shard layer."""
+"""The dry-run estimate (pure function and `featlab extract --dry-run`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from featlab import cli, distributed
+from featlab import cli
 from featlab.cache.plan import ExtractPlan, channel_subset, plan_extract, stored_size
 from featlab.errors import ConfigError
 from featlab.points import SkipPoint
@@ -151,26 +151,3 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, cli_st
     plan = json.loads(capsys.readouterr().out)
     assert plan["num_samples"] == 50 and plan["free_bytes"] > 0
     assert [p["bytes_per_sample"] for p in plan["points"]] == [64 * 8 * 8 * 2, 512 * 2 * 2 * 2]
-
-
-def test_shard_ranges_are_disjoint_contiguous_and_cover_the_sorted_order():
-    for n in (0, 1, 5, 17, 100):
-        for k in (1, 2, 3, 8):
-            parts = [distributed.shard_range(n, r, k) for r in range(k)]
-            assert [i for p in parts for i in p] == list(range(n))
-            assert max(map(len, parts)) - min(map(len, parts)) <= 1
-    with pytest.raises(ConfigError):
-        distributed.shard_range(10, 2, 2)
-
-
-def test_dist_info_from_torchrun_environment():
-    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
-    info = distributed.info_from_env(env)
-    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (5, 8, 1, 4)
-    assert not info.is_main and distributed.info_from_env({}).is_main
-    assert distributed.DistInfo.from_dict(info.to_dict()) == info
-    with pytest.raises(ConfigError, match="RANK must be an integer"):
-        distributed.info_from_env({"RANK": "x"})
-    with pytest.raises(ConfigError, match="ranks must lie in"):
-        distributed.info_from_env({"RANK": "3", "WORLD_SIZE": "2"})
-    assert distributed.init().world_size == 1 or distributed.is_distributed()

@@ -196,6 +196,23 @@ def test_cli_refuses_an_existing_cache_with_exit_code_2_and_one_line(tmp_path, c
     assert err.startswith("featlab extract: error:") and "--force" in err
 
 
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "`device` must be cpu, cuda or cuda:N; got 'gpu'."),
+    ("cuda", ("`device` must be available; got 'cuda', but torch sees no CUDA device. Fix: use "
+              "--device cpu, or leave it unset.")),
+])
+def test_cli_names_a_device_it_cannot_use_in_one_line(tmp_path, capsys, cli_state, device,
+                                                       message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "c.h5"
+    argv = ["extract", "--model", "resnet18", "--data", "shapes", "--input-size", "32",
+            "--limit", "2", "--out", str(out), "--quiet", "--device", device]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"featlab extract: error: {message}"
+    assert not os.path.exists(out) and not os.path.exists(f"{out}.partial")
+
+
 def test_unwritable_folder_fails_before_any_compute(tmp_path):
     model = ft.TinyCNN()
     calls = []
