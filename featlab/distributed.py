@@ -145,8 +145,13 @@ def resolve_device(device: Any = None, info: DistInfo | None = None, *,
             raise ConfigError(f"`device` must be available; got {device!r}, but torch sees no "
                               "CUDA device. Fix: use --device cpu, or leave it unset.")
         return dev
+    count = torch.cuda.device_count()
     if dev.index is None:
-        dev = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", info.local_rank % count)
+    if require and dev.index >= count:
+        raise ConfigError(f"`device` must be one of this machine's GPUs, cuda:0 .. "
+                          f"cuda:{count - 1}; got {device!r}. Fix: pick one of those, or leave "
+                          "--device unset (each rank takes cuda:<LOCAL_RANK>).")
     return dev
 
 

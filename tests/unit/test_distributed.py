@@ -52,6 +52,9 @@ def test_resolve_device_gives_each_rank_its_own_gpu(two_gpus):
     assert distributed.resolve_device(torch.device("cuda"), third) == torch.device("cuda", 1)
     assert distributed.resolve_device("cuda:0", third) == torch.device("cuda", 0)
     assert distributed.resolve_device("cpu", third) == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"one of this machine's GPUs, cuda:0 \.\. cuda:1; "
+                                          r"got 'cuda:2'"):
+        distributed.resolve_device("cuda:2", third)
 
 
 def test_resolve_device_refuses_what_is_not_there(monkeypatch):
