@@ -268,6 +268,7 @@ def pretrain(model: str = "resnet18", data: str = "shapes", *,
     if seed is not None:
         overrides["seed"] = seed
     settings = _with_overrides(settings or PretrainSettings(), overrides)
+    dev = resolve_device(device)  # a device this machine lacks is refused before anything else
     key = settings_key(model, settings, data)
     path = checkpoint_path(model, settings)
     if path.is_file() and not force:
@@ -279,7 +280,7 @@ def pretrain(model: str = "resnet18", data: str = "shapes", *,
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _train(model, data, settings, key, path, device, progress, workers)
+        return _train(model, data, settings, key, path, dev, progress, workers)
     finally:
         torch.set_num_threads(previous)
 
@@ -321,15 +322,13 @@ def lr_factor(step: int, settings: PretrainSettings) -> float:
 
 
 def _train(name: str, data: str, settings: PretrainSettings, key: str, path: Path,
-           device: str | torch.device | None, progress: bool,
-           workers: int) -> PretrainResult:
+           dev: torch.device, progress: bool, workers: int) -> PretrainResult:
     from tqdm.auto import tqdm
 
     from featlab.data.shapes import CLASSES
 
     start = time.perf_counter()
     s = settings
-    dev = resolve_device(device)
     train_set = ObjectCrops("train", s, s.steps * s.batch_size, train=True)
     val_x, val_y = _materialize(ObjectCrops("val", s, s.val_images))
     # the normalization that belongs to these weights: statistics of the first training crops

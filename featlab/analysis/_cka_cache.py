@@ -90,12 +90,12 @@ def cka_matrix(cache: Any, cache2: Any = None, kind: str = "linear", *, points: 
     from tqdm.auto import tqdm
 
     from featlab.cache.joins import check_same_samples
-    from featlab.distributed import default_device
+    from featlab.distributed import resolve_device
     from featlab.runinfo import progress_enabled
 
     started = time.perf_counter()
     estimator = _check_settings(kind, spatial, estimator, bandwidth)
-    device = device or default_device()
+    device = resolve_device(device)
     a = _open(cache)
     b = None if cache2 is None else _open(cache2)
     if b is not None:

@@ -40,6 +40,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from featlab.analysis._logreg import IGNORE, fit_logreg, linear_logits
 from featlab.analysis._pixels import as_tensor, batches, sample_pixels
+from featlab.distributed import resolve_device
 from featlab.errors import ConfigError
 
 __all__ = ["PixelProbe", "IGNORE_INDEX"]
@@ -155,8 +156,7 @@ class PixelProbe(ClassifierMixin, BaseEstimator):
         """Fit on pixel rows ``Xp``, or on cells ``Xp`` with ``interp`` (see ``fit_logreg``);
         ``stats``: the exact pixel-feature mean and variance when ``Xp`` holds cells; ``grid``:
         ``(shape, label map)`` of a dense sample (the final fit upsamples whole logit maps)."""
-        dev = torch.device(self.device) if self.device is not None else torch.device(
-            _default_device())
+        dev = resolve_device(self.device)
         dt = _DTYPES[self.dtype]
         X = torch.from_numpy(Xp).to(dev, dt)
         if interp is not None:
@@ -339,12 +339,6 @@ class PixelProbe(ClassifierMixin, BaseEstimator):
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-def _default_device() -> str:
-    from featlab.distributed import default_device
-
-    return default_device()
-
-
 def _kind(X: Any, y: Any) -> str:
     xs, ys = tuple(getattr(X, "shape", ())), tuple(getattr(y, "shape", ()))
     if len(xs) == 4 and len(ys) == 3 and xs[0] == ys[0]:

@@ -34,6 +34,7 @@ import torch
 from featlab.analysis._io import write_json_csv
 from featlab.analysis.pixel_probe import PixelProbe
 from featlab._records import check_record
+from featlab.distributed import resolve_device
 from featlab.errors import CacheError
 
 __all__ = ["PixelProbe", "PointScore", "ProbeResult", "probe_points", "write_result",
@@ -230,8 +231,7 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
         log.info("probe %s: mIoU %.4f, pixel accuracy %.4f (alpha %.3g, %d pixels, %.1f s)",
                  name, cm.miou(), cm.pixel_accuracy(), probe.alpha_, probe.n_pixels_,
                  probe.fit_seconds_)
-    dev = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     settings = {k: (list(v) if isinstance(v, tuple) else v)
                 for k, v in params.items() if k in _SETTINGS}
     settings.update(null=null, random=random is not None,

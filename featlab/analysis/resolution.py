@@ -256,7 +256,7 @@ def resolution_table(source: Any, *, input_size: int | tuple[int, int] | None = 
     Returns:
         A :class:`ResolutionResult`; ``rows()`` for tables.
     """
-    from featlab.distributed import default_device
+    from featlab.distributed import resolve_device
 
     started = time.perf_counter()
     cache = None
@@ -302,7 +302,7 @@ def resolution_table(source: Any, *, input_size: int | tuple[int, int] | None = 
             raise ConfigError("the effective receptive field needs the model; got images but no "
                               "model. Fix: pass model=... (the network the points belong to).")
         erf = effective_receptive_fields(model, images, points,
-                                         device=device or default_device(), progress=progress)
+                                         device=resolve_device(device), progress=progress)
     settings = {"modes": list(modes), "erf_images": next(iter(erf.values())).num_images
                 if erf else 0}
     result = ResolutionResult(points, size, ceiling, erf, n_images, num_classes, ignore_index,

@@ -38,6 +38,7 @@ from featlab.analysis._io import write_json_csv
 from featlab.analysis.saliency import (CAM_METHODS, INPUT, METHODS, ClassLogit, ClassRegion,
                                        _name, attribute, resolve_points)
 from featlab._records import check_record
+from featlab.distributed import resolve_device
 from featlab.errors import ConfigError
 
 __all__ = ["energy_in_mask", "dominant_class", "SaliencyResult", "saliency_summary",
@@ -174,7 +175,7 @@ def saliency_summary(model: torch.nn.Module, dataset: Any, points: Any = "stages
         raise ConfigError(f"saliency method must be one of {', '.join(METHODS)}; got "
                           f"{method!r}. Fix: e.g. method='gradcam'.")
     spec = spec if spec is not None else getattr(model, "featlab_spec", None)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = resolve_device(device) if device is not None else next(model.parameters()).device
     model.to(dev)
     size = tuple(dataset[0]["image"].shape[-2:])
     selected = resolve_points(model, points, size)
@@ -221,7 +222,7 @@ def saliency_examples(model: torch.nn.Module, dataset: Any, points: Any = "stage
     ``{"images": [n,3,H,W] in [0,1], "masks": [n,H,W] bool, "classes": [n], "maps":
     {point: [n,H,W] upsampled}}``."""
     spec = spec if spec is not None else getattr(model, "featlab_spec", None)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = resolve_device(device) if device is not None else next(model.parameters()).device
     selected = resolve_points(model, points, tuple(dataset[0]["image"].shape[-2:]))
     for images, labels, x, targets in _batches(model, dataset, spec, count, count, dev):
         maps = attribute(model, x, targets, selected, method=method, relu=relu, seed=seed,

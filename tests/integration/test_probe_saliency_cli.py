@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 import featlab
 import featlab.testing as ft
@@ -109,3 +110,29 @@ def test_saliency_cli_writes_grid_and_summary(tmp_path, capsys):
     assert main(["saliency", "--model", "resnet18", "--weights", "none", "--points", "layerX",
                  "--size", "32", "--out", str(tmp_path / "x"), "-q"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "`device` must be cpu, cuda or cuda:N; got 'gpu'."),
+    ("cuda", ("`device` must be available; got 'cuda', but torch sees no CUDA device. Fix: use "
+              "--device cpu, or leave it unset.")),
+])
+def test_every_command_names_a_device_it_cannot_use_in_one_line(caches, capsys, tmp_path,
+                                                                 device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    train, val = str(caches / "train.h5"), str(caches / "val.h5")
+    out = str(tmp_path / "out")
+    commands = {
+        "probe": ["probe", "--train", train, "--val", val, "--out", out],
+        "analyze": ["analyze", "cka", train, "--out", out],
+        "saliency": ["saliency", "--model", "resnet18", "--weights", "none", "--size", "32",
+                     "--limit", "2", "--out", out],
+        "train-head": ["train-head", "--train", train, "--val", val, "--epochs", "1",
+                       "--out", out],
+        "pretrain": ["pretrain"],  # refused before it looks for a checkpoint
+    }
+    for name, argv in commands.items():
+        assert main([*argv, "--device", device, "-q"]) == 2, name
+        assert capsys.readouterr().err.strip() == f"featlab {name}: error: {message}"
+    assert list(tmp_path.iterdir()) == []
