@@ -220,7 +220,9 @@ def init(backend: str | None = None, *, device: Any = None, timeout_s: float = 1
 
 def require_own_gpus(device: Any) -> None:
     """Refuse a distributed job in which two ranks compute on the same GPU of one node (NCCL,
-    and so DDP, cannot run two ranks on one device); every rank raises the same error.
+    and so DDP, cannot run two ranks on one device); every rank raises the same error. GPUs are
+    told apart by their UUID, so ranks that each see only their own GPU as ``cuda:0``
+    (``CUDA_VISIBLE_DEVICES`` per rank, as some schedulers set it) pass.
 
     Raises:
         ConfigError: naming the ranks, the GPU and the fix.
@@ -230,30 +232,32 @@ def require_own_gpus(device: Any) -> None:
     device = torch.device(device)
     if device.type != "cuda" or not is_distributed():
         return
-    shared = shared_device(all_gather_object((socket.gethostname(), device.index)))
-    if shared is not None:
-        (host, index), ranks = shared
+    index = torch.cuda.current_device() if device.index is None else device.index
+    uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", index))
+    places = all_gather_object((socket.gethostname(), uuid, index))
+    ranks = shared_device([(host, gpu) for host, gpu, _ in places])
+    if ranks is not None:
+        host, _, shown = places[ranks[0]]
         raise ConfigError(f"each process of a distributed training run must have a GPU of its "
-                          f"own; ranks {ranks[0]} and {ranks[1]} both use cuda:{index} on "
+                          f"own; ranks {ranks[0]} and {ranks[1]} both use cuda:{shown} on "
                           f"{host}. Fix: start at most as many processes per node as it has GPUs "
-                          "(torchrun --nproc_per_node), give each its own --device, or use "
-                          "--device cpu.")
+                          "(torchrun --nproc_per_node), or use --device cpu.")
 
 
-def shared_device(places: Sequence[tuple[str, int]]) -> tuple[tuple[str, int], list[int]] | None:
-    """The first ``(host, GPU index)`` that two ranks share, with those ranks; None if none.
+def shared_device(places: Sequence[tuple[str, Any]]) -> tuple[int, int] | None:
+    """The first two ranks whose ``(host, GPU)`` is the same; None if every rank has its own.
 
     Examples:
         >>> shared_device([("a", 0), ("a", 1), ("b", 0)]) is None
         True
         >>> shared_device([("a", 0), ("a", 1), ("a", 1)])
-        (('a', 1), [1, 2])
+        (1, 2)
     """
-    seen: dict[tuple[str, int], int] = {}
+    seen: dict[tuple, int] = {}
     for rank, place in enumerate(places):
         place = tuple(place)
         if place in seen:
-            return place, [seen[place], rank]
+            return seen[place], rank
         seen[place] = rank
     return None
 

@@ -83,11 +83,17 @@ def test_backend_keeps_host_collectives_off_the_gpu(monkeypatch, nccl):
 
 def test_shared_gpus_are_refused_on_every_rank_before_ddp(monkeypatch):
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
-    places = [("node-a", 0), ("node-a", 1), ("node-b", 0), ("node-a", 1)]
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: type("Props", (), {"uuid": f"GPU-{i}"})())
+    places = [("node-a", "GPU-0", 0), ("node-a", "GPU-1", 1), ("node-b", "GPU-0", 0),
+              ("node-a", "GPU-1", 1)]
     monkeypatch.setattr(distributed, "all_gather_object", lambda mine: places)
     with pytest.raises(ConfigError, match=r"ranks 1 and 3 both use cuda:1 on node-a\. Fix: start "
                                           r"at most as many processes per node as it has GPUs"):
         distributed.require_own_gpus("cuda:1")
-    places[3] = ("node-b", 1)  # the same index on another node is another GPU
+    places[3] = ("node-b", "GPU-1", 1)  # the same index on another node is another GPU
     distributed.require_own_gpus("cuda:1")
+    # each rank sees only its own GPU, as cuda:0: told apart by the UUID
+    places[:] = [("node-a", "GPU-aaa", 0), ("node-a", "GPU-bbb", 0)]
+    distributed.require_own_gpus("cuda:0")
     distributed.require_own_gpus("cpu")  # CPU ranks share cores, not devices
