@@ -248,8 +248,11 @@ class CacheReader:
         return CacheArray(self, schema.ABS_ERROR)
 
     def _find(self, name) -> int | None:
+        """Position of a stored point by name, or by an alias recorded with it (``"layer3"``
+        for ``"layer3.1"``: an outer module returning the same tensor)."""
         name = name.name if isinstance(name, SkipPoint) else name
-        return next((i for i, p in enumerate(self._points) if p.name == name), None)
+        return next((i for i, p in enumerate(self._points) if name in (p.name, *p.aliases)),
+                    None)
 
     def _position(self, name) -> int:
         i = self._find(name)

@@ -93,7 +93,8 @@ SHARD_ATTRS = {
 
 # attributes of each /points/<name> dataset
 POINT_ATTRS = {
-    "skip_point": "JSON SkipPoint record (size = the network's output size)",
+    "skip_point": "JSON SkipPoint record (size = the network's output size; aliases: outer "
+                  "modules returning the same tensor, which the reader accepts as its name)",
     "stored_size": "JSON [h, w] stored after pooling",
     "pooling": "'none' or 'area' (adaptive average pooling to stored_size)",
 }

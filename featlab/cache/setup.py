@@ -124,7 +124,8 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
         points=tuple(h5file.PointLayout(
             pp.name, (pp.stored_channels, *pp.stored_size),
             min(pp.chunk_rows, max(1, len(shard))),
-            {"skip_point": _json({**p.to_dict(), "rf_status": p.rf_status}),
+            {"skip_point": _json({**p.to_dict(), "rf_status": p.rf_status,
+                                  **({"aliases": list(p.aliases)} if p.aliases else {})}),
              "stored_size": _json(list(pp.stored_size)), "pooling": pp.pooling,
              **({} if kept is None else {"channels": _json(list(kept))})})
             for p, pp, kept in zip(pts, plan.points, channels)),

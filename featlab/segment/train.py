@@ -211,8 +211,8 @@ def train_head(train, val, settings: HeadSettings | None = None, *, out=None, de
     settings = dataclasses.replace(settings or HeadSettings(), **overrides)
     train, val = _open(train), _open(val)
     last = train.point_names[-1]
-    if settings.skip is not None:
-        train.point(settings.skip)  # PointNotInCacheError with suggestions
+    if settings.skip is not None:  # PointNotInCacheError with suggestions; an alias -> its name
+        settings = dataclasses.replace(settings, skip=train.point(settings.skip).name)
     if settings.skip == last:
         raise ConfigError(f"--skip must name a point before the last one ({last!r}); got "
                           f"{settings.skip!r}. Fix: omit --skip for the baseline.")

@@ -126,6 +126,24 @@ def test_points_labels_ids_and_images_are_stored_as_computed(tmp_path):
     assert not (tmp_path / "c.h5.partial").exists()
 
 
+def test_an_outer_module_reads_as_the_point_it_returns(tmp_path):
+    model = ft.TinyResNet()
+    ds = load_dataset("shapes", "val", size=32, length=3)
+    extract(model, ds, "stages", tmp_path / "c.h5", spec=SPEC, num_workers=0, progress=False,
+            device="cpu")
+    with h5py.File(tmp_path / "c.h5", "r") as f:  # recorded for plain h5py readers too
+        assert json.loads(f["points/layer1.1"].attrs["skip_point"])["aliases"] == ["layer1"]
+        assert "aliases" not in json.loads(f["points/layer1.0"].attrs["skip_point"])
+    with featlab.open_cache(tmp_path / "c.h5") as cache:
+        assert "layer1" in cache and cache.point("layer1").name == "layer1.1"
+        np.testing.assert_array_equal(cache["layer1"][:2], cache["layer1.1"][:2])
+        assert cache.select("layer1") == ["layer1.1"]
+        # layer1's output is the same tensor as its last block's: what capture gives for it
+        with torch.inference_mode(), featlab.capture(model, ["layer1"]) as acts:
+            model(SPEC.normalize(torch.stack([ds[i]["image"] for i in range(2)])))
+        np.testing.assert_array_equal(cache["layer1"][:2], acts["layer1"].half().numpy())
+
+
 def test_exact_error_stat_is_the_largest_rounding_error(tmp_path):
     torch.set_num_threads(2)
     model = ft.TinyResNet()
