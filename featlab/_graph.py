@@ -190,7 +190,8 @@ def _measure(run: _Runner, size: tuple[int, int], stop: fx.Node | None) -> dict:
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if works(mid) else (mid, hi)
-    raise InputSizeError(
+    error = InputSizeError(
         f"`input_size` must be at least {hi} px per side for {name}; got {size[0]}x{size[1]} "
-        f"({str(failure).splitlines()[0][:160]}). Fix: pass input_size={hi} or larger."
-    ) from failure
+        f"({str(failure).splitlines()[0][:160]}). Fix: pass input_size={hi} or larger.")
+    error.minimum = hi
+    raise error from failure

@@ -34,7 +34,10 @@ class DatasetFormatError(ConfigError):
 
 
 class InputSizeError(FeatlabError, ValueError):
-    """The input is too small (or malformed) for the network."""
+    """The input is too small (or malformed) for the network (``minimum``: the smallest side
+    that works, where it was measured)."""
+
+    minimum: int | None = None
 
 
 class CheckpointError(FeatlabError, ValueError):

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from featlab import models
 from featlab.distributed import resolve_device
-from featlab.errors import CheckpointError, ConfigError, UnknownNameError, did_you_mean
+from featlab.errors import (CheckpointError, ConfigError, InputSizeError, UnknownNameError,
+                            did_you_mean)
 from featlab.runinfo import progress_enabled, run_versions
 
 log = logging.getLogger("featlab")
@@ -336,6 +337,7 @@ def _train(name: str, data: str, settings: PretrainSettings, key: str, path: Pat
     mean = tuple(round(float(v), 4) for v in stats.mean((0, 2, 3)))
     std = tuple(round(float(v), 4) for v in stats.std((0, 2, 3)))
     net, _ = models.get_backbone(name, "none", seed=s.seed, num_classes=len(CLASSES))
+    _check_image_size(net, name, s.image_size)
     spec = models.BackboneSpec(name, f"shapes:{key}", mean, std, s.scene_size, len(CLASSES),
                                None, s.seed)
     net = net.to(dev, memory_format=torch.channels_last).train()
@@ -395,6 +397,19 @@ def _train(name: str, data: str, settings: PretrainSettings, key: str, path: Pat
              "%.0f images/s on %s", path, name, result.accuracy, result.chance, result.prior,
              s.steps, result.seconds, result.images_per_second, dev)
     return result
+
+
+def _check_image_size(net: torch.nn.Module, name: str, size: int) -> None:
+    """Refuse crops too small for the network before any training (a measured minimum)."""
+    from featlab.points import skip_points
+
+    try:
+        skip_points(net, input_size=size)
+    except InputSizeError as err:
+        smallest = err.minimum or size
+        raise InputSizeError(f"`image_size` of pretrain must be at least {smallest} px for "
+                             f"{name}; got {size}. Fix: --image-size {smallest} or larger.") \
+            from None
 
 
 def _worker_init(_: int) -> None:

@@ -11,7 +11,7 @@ import torch
 
 import featlab
 from featlab import models, pretrain
-from featlab.errors import ConfigError, UnknownNameError
+from featlab.errors import ConfigError, InputSizeError, UnknownNameError
 
 TINY = dict(steps=8, batch_size=8, image_size=32, val_images=32, eval_every=4, warmup_steps=2)
 
@@ -148,3 +148,11 @@ def test_bad_arguments_get_typed_errors(cache):
     with pytest.raises(ConfigError, match="momentum"):
         pretrain.PretrainSettings.from_dict({**pretrain.PretrainSettings().to_dict(),
                                              "momentum": 0.9})
+
+
+def test_crops_too_small_for_the_network_are_refused_before_training(cache):
+    with pytest.raises(InputSizeError, match=r"`image_size` of pretrain must be at least 32 px "
+                                             r"for vgg16; got 16\. Fix: --image-size 32"):
+        pretrain.pretrain("vgg16", image_size=16, steps=2, batch_size=2, val_images=4,
+                          progress=False, num_workers=0)
+    assert not list(cache.glob("**/*.pt"))
