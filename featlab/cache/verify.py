@@ -323,8 +323,8 @@ class _Verifier:
             first = int(np.flatnonzero(self.flags != 1)[0])
             self.add("completeness", f"a cache marked complete must have every sample flagged "
                                      f"written; {self.written} of {n} are, first missing "
-                                     f"{self.sample(first)}. Fix: re-run the extract command "
-                                     f"to resume (it rewrites unflagged samples), or re-extract.")
+                                     f"{self.sample(first)}. Fix: re-extract with --force (a "
+                                     f"cache marked complete is never resumed).")
         if complete and partial:
             final = self.path.name[:-len(schema.PARTIAL_SUFFIX)]
             self.add("completeness", f"a finished cache must not keep the "
@@ -334,7 +334,8 @@ class _Verifier:
         if not complete and not partial:
             self.add("completeness", f"a cache under its final name must be marked complete; "
                                      f"{self.path.name} has complete=False ({self.written} of "
-                                     f"{n} written). Fix: re-run the extract command to finish.")
+                                     f"{n} written; the writer never leaves one so). Fix: "
+                                     f"re-extract with --force.")
         if not complete and partial:
             self.notes.append(f"in progress: {self.written} of {n} samples written; values are "
                               "checked for those only.")

@@ -9,14 +9,17 @@ featlab raises on purpose (``FeatlabError``) become one line on stderr and exit 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+import signal
 import sys
+import warnings
 from collections.abc import Sequence
 
 from featlab import __version__
 from featlab.cli import analyses, backbones, caches, demo, heads
-from featlab.errors import FeatlabError
+from featlab.errors import FeatlabError, FeatlabWarning
 
 log = logging.getLogger("featlab")
 
@@ -51,7 +54,13 @@ def run() -> None:
     """The ``featlab`` console script and ``python -m featlab``: :func:`main` in a process of its
     own, which keeps freed memory for reuse (:mod:`featlab.allocator`) unless
     ``FEATLAB_KEEP_MEMORY=0``."""
-    raise SystemExit(main(own_process=True))
+    try:
+        code = main(own_process=True)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`featlab points resnet50 | head -1`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        code = 128 + signal.SIGPIPE  # what a shell reports for a process killed by SIGPIPE
+    raise SystemExit(code)
 
 
 def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int:
@@ -65,7 +74,9 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
 
         args.keeps_freed_memory = keep_freed_memory()
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # one line per warning, like errors; restored after
+            warnings.showwarning = functools.partial(_show_warning, args.command)
+            return args.func(args)
     except FeatlabError as err:
         print(f"featlab {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
@@ -80,3 +91,10 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
+
+
+def _show_warning(command: str, message, category, filename, lineno, file=None, line=None
+                  ) -> None:
+    """A warning as the CLI prints it: one line naming the command, not Python's source line."""
+    kind = "" if issubclass(category, FeatlabWarning) else f" ({category.__name__})"
+    print(f"featlab {command}: warning: {_one_line(message)}{kind}", file=file or sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import h5py
@@ -25,15 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def cli_state(monkeypatch):
-    log = logging.getLogger("featlab")
-    saved = (list(log.handlers), log.level, log.propagate)
-    monkeypatch.setenv("FEATLAB_PROGRESS", os.environ.get("FEATLAB_PROGRESS", "1"))
-    yield
-    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
 
 
 def test_cli_extracts_a_miniature_voc_tree(tmp_path, capsys, cli_state):

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from featlab import cli
 from featlab.cache import schema
 from featlab.cache.verify import VerifyReport, verify
 from featlab.errors import CacheError
@@ -83,10 +84,11 @@ CORRUPTIONS = {
     "wrong shape": (_wrong_channels, "shape", ["/points/layer1.1 must be 12x16x4x4",
                                                "12x15x4x4"]),
     "missing attr": (lambda f: f.attrs.__delitem__("versions"), "metadata", ["['versions']"]),
-    "flag vs complete": (_flag(4, 0), "completeness", ["11 of 12", "'val/s0/000004'"]),
+    "flag vs complete": (_flag(4, 0), "completeness", ["11 of 12", "'val/s0/000004'",
+                                                         "re-extract with --force"]),
     "odd flag": (_flag(2, 3), "completeness completeness", ["0 or 1", "'val/s0/000002' = 3"]),
     "complete=False under final name": (_set_attr("complete", False), "completeness",
-                                        ["complete=False"]),
+                                        ["complete=False", "re-extract with --force"]),
     "ids sha256": (_set_attr("ids_sha256", "0" * 64), "metadata", ["recomputed"]),
     # /stats/* columns then disagree with point_names too
     "point_names vs /points": (_set_attr("point_names", json.dumps(["conv1", "layer1.1"])),
@@ -137,6 +139,20 @@ def test_missing_shard_is_a_problem(distributed_cache):
     (distributed_cache.path.parent / "val.h5.shards" / "rank-0-of-2.h5").unlink()
     report = verify(distributed_cache.path, progress=False)
     assert "files" in _checks(report) and "rank-0-of-2.h5" in report.text()
+
+
+@pytest.mark.filterwarnings("default::featlab.errors.FeatlabWarning")
+def test_cli_warns_of_a_damaged_cache_in_one_line(make_cache, capsys, cli_state):
+    exp = make_cache()
+    with h5py.File(exp.path, "r+") as f:
+        f["written"][4] = 0
+    assert cli.main(["inspect", str(exp.path)]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == (f"featlab inspect: warning: {exp.path} is marked complete but only 11 of 12 "
+                   f"samples are flagged written; reading those. Fix: run `featlab verify "
+                   f"{exp.path}`.")
+    assert cli.main(["verify", str(exp.path), "-q"]) == 1
+    assert "Fix: re-extract with --force" in capsys.readouterr().out
 
 
 def test_not_a_cache_raises_for_exit_code_2(tmp_path):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 
 import pytest
 import torch
@@ -98,15 +96,6 @@ def test_stored_size_keeps_the_aspect_and_never_grows():
     assert stored_size((33, 33), None) == (33, 33)
     with pytest.raises(ConfigError, match="`max_size` must be a positive int"):
         plan_extract(POINTS, 10, 224, max_size=-1)
-
-
-@pytest.fixture
-def cli_state(monkeypatch):
-    log = logging.getLogger("featlab")
-    saved = (list(log.handlers), log.level, log.propagate)
-    monkeypatch.setenv("FEATLAB_PROGRESS", os.environ.get("FEATLAB_PROGRESS", "1"))
-    yield
-    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
 
 
 def test_cli_dry_run_plans_a_gpu_run_without_a_gpu(tmp_path, capsys, cli_state):

@@ -171,18 +171,6 @@ def test_a_complete_cache_is_never_overwritten_without_force(tmp_path, capsys):
     assert result.written == 4 and len(result.points) > 2
 
 
-@pytest.fixture
-def cli_state(monkeypatch):
-    """cli.main configures the "featlab" logger and FEATLAB_PROGRESS: undo that afterwards."""
-    import logging
-
-    log = logging.getLogger("featlab")
-    saved = (list(log.handlers), log.level, log.propagate)
-    monkeypatch.setenv("FEATLAB_PROGRESS", os.environ.get("FEATLAB_PROGRESS", "1"))
-    yield
-    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
-
-
 def test_cli_refuses_an_existing_cache_with_exit_code_2_and_one_line(tmp_path, capsys,
                                                                       cli_state):
     out = tmp_path / "c.h5"
