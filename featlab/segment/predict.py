@@ -7,7 +7,8 @@
 :mod:`featlab.analysis.similarity`) and ``probe_miou`` (a per-pixel linear probe,
 :mod:`featlab.analysis.probe`). A property whose module is missing or fails is left out with a
 logged note, so a sweep never loses its result to an analysis. :func:`predictors` reports the
-Spearman correlation of each property with the gain across points.
+Spearman correlation of each property with the gain across points, with an exact permutation
+p-value for up to :data:`EXACT_MAX_POINTS` points (a sweep usually has 4).
 
 Examples:
     >>> class R:  # a stand-in for a SweepResult
@@ -15,10 +16,14 @@ Examples:
     >>> rows = predictors(R(), {"stride": {"a": 2, "b": 8, "c": 4}})
     >>> rows[0]["property"], rows[0]["spearman_rho"], rows[0]["n_points"]
     ('stride', 1.0, 3)
+    >>> rows[0]["p_value"], rows[0]["p_method"]  # 2 of the 3! orderings reach |rho| = 1
+    (0.3333, 'exact')
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import math
 import warnings
@@ -26,11 +31,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from featlab.errors import ConfigError
+
 log = logging.getLogger("featlab")
 
-__all__ = ["property_table", "predictors", "PROPERTIES"]
+__all__ = ["property_table", "predictors", "spearman_exact_p", "PROPERTIES", "EXACT_MAX_POINTS"]
 
 PROPERTIES = ("stride", "rf_size", "channels", "resolution_ceiling", "cka_to_last", "probe_miou")
+
+#: Up to this many points :func:`predictors` enumerates all n! orderings for the p-value
+#: (9! = 362,880 takes ~0.2 s); above it, the asymptotic t-approximation of ``spearmanr``.
+EXACT_MAX_POINTS = 9
 
 
 def property_table(train_cache, val_cache, points: str | Sequence[str] | None = None, *,
@@ -106,13 +117,22 @@ def _probe(train, val, names: list[str], seed: int) -> dict[str, float]:
 def predictors(sweep_result, properties: dict[str, dict[str, float]]) -> list[dict]:
     """Spearman correlation of each property with the mean gain, across points.
 
+    ``spearman_rho`` is Pearson's correlation of the average ranks (ties share their mean
+    rank), as :func:`scipy.stats.spearmanr`. The two-sided ``p_value`` is, for up to
+    :data:`EXACT_MAX_POINTS` points, exact (:func:`spearman_exact_p`: the fraction of all n!
+    pairings of the ranks whose |rho| is at least the observed one, ties included; with 4
+    points and rho = 1 that is 2/24 = 0.0833, where the t-approximation says 0.0); for more
+    points it is the asymptotic t-approximation of :func:`scipy.stats.spearmanr`.
+
     Args:
         sweep_result: a :class:`~featlab.segment.sweep.SweepResult` (anything with ``gains()``).
         properties: ``{property: {point: value}}`` (:func:`property_table`).
 
     Returns:
         One dict per property: ``property``, ``spearman_rho``, ``p_value`` (None when fewer
-        than 3 points or a constant property), ``n_points``, ``values`` (the joined points).
+        than 3 points or a constant property; 4 significant digits), ``p_method`` (how
+        ``p_value`` was obtained: ``"exact"`` or ``"asymptotic"``; None with ``p_value``),
+        ``n_points``, ``values`` (the joined points).
     """
     from scipy import stats
 
@@ -122,15 +142,59 @@ def predictors(sweep_result, properties: dict[str, dict[str, float]]) -> list[di
         common = [p for p in gains if p in values]
         x = [values[p] for p in common]
         y = [gains[p] for p in common]
-        rho = p_value = None
+        rho = p_value = p_method = None
         if len(common) >= 3 and len(set(x)) > 1 and len(set(y)) > 1:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 res = stats.spearmanr(x, y)
             rho, p_value = float(res.statistic), float(res.pvalue)
+            p_method = "asymptotic"
+            if len(common) <= EXACT_MAX_POINTS:
+                p_value, p_method = spearman_exact_p(x, y), "exact"
             rho = None if math.isnan(rho) else round(rho, 4)
-            p_value = None if math.isnan(p_value) else round(p_value, 4)
+            if math.isnan(p_value):
+                p_value = p_method = None
+            else:  # 4 significant digits: an exact p can be as small as 2 / 9! = 5.5e-06
+                p_value = float(f"{p_value:.4g}")
         rows.append({"property": name, "spearman_rho": rho, "p_value": p_value,
-                     "n_points": len(common),
+                     "p_method": p_method, "n_points": len(common),
                      "values": {p: round(values[p], 4) for p in common}})
     return rows
+
+
+def spearman_exact_p(x: Sequence[float], y: Sequence[float]) -> float:
+    """Exact two-sided permutation p-value of Spearman's rho between ``x`` and ``y``.
+
+    The fraction of all n! pairings of ``y``'s average ranks with ``x``'s whose |rho| is at
+    least the observed |rho| (the observed pairing counts). Ties are handled by the average
+    ranks. Twice the average ranks, centred, are integers, so the comparison is exact.
+    Deterministic; enumerates n! orderings, so meant for n <= :data:`EXACT_MAX_POINTS`.
+
+    Examples:
+        >>> round(spearman_exact_p([1, 2, 3, 4], [10, 20, 30, 40]), 4)  # 2 of 24 orderings
+        0.0833
+        >>> round(spearman_exact_p([1, 2, 3, 4], [10, 30, 20, 40]), 4)  # rho = 0.8: 8 of 24
+        0.3333
+    """
+    from scipy.stats import rankdata
+
+    n = len(x)
+    if n != len(y) or n < 2:
+        raise ConfigError(f"spearman_exact_p needs two samples of one length >= 2; got "
+                          f"lengths {len(x)} and {len(y)}. Fix: pass paired values.")
+    a = np.rint(2 * rankdata(x) - (n + 1)).astype(np.int64)  # 2 * (rank - mean rank)
+    b = np.rint(2 * rankdata(y) - (n + 1)).astype(np.int64)
+    if not a.any() or not b.any():
+        return math.nan  # a constant sample: rho is undefined
+    observed = abs(int(a @ b))
+    null = np.abs(b[_permutations(n)] @ a)
+    return float(np.count_nonzero(null >= observed)) / len(null)
+
+
+@functools.lru_cache(maxsize=2)
+def _permutations(n: int) -> np.ndarray:
+    """All n! orderings of ``range(n)``, one per row (read-only; cached)."""
+    perms = np.fromiter(itertools.chain.from_iterable(itertools.permutations(range(n))),
+                        dtype=np.int8 if n < 128 else np.int64).reshape(-1, n)
+    perms.flags.writeable = False
+    return perms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import numpy as np
@@ -10,7 +11,8 @@ from scipy import stats
 
 from featlab.segment import runs
 from featlab.segment.metrics import ConfusionMatrix
-from featlab.segment.predict import predictors, property_table
+from featlab.segment.predict import (EXACT_MAX_POINTS, predictors, property_table,
+                                     spearman_exact_p)
 from featlab.segment.sweep import (SweepResult, _miou, bootstrap_gain, gain_stats, sweep,
                                    write_sweep)
 
@@ -105,7 +107,73 @@ def test_predictors_are_spearman_correlations_over_points():
     props = {"stride": {"a": 2, "b": 16, "c": 4, "d": 8}, "flat": {p: 1.0 for p in "abcd"},
              "two": {"a": 1.0, "b": 2.0}}
     rows = {r["property"]: r for r in predictors(R(), props)}
-    rho, p = stats.spearmanr([2, 16, 4, 8], [0.01, 0.04, 0.02, 0.03])
+    rho, _ = stats.spearmanr([2, 16, 4, 8], [0.01, 0.04, 0.02, 0.03])
     assert rows["stride"]["spearman_rho"] == pytest.approx(rho) == 1.0
-    assert rows["stride"]["p_value"] == pytest.approx(p, abs=1e-4)
+    # 4 points: exact, 2 of the 4! orderings reach |rho| = 1 (the t-approximation says 0.0)
+    assert rows["stride"]["p_value"] == pytest.approx(2 / 24, abs=1e-4)
+    assert rows["stride"]["p_method"] == "exact"
     assert rows["flat"]["spearman_rho"] is None and rows["two"]["n_points"] == 2
+    assert rows["flat"]["p_value"] is None and rows["flat"]["p_method"] is None
+    assert rows["two"]["p_value"] is None and rows["two"]["p_method"] is None
+
+
+def _brute_force_spearman_p(x, y):
+    """Two-sided permutation p of Spearman's rho, enumerating all n! orderings of y."""
+    def avg_ranks(v):  # 1-based ranks, ties get the mean of the ranks they span
+        v = np.asarray(v, dtype=float)
+        return np.array([(v < t).sum() + ((v == t).sum() + 1) / 2 for t in v])
+
+    rx, ry = avg_ranks(x), avg_ranks(y)
+    observed = abs(np.corrcoef(rx, ry)[0, 1])
+    perms = list(itertools.permutations(range(len(y))))
+    hits = sum(abs(np.corrcoef(rx, ry[list(p)])[0, 1]) >= observed - 1e-12 for p in perms)
+    return hits / len(perms)
+
+
+class _Gains:
+    def __init__(self, gains):
+        self._gains = gains
+
+    def gains(self):
+        return self._gains
+
+
+@pytest.mark.parametrize("x, y, expected", [
+    ([2, 16, 4, 8], [0.01, 0.04, 0.02, 0.03], 2 / 24),          # rho = 1
+    ([2, 4, 8, 16], [0.01, 0.03, 0.02, 0.04], 8 / 24),          # rho = 0.8
+    ([16, 8, 4, 2], [0.01, 0.03, 0.02, 0.04], 8 / 24),          # rho = -0.8
+    ([64, 64, 128, 256], [0.01, 0.02, 0.03, 0.04], 4 / 24),     # tie in x: rho = 0.9487
+    # ties in both, rho = 31/38 = 0.8158; the null is skewed (4 orderings reach -36/38, only 4
+    # reach +31/38 or more), so 2 * min(one-sided p) would say 16/120, not 12/120
+    ([1, 2, 2, 3, 5], [0.1, 0.1, 0.2, 0.4, 0.3], 12 / 120),
+    ([3, 1, 4, 1, 5, 9], [0.2, 0.7, 0.1, 0.8, 0.2, 0.8], 584 / 720),  # ties, rho = -0.1343
+])
+def test_predictors_p_value_is_the_exact_permutation_p(x, y, expected):
+    points = [f"p{i}" for i in range(len(x))]
+    (row,) = predictors(_Gains(dict(zip(points, y))), {"prop": dict(zip(points, x))})
+    brute = _brute_force_spearman_p(x, y)
+    assert brute == pytest.approx(expected, abs=1e-12)
+    assert row["p_method"] == "exact" and row["n_points"] == len(x)
+    assert row["p_value"] == pytest.approx(brute, rel=1e-3)
+    assert row["spearman_rho"] == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-4)
+    assert spearman_exact_p(x, y) == pytest.approx(brute, abs=1e-12)
+
+
+def test_predictors_p_value_is_exact_up_to_9_points_then_asymptotic():
+    assert EXACT_MAX_POINTS == 9
+    rng = np.random.default_rng(0)
+    for n, method in ((9, "exact"), (10, "asymptotic"), (12, "asymptotic")):
+        x = rng.permutation(n).astype(float)
+        y = x + rng.normal(0, 3, n)
+        points = [f"p{i}" for i in range(n)]
+        (row,) = predictors(_Gains(dict(zip(points, y))), {"prop": dict(zip(points, x))})
+        res = stats.spearmanr(x, y)
+        assert row["p_method"] == method and row["n_points"] == n
+        assert row["spearman_rho"] == pytest.approx(res.statistic, abs=1e-4)
+        if method == "asymptotic":
+            assert row["p_value"] == pytest.approx(res.pvalue, rel=1e-3)
+    # 9 points, rho = 1: exactly 2 of 9! orderings, kept to 4 significant digits (not 0.0)
+    points = [f"p{i}" for i in range(9)]
+    (row,) = predictors(_Gains({p: float(i) for i, p in enumerate(points)}),
+                        {"prop": {p: 2.0 ** i for i, p in enumerate(points)}})
+    assert row["p_method"] == "exact" and row["p_value"] == pytest.approx(2 / 362880, rel=1e-3)
