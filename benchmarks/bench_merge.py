@@ -43,7 +43,8 @@ def make_shards(folder: Path, samples: int, size: int, compression: str) -> Path
     out = folder / "c.h5"
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "featlab",
-           "extract", "--model", "resnet18", "--data", "shapes", "--input-size", str(size),
+           "extract", "--model", "resnet18", "--weights", "none",
+           "--data", "shapes", "--input-size", str(size),
            "--points", "all", "--limit", str(samples), "--batch-size", "32", "--workers", "0",
            "--compression", compression, "--quiet", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

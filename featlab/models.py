@@ -283,10 +283,17 @@ def get_backbone(
     if w == "shapes" or w.startswith("shapes:"):
         path = _default_shapes_path(name) if w == "shapes" else shapes_checkpoint_path(name, w[7:])
         if not path.is_file():
+            others = [] if w != "shapes" else sorted(
+                f"shapes:{p.stem.rsplit('-', 1)[-1]}"
+                for p in path.parent.glob(f"{name}-shapes-*.pt"))
+            also = (f" It holds {name} checkpoints of other pretrain settings: "
+                    f"{', '.join(others[:4])} (`shapes` alone means the default settings)."
+                    if others else "")
             raise WeightsNotFoundError(
                 f"weights {w!r} for {name} must be trained first; {path.name} is not in "
-                f"{path.parent}. Fix: run `featlab pretrain --model {name}` (the default settings "
-                f"take a few minutes on a laptop CPU)."
+                f"{path.parent}.{also} Fix: run `featlab pretrain --model {name}` (the default "
+                f"settings take a few minutes on a laptop CPU)"
+                f"{', or pass one of those as --weights' if others else ''}."
             )
         model, spec = _load_file(name, entry, path, num_classes)
         key = path.stem.rsplit("-", 1)[-1]

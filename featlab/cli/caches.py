@@ -14,7 +14,9 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p = sub.add_parser("extract", parents=[common],
                        help="write skip-point activations of a data set to an HDF5 cache")
     p.add_argument("--model", required=True, help="backbone name, see `featlab models`")
-    p.add_argument("--weights", default="none", help="none | imagenet | shapes | PATH")
+    p.add_argument("--weights", required=True,
+                   help="none (random init: say so, a cache of it is rarely what one wants) | "
+                        "imagenet | shapes | shapes:KEY | PATH")
     p.add_argument("--seed", type=int, default=0, help="seed of a random init (--weights none)")
     p.add_argument("--data", required=True, help="data set name, see `featlab datasets`")
     p.add_argument("--root", help="folder of the data set (not for shapes)")

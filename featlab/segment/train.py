@@ -19,6 +19,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -221,7 +222,8 @@ def train_head(train, val, settings: HeadSettings | None = None, *, out=None, de
     folder = Path(out) if out is not None else train.path.parent / "heads" / run_name(settings)
     dev = fdist.resolve_device(device)
     info = fdist.init(device=dev)
-    done = _existing(folder, settings, force, reuse, info)
+    identity = (train.identity(), val.identity())
+    done = _existing(folder, settings, identity, force, reuse, info)
     if done is not None:
         return done
     head = _make_head(train, points, settings)
@@ -236,7 +238,7 @@ def train_head(train, val, settings: HeadSettings | None = None, *, out=None, de
     head.set_input_stats(train_src.stats())
     return fit(head, train_src, val_src, settings, folder, device=dev, progress=progress,
                backbone=backbone, classes=train.classes, ignore_index=train.ignore_index,
-               identity=(train.identity(), val.identity()), info=info)
+               identity=identity, info=info)
 
 
 def _make_head(cache, points, settings: HeadSettings) -> SegHead:
@@ -265,8 +267,8 @@ def _dataset(cache):
                         seed=d.pop("seed", 0), **d)
 
 
-def _existing(folder: Path, settings: HeadSettings, force: bool, reuse: bool,
-              info) -> HeadResult | None:
+def _existing(folder: Path, settings: HeadSettings, identity: tuple[dict, dict], force: bool,
+              reuse: bool, info) -> HeadResult | None:
     record = runs.read_run(folder)
     if force:
         if info.is_main:
@@ -281,12 +283,29 @@ def _existing(folder: Path, settings: HeadSettings, force: bool, reuse: bool,
         raise CheckpointError(f"the finished run in {folder} must have the requested settings "
                               f"to be reused; it has {record['settings']}. Fix: choose another "
                               "--out, or pass --force to replace it.")
+    other = _other_caches(record, identity)
+    if other:
+        raise CheckpointError(f"the finished run in {folder} must come from these caches to be "
+                              f"reused; it was trained on {other}. Fix: choose another --out "
+                              "(--force would replace that run).")
     if reuse:
         log.info("reusing finished run %s (val mIoU %.4f)", folder, record["miou"])
         return HeadResult.from_dict(record)
     raise ConfigError(f"the run folder must not hold a finished run; {folder} has one (val "
                       f"mIoU {record['miou']:.4f}). Fix: pass --force to train again, or "
                       "choose another --out.")
+
+
+def _other_caches(record: dict, identity: tuple[dict, dict]) -> str:
+    """How a run record's caches differ from ``identity`` (empty when they are the same caches;
+    a cache moved to another path still is)."""
+    differ = []
+    for split, now in zip(("train", "val"), identity):
+        then = record.get(split) or {}
+        keys = sorted((set(then) | set(now)) - {"path"})
+        if json.dumps([then.get(k) for k in keys]) != json.dumps([now.get(k) for k in keys]):
+            differ.append(f"{split} cache {then.get('path')!r}, not {now.get('path')!r}")
+    return " and ".join(differ)
 
 
 def _same_settings(recorded: dict, settings: HeadSettings) -> bool:

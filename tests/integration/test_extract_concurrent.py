@@ -40,7 +40,8 @@ def snapshot_reader(partial):
 def test_polling_reader_sees_only_complete_rows_equal_to_the_final_values(tmp_path):
     out = tmp_path / "c.h5"
     partial = str(out) + ".partial"
-    cmd = [sys.executable, "-m", "featlab", "extract", "--model", "resnet18", "--data", "shapes",
+    cmd = [sys.executable, "-m", "featlab", "extract", "--model", "resnet18", "--weights", "none",
+           "--data", "shapes",
            "--input-size", "32", "--points", "stages", "--limit", str(N), "--batch-size", "2",
            "--workers", "0", "--quiet", "--out", str(out)]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -20,7 +20,8 @@ from featlab.cache.writer import extract
 from featlab.data import load_dataset
 
 N = 96
-CMD = [sys.executable, "-m", "featlab", "extract", "--model", "resnet18", "--data", "shapes",
+CMD = [sys.executable, "-m", "featlab", "extract", "--model", "resnet18", "--weights", "none",
+       "--data", "shapes",
        "--input-size", "32", "--points", "stages", "--limit", str(N), "--batch-size", "4",
        "--workers", "0", "--quiet"]
 # one thread: the same arithmetic in every run (and no thread contention on a busy machine)

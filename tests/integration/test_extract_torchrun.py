@@ -47,7 +47,8 @@ def two_ranks(tmp_path_factory):
             out = tmp_path_factory.mktemp("torchrun") / "c.h5"
             torchrun = Path(sys.executable).with_name("torchrun")
             cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
-                   "featlab", "extract", "--model", "resnet18", "--data", "shapes",
+                   "featlab", "extract", "--model", "resnet18", "--weights", "none",
+                   "--data", "shapes",
                    "--input-size", "32", "--points", "stages", "--limit", str(N),
                    "--batch-size", "4", "--workers", "0", "--quiet", "--json", "--out", str(out)]
             cmd += [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]

@@ -45,7 +45,8 @@ def torchrun(args: list[str]) -> subprocess.CompletedProcess:
 
 def test_two_ranks_extract_on_the_gpu_even_when_they_share_it(tmp_path):
     out = tmp_path / "c.h5"
-    done = torchrun(["extract", "--model", "resnet18", "--data", "shapes", "--input-size", "32",
+    done = torchrun(["extract", "--model", "resnet18", "--weights", "none",
+                     "--data", "shapes", "--input-size", "32",
                      "--points", "stages", "--limit", str(N), "--batch-size", "4",
                      "--dtype", "float32", "--device", "cuda", "--workers", "0", "--quiet",
                      "--json", "--out", str(out)])

@@ -62,7 +62,8 @@ def test_the_command_keeps_freed_memory_unless_told_not_to():
 
 
 def test_the_dry_run_says_when_the_command_keeps_freed_memory(tmp_path):
-    argv = ["extract", "--model", "resnet18", "--data", "shapes", "--input-size", "32",
+    argv = ["extract", "--model", "resnet18", "--weights", "none",
+            "--data", "shapes", "--input-size", "32",
             "--points", "layer1.1", "--limit", "4", "--device", "cpu", "--out",
             str(tmp_path / "c.h5"), "--dry-run"]
     on, off = run_cli(*argv), run_cli(*argv, FEATLAB_KEEP_MEMORY="0")

@@ -242,6 +242,12 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     assert models.user_cache_dir() == tmp_path / "mine"
     with pytest.raises(WeightsNotFoundError, match="featlab pretrain --model resnet34"):
         featlab.get_backbone("resnet34", weights="shapes")
+    # a checkpoint of non-default pretrain settings is named, with the form that loads it
+    (tmp_path / "mine" / "weights").mkdir(parents=True)
+    torch.save({}, tmp_path / "mine" / "weights" / "resnet34-shapes-0123456789ab.pt")
+    with pytest.raises(WeightsNotFoundError, match=r"other pretrain settings: "
+                                                   r"shapes:0123456789ab \(`shapes` alone means"):
+        featlab.get_backbone("resnet34", weights="shapes")
 
 
 def test_densenet_files_with_legacy_key_names_load(hub):

@@ -99,7 +99,8 @@ def test_stored_size_keeps_the_aspect_and_never_grows():
 
 
 def test_cli_dry_run_plans_a_gpu_run_without_a_gpu(tmp_path, capsys, cli_state):
-    argv = ["extract", "--model", "resnet18", "--data", "shapes", "--input-size", "64",
+    argv = ["extract", "--model", "resnet18", "--weights", "none",
+            "--data", "shapes", "--input-size", "64",
             "--points", "stages", "--limit", "8", "--batch-size", "4", "--device", "cuda",
             "--out", str(tmp_path / "c.h5"), "--dry-run"]
     assert cli.main(argv + ["--json"]) == 0
@@ -117,7 +118,8 @@ def test_cli_dry_run_plans_a_gpu_run_without_a_gpu(tmp_path, capsys, cli_state):
 
 def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, cli_state):
     out = tmp_path / "sub" / "c.h5"
-    argv = ["extract", "--model", "resnet18", "--data", "shapes", "--input-size", "64",
+    argv = ["extract", "--model", "resnet18", "--weights", "none",
+            "--data", "shapes", "--input-size", "64",
             "--points", "layer1.1,layer4.1", "--max-size", "8", "--limit", "50", "--out",
             str(out), "--dry-run", "--device", "cpu"]
     assert cli.main(argv) == 0

@@ -174,7 +174,8 @@ def test_a_complete_cache_is_never_overwritten_without_force(tmp_path, capsys):
 def test_cli_refuses_an_existing_cache_with_exit_code_2_and_one_line(tmp_path, capsys,
                                                                       cli_state):
     out = tmp_path / "c.h5"
-    argv = ["extract", "--model", "resnet18", "--data", "shapes", "--input-size", "32",
+    argv = ["extract", "--model", "resnet18", "--weights", "none",
+            "--data", "shapes", "--input-size", "32",
             "--limit", "2", "--batch-size", "2", "--out", str(out), "--quiet", "--workers", "0"]
     assert cli.main(argv) == 0 and out.exists()
     capsys.readouterr()
@@ -194,7 +195,8 @@ def test_cli_names_a_device_it_cannot_use_in_one_line(tmp_path, capsys, cli_stat
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     out = tmp_path / "c.h5"
-    argv = ["extract", "--model", "resnet18", "--data", "shapes", "--input-size", "32",
+    argv = ["extract", "--model", "resnet18", "--weights", "none",
+            "--data", "shapes", "--input-size", "32",
             "--limit", "2", "--out", str(out), "--quiet", "--device", device]
     assert cli.main(argv) == 2
     assert capsys.readouterr().err.strip() == f"featlab extract: error: {message}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -100,6 +101,18 @@ def test_run_folder_records_and_refusals(caches, tmp_path):
     assert train_head(*caches, out=out, progress=False, reuse=True, **FAST).miou == r.miou
     with pytest.raises(CheckpointError, match="requested settings"):
         train_head(*caches, out=out, progress=False, reuse=True, **{**FAST, "lr": 0.1})
+    # a finished run is reused only for its own caches (wherever they lie now)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for path in caches:
+        shutil.copy(path, moved / path.name)
+    assert train_head(moved / "train.h5", moved / "val.h5", out=out, progress=False,
+                      reuse=True, **FAST).miou == r.miou
+    (tmp_path / "other").mkdir()
+    other = make_caches(tmp_path / "other", seed=1)  # another backbone's features
+    with pytest.raises(CheckpointError, match=r"must come from these caches to be reused; it "
+                                              r"was trained on train cache .* and val cache"):
+        train_head(*other, out=out, progress=False, reuse=True, **FAST)
     again = train_head(*caches, out=out, progress=False, force=True, **{**FAST, "lr": 0.1})
     assert again.settings["lr"] == 0.1
 
