@@ -185,6 +185,16 @@ def test_cli_refuses_an_existing_cache_with_exit_code_2_and_one_line(tmp_path, c
     assert err.startswith("featlab extract: error:") and "--force" in err
 
 
+def test_cli_extract_needs_weights_said_out_loud(tmp_path, capsys, cli_state):
+    # a cache of a random-init backbone is rarely what one wants: `--weights none` says so
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["extract", "--model", "resnet18", "--data", "shapes", "--out",
+                  str(tmp_path / "c.h5")])
+    assert exited.value.code == 2
+    assert "the following arguments are required: --weights" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("device, message", [
     ("gpu", "`device` must be cpu, cuda or cuda:N; got 'gpu'."),
     ("cuda", ("`device` must be available; got 'cuda', but torch sees no CUDA device. Fix: use "
