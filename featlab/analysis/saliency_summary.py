@@ -174,6 +174,10 @@ def saliency_summary(model: torch.nn.Module, dataset: Any, points: Any = "stages
     if method not in METHODS:
         raise ConfigError(f"saliency method must be one of {', '.join(METHODS)}; got "
                           f"{method!r}. Fix: e.g. method='gradcam'.")
+    for name, value in (("limit", limit), ("batch_size", batch_size)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"`{name}` of saliency_summary must be a positive integer; got "
+                              f"{value!r}. Fix: e.g. --{name.replace('_', '-')} 64.")
     spec = spec if spec is not None else getattr(model, "featlab_spec", None)
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     model.to(dev)
@@ -197,12 +201,17 @@ def saliency_summary(model: torch.nn.Module, dataset: Any, points: Any = "stages
         bar.update(len(images))
     bar.close()
     rows = []
+    fraction = np.asarray(fractions, dtype=np.float64)
     for name in names:
-        v = np.array([s for s in scores[name] if not math.isnan(s)])
+        # a sample whose map has no positive mass scores NaN and is left out of the point's
+        # mean; its uniform-map baseline then is too, so the two columns compare like for like
+        scored = np.asarray(scores[name], dtype=np.float64)
+        kept = ~np.isnan(scored)
+        v = scored[kept]
         rows.append({"point": name, "stride": strides.get(name),
                      "energy_in_mask": float(v.mean()) if len(v) else None,
                      "energy_std": float(v.std()) if len(v) else None,
-                     "mask_fraction": float(np.mean(fractions)) if fractions else None,
+                     "mask_fraction": float(fraction[kept].mean()) if len(v) else None,
                      "samples": int(len(v))})
     settings = {"points": points if isinstance(points, str) else [_name(p) for p in points],
                 "limit": limit, "batch_size": batch_size, "relu": relu if method in CAM_METHODS

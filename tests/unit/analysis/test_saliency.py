@@ -207,6 +207,32 @@ def test_energy_in_mask_by_hand():
     assert dominant_class(np.zeros((2, 2), int)) is None
 
 
+def test_a_sample_without_saliency_leaves_both_columns(monkeypatch):
+    """A map with no positive mass scores NaN: the sample leaves that point's energy and its
+    uniform-map baseline alike, so the two stay comparable."""
+    import featlab.analysis.saliency_summary as summary
+
+    net = ft.TinyResNet()
+    ds = featlab.load_dataset("shapes", split="val", size=32, length=6)
+    real = summary.attribute
+
+    def first_map_empty(*args, **kwargs):
+        maps = real(*args, **kwargs)
+        maps["layer1.1"].upsampled[0] = 0.0
+        return maps
+
+    monkeypatch.setattr(summary, "attribute", first_map_empty)
+    rows = {r["point"]: r for r in saliency_summary(net, ds, ["layer1.0", "layer1.1"],
+                                                     method="saliency", batch_size=8,
+                                                     progress=False).rows()}
+    masks = [ds[i]["mask"] == dominant_class(ds[i]["mask"].numpy()) for i in range(len(ds))
+             if dominant_class(ds[i]["mask"].numpy()) is not None]
+    fractions = [m.double().mean().item() for m in masks]
+    assert rows["layer1.0"]["samples"] == len(masks) == rows["layer1.1"]["samples"] + 1
+    assert rows["layer1.0"]["mask_fraction"] == pytest.approx(np.mean(fractions))
+    assert rows["layer1.1"]["mask_fraction"] == pytest.approx(np.mean(fractions[1:]))
+
+
 def test_saliency_summary_and_outputs(tmp_path):
     net = ft.TinyResNet()
     ds = featlab.load_dataset("shapes", split="val", size=32, length=6)
@@ -233,6 +259,8 @@ def test_saliency_summary_and_outputs(tmp_path):
     assert SaliencyResult.from_dict(__import__("json").loads(js.read_text())) == result
     with pytest.raises(ConfigError, match="overwrite"):
         write_summary(result, tmp_path)
+    with pytest.raises(ConfigError, match="`limit` of saliency_summary must be a positive"):
+        saliency_summary(net, ds, ["layer1.1"], limit=0, progress=False)
     ex = saliency_examples(net, ds, ["layer1.0", "layer1.1"], count=2)
     png = plot_saliency_grid(ex, tmp_path / "grid.png", class_names=ds.classes)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
