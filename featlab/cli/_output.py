@@ -22,6 +22,11 @@ def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    """``"1 point"``, ``"3 points"``: a number with its noun in the right form."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from featlab.cli._output import _fmt, _print_json, _table
+from featlab.cli._output import _count, _fmt, _print_json, _table
 
 log = logging.getLogger("featlab")
 
@@ -129,7 +129,8 @@ def cmd_analyze_resolution(args: argparse.Namespace) -> int:
     cols += ["erf_radius50", "erf_radius90"] if args.erf else []
     heads = [c.replace("ceiling_miou_", "ceiling_") for c in cols]
     print(_table([[_fmt(r.get(c)) for c in cols] for r in result.rows()], heads))
-    print(f"\n{len(result.points)} points of {cache.path} ({result.num_images} label maps) -> "
+    print(f"\n{_count(len(result.points), 'point')} of {cache.path} "
+          f"({_count(result.num_images, 'label map')}) -> "
           f"{paths[0]}, {paths[1]}")
     return 0
 
@@ -204,7 +205,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     cols += ["random_miou"] if random else []
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else v  # noqa: E731
     print(_table([[fmt(r[c]) for c in cols] for r in result.rows()], cols))
-    print(f"\nlinear probes of {len(result.rows())} points -> {out}.json, {out}.csv")
+    print(f"\nlinear probes of {_count(len(result.rows()), 'point')} -> {out}.json, {out}.csv")
     return 0
 
 

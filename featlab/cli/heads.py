@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from featlab.cli._output import _print_json, _table
+from featlab.cli._output import _count, _print_json, _table
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -66,7 +66,7 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     kind = f"skip {args.skip} ({settings.fusion})" if args.skip else "baseline"
     print(f"\n{kind}: val mIoU {result.miou:.4f}, pixel accuracy {result.pixel_accuracy:.4f}, "
           f"mean accuracy {result.mean_accuracy:.4f} ({result.train_images_per_second:.0f} "
-          f"train images/s, {result.seconds:.0f} s, {result.world_size} process(es)) -> "
+          f"train images/s, {result.seconds:.0f} s, {_count(result.world_size, 'process', 'processes')}) -> "
           f"{result.folder}")
     return 0
 
@@ -119,7 +119,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       for p in preds], ["property", "rho", "p", "points"]))
     for note in notes:
         print(f"note: {note}")
-    print(f"\n{len(result.points) + 1} configurations x {len(result.seeds)} seeds in "
+    print(f"\n{_count(len(result.points) + 1, 'configuration')} x "
+          f"{_count(len(result.seeds), 'seed')} in "
           f"{result.seconds:.0f} s -> {', '.join(str(p) for p in paths)}")
     return 0
 

@@ -400,9 +400,9 @@ def _fit(head, train_src, val_src, settings, folder, *, device, progress, backbo
     if info.is_main:
         np.save(folder / runs.VAL_CONFUSION, per_image)
         runs.write_json(folder / runs.RUN_JSON, result.to_dict() | {"finished": True})
-        log.info("%s: val mIoU %.4f (pixel accuracy %.4f) after %d epochs in %.1f s -> %s",
+        log.info("%s: val mIoU %.4f (pixel accuracy %.4f) after %d epoch%s in %.1f s -> %s",
                  run_name(settings), result.miou, result.pixel_accuracy, settings.epochs,
-                 result.seconds, folder)
+                 "" if settings.epochs == 1 else "s", result.seconds, folder)
     fdist.barrier()
     return result
 
