@@ -101,6 +101,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         _print_json({"sweep": result.to_dict(), "rows": result.rows(), "predictors": preds,
                      "notes": notes})
         return 0
+    print_sweep(result, preds, notes, paths)
+    return 0
+
+
+def print_sweep(result, preds: list[dict], notes: list[str], paths: list) -> None:
+    """The tables ``featlab sweep`` prints: per point the gain and its intervals, then each
+    property's Spearman correlation with the gain (also what ``featlab demo`` shows again)."""
 
     def ci(pair):
         return "-" if not pair or pair[0] is None else f"[{pair[0]:+.4f}, {pair[1]:+.4f}]"
@@ -115,14 +122,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                         "CI images", "> 2 std", "rank"]))
     if preds:
         print("\nSpearman correlation of each property with the gain across points:")
-        print(_table([[p["property"], p["spearman_rho"], p["p_value"], p["n_points"]]
-                      for p in preds], ["property", "rho", "p", "points"]))
+        print(_table([[p["property"], p["spearman_rho"], p["p_value"], p.get("p_method"),
+                       p["n_points"]] for p in preds],
+                     ["property", "rho", "p", "p method", "points"]))
     for note in notes:
         print(f"note: {note}")
     print(f"\n{_count(len(result.points) + 1, 'configuration')} x "
           f"{_count(len(result.seeds), 'seed')} in "
           f"{result.seconds:.0f} s -> {', '.join(str(p) for p in paths)}")
-    return 0
 
 
 def _add_head_options(p: argparse.ArgumentParser) -> None:
