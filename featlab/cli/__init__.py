@@ -73,12 +73,13 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
         from featlab.allocator import keep_freed_memory
 
         args.keeps_freed_memory = keep_freed_memory()
+    command = " ".join(filter(None, (args.command, getattr(args, "analysis", None))))
     try:
         with warnings.catch_warnings():  # one line per warning, like errors; restored after
-            warnings.showwarning = functools.partial(_show_warning, args.command)
+            warnings.showwarning = functools.partial(_show_warning, command)
             return args.func(args)
     except FeatlabError as err:
-        print(f"featlab {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"featlab {command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("featlab: interrupted", file=sys.stderr)

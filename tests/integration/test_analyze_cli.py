@@ -39,7 +39,8 @@ def test_resolution_writes_next_to_the_cache_and_refuses_to_overwrite(caches, ca
     assert 0 < float(rows[-1]["ceiling_miou"]) <= 1
     assert main(["analyze", "resolution", str(cache), "-q"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("featlab analyze: error:") and "--force" in err and "\n" not in err
+    assert err.startswith("featlab analyze resolution: error:") and "--force" in err
+    assert "\n" not in err
     assert main(["analyze", "resolution", str(cache), "-q", "--force", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["num_images"] == 20
 
