@@ -14,7 +14,6 @@ demo stops with a one-line error naming the first setting that differs.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import time
 from pathlib import Path
@@ -159,78 +158,32 @@ def _cache_step(path: Path, split: str, now, force: bool) -> str:
     _cache_refusal(diff, path, split)
 
 
-def _sweep_difference(record: dict, a: argparse.Namespace, train, val
-                      ) -> tuple[str, str, str] | None:
-    """The first setting in which the sweep ``featlab sweep`` would run with ``a`` differs from
-    the finished one in ``record`` (``sweep.json``): ``(what, there, now)``."""
-    from featlab.cli.heads import _head_overrides
-    from featlab.segment.train import HeadSettings
-
-    now = HeadSettings(**_head_overrides(a)).to_dict()  # as the sweep records it: seed 0
-    then = {**HeadSettings().to_dict(), **(record.get("settings") or {})}
-    for key in sorted(set(then) | set(now)):
-        if then.get(key) != now.get(key):
-            flag = f"`--{key}`" if key in ("epochs", "fusion") else f"the head setting `{key}`"
-            return flag, repr(then.get(key)), repr(now.get(key))
-    seeds = list(a.seed_list) if a.seed_list else list(range(a.seeds))
-    last = train.point_names[-1]
-    points = [p for p in train.select(a.points) if p != last]
-    for what, there, here in (("the seed list (`--seeds`)", record.get("seeds"), seeds),
-                              ("the skip points (`stages`)", record.get("points"), points),
-                              ("the number of bootstrap resamples", record.get("bootstrap"),
-                               a.bootstrap)):
-        if there != here:
-            return what, repr(there), repr(here)
-    for split, cache in (("train", train), ("val", val)):
-        then, now = record.get(split) or {}, cache.identity()
-        for key in sorted((set(then) | set(now)) - {"path"}):  # the same files, moved, are fine
-            if json.dumps(then.get(key)) != json.dumps(now.get(key)):  # tuples are lists
-                return (f"the {split} cache it was made from (its `{key}`)", repr(then.get(key)),
-                        repr(now.get(key)))
-    return None
-
-
 def _sweep_step(folder: Path, argv: list[str], force: bool, replaced: bool) -> str:
     """``"reuse"`` (a finished sweep with this run's settings and caches), ``"run"`` (none yet:
     finished runs in it are reused) or ``"replace"`` (``--force``: other settings, or caches
     extracted again); else a one-line error."""
-    from featlab.cache.reader import open_cache
+    from featlab.cli.heads import _head_overrides
+    from featlab.errors import ConfigError
+    from featlab.segment.sweep import read_sweep, sweep_difference
+    from featlab.segment.train import HeadSettings
 
-    record_path = folder / "sweep.json"
     if force and replaced:  # its runs were trained on the caches replaced now
         return "replace"
-    if not record_path.exists():
+    if not (folder / "sweep.json").exists():
         return "run"
     a = _parse(argv)
     try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError) as err:
-        diff = ("the sweep record", f"unreadable ({type(err).__name__})", "a finished sweep")
-    else:
-        with open_cache(a.train, allow_partial=False) as train, \
-                open_cache(a.val, allow_partial=False) as val:
-            diff = _sweep_difference(record, a, train, val)
+        diff = sweep_difference(read_sweep(folder), a.train, a.val, a.points,
+                                a.seed_list or a.seeds, HeadSettings(**_head_overrides(a)),
+                                bootstrap=a.bootstrap)
+    except ConfigError as err:  # an unreadable record
+        diff = ("the sweep record", "unreadable", f"a finished sweep ({err})")
     if diff is None:
         return "reuse"
     if force:
         return "replace"
     _refuse(*diff, f"the sweep {folder}", f"or pass --force to run the sweep again (or delete "
             f"{folder}).")
-
-
-def _print_sweep(folder: Path) -> None:
-    """What ``featlab sweep`` printed, again, from the records it wrote in ``folder``."""
-    from featlab.cli.heads import print_sweep
-    from featlab.segment.sweep import SweepResult
-
-    result = SweepResult.from_dict(json.loads((folder / "sweep.json").read_text()))
-    paths = [folder / "sweep.json", folder / "sweep.csv"]
-    preds, notes = [], []
-    if (folder / "predictors.json").exists():
-        found = json.loads((folder / "predictors.json").read_text())
-        preds, notes = found.get("predictors") or [], found.get("notes") or []
-        paths.append(folder / "predictors.json")
-    print_sweep(result, preds, notes, paths)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -240,6 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     import featlab
+    from featlab.cli.heads import show_sweep
     from featlab.models import _entry
     from featlab.pretrain import PretrainSettings, pretrain, settings_key
 
@@ -306,7 +260,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     what = _sweep_step(sweep_dir, sweep, args.force, replaced)
     if what == "reuse":
         print(f"$ {shlex.join(['featlab', *sweep])}   # already done with these settings:")
-        _print_sweep(sweep_dir)
+        show_sweep(sweep_dir)
         return 0
     _run(sweep + (["--force"] if what == "replace" else []), args.quiet)
     return 0

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from featlab.cli._output import _count, _print_json, _table
+
+log = logging.getLogger("featlab")
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -66,8 +69,8 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     kind = f"skip {args.skip} ({settings.fusion})" if args.skip else "baseline"
     print(f"\n{kind}: val mIoU {result.miou:.4f}, pixel accuracy {result.pixel_accuracy:.4f}, "
           f"mean accuracy {result.mean_accuracy:.4f} ({result.train_images_per_second:.0f} "
-          f"train images/s, {result.seconds:.0f} s, {_count(result.world_size, 'process', 'processes')}) -> "
-          f"{result.folder}")
+          f"train images/s, {result.seconds:.0f} s, "
+          f"{_count(result.world_size, 'process', 'processes')}) -> {result.folder}")
     return 0
 
 
@@ -77,18 +80,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from featlab.errors import ConfigError
     from featlab.segment import runs
-    from featlab.segment.sweep import predictors, property_table, sweep, write_sweep
+    from featlab.segment.sweep import (predictors, property_table, read_sweep, sweep,
+                                       sweep_difference, write_sweep)
     from featlab.segment.train import HeadSettings
 
     out = Path(args.out) if args.out else Path(args.train).resolve().parent / "sweep"
-    if (out / "sweep.json").exists() and not args.force:
-        raise ConfigError(f"the sweep folder must not hold a finished sweep; {out} has "
-                          "sweep.json. Fix: pass --force to train every run again, or choose "
-                          "another --out.")
     seeds = args.seed_list if args.seed_list else args.seeds
-    result = sweep(args.train, args.val, args.points, seeds,
-                   HeadSettings(**_head_overrides(args)), out=out, device=args.device,
-                   progress=not args.quiet, force=args.force, bootstrap=args.bootstrap)
+    settings = HeadSettings(**_head_overrides(args))
+    if (out / "sweep.json").exists() and not args.force:
+        record = read_sweep(out)
+        diff = sweep_difference(record, args.train, args.val, args.points, seeds, settings,
+                                bootstrap=args.bootstrap)
+        if diff is not None:
+            what, there, now = diff
+            raise ConfigError(f"{what} differs from the finished sweep in {out}: {there} "
+                              f"there, {now} now; a finished sweep is not replaced. Fix: pass "
+                              "--force to train every run again, or choose another --out.")
+        log.info("%s holds this sweep, finished: printing its results", out)
+        return show_sweep(out, args.json)
+    result = sweep(args.train, args.val, args.points, seeds, settings, out=out,
+                   device=args.device, progress=not args.quiet, force=args.force,
+                   bootstrap=args.bootstrap)
     paths = write_sweep(result, out)
     preds, notes = [], []
     if not args.no_properties:
@@ -102,6 +114,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                      "notes": notes})
         return 0
     print_sweep(result, preds, notes, paths)
+    return 0
+
+
+def show_sweep(folder, as_json: bool = False) -> int:
+    """Print a finished sweep again from what it wrote in ``folder`` (``sweep.json``, and
+    ``predictors.json`` when the properties were joined), as ``featlab sweep`` printed it."""
+    import json
+    from pathlib import Path
+
+    from featlab.segment.sweep import read_sweep
+
+    folder = Path(folder)
+    result = read_sweep(folder)
+    paths = [folder / "sweep.json", folder / "sweep.csv"]
+    preds, notes = [], []
+    if (folder / "predictors.json").exists():
+        found = json.loads((folder / "predictors.json").read_text())
+        preds, notes = found.get("predictors") or [], found.get("notes") or []
+        paths.append(folder / "predictors.json")
+    if as_json:
+        _print_json({"sweep": result.to_dict(), "rows": result.rows(), "predictors": preds,
+                     "notes": notes})
+    else:
+        print_sweep(result, preds, notes, paths)
     return 0
 
 

@@ -38,7 +38,8 @@ from featlab.segment.train import HeadSettings, run_name, train_head
 
 log = logging.getLogger("featlab")
 
-__all__ = ["SweepResult", "sweep", "write_sweep", "gain_stats", "property_table", "predictors"]
+__all__ = ["SweepResult", "sweep", "sweep_difference", "read_sweep", "write_sweep", "gain_stats",
+           "property_table", "predictors"]
 
 BASELINE = "baseline"
 
@@ -190,24 +191,11 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
     Returns:
         The :class:`SweepResult` (write it with :func:`write_sweep`).
     """
-    from featlab.cache.reader import open_cache
     from featlab.runinfo import run_versions
 
     started = time.perf_counter()
-    train = train if hasattr(train, "select") else open_cache(train, allow_partial=False)
-    val = val if hasattr(val, "select") else open_cache(val, allow_partial=False)
-    settings = dataclasses.replace(settings or HeadSettings(), **overrides)
-    if settings.skip is not None:
-        raise ConfigError(f"sweep settings must leave `skip` unset (the sweep sets it); got "
-                          f"skip={settings.skip!r}. Fix: choose points with `points`.")
-    seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(int(s) for s in seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds must be a positive count or distinct seeds; got {seeds!r}.")
+    train, val, settings, seeds, names = _resolve(train, val, points, seeds, settings, overrides)
     last = train.point_names[-1]
-    names = [p for p in train.select(points) if p != last]
-    if not names:
-        raise ConfigError(f"points must select at least one point before the last one "
-                          f"({last!r}); got {points!r}. Fix: --points stages or all.")
     folder = Path(out) if out is not None else train.path.parent / "sweep"
     configs = [None, *names]
     total, done = len(configs) * len(seeds), 0
@@ -237,6 +225,84 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
         confidence=confidence, bootstrap_seed=bootstrap_seed, train=train.identity(),
         val=val.identity(), versions=run_versions(torch.device("cpu")),
         seconds=round(time.perf_counter() - started, 1), folder=str(folder))
+
+
+def _resolve(train, val, points, seeds, settings, overrides: dict):
+    """The sweep's arguments as it runs them: open caches, the shared settings, the seeds and
+    the skip points (the last point, the baseline's, left out); bad ones raise ConfigError."""
+    from featlab.cache.reader import open_cache
+
+    train = train if hasattr(train, "select") else open_cache(train, allow_partial=False)
+    val = val if hasattr(val, "select") else open_cache(val, allow_partial=False)
+    settings = dataclasses.replace(settings or HeadSettings(), **overrides)
+    if settings.skip is not None:
+        raise ConfigError(f"sweep settings must leave `skip` unset (the sweep sets it); got "
+                          f"skip={settings.skip!r}. Fix: choose points with `points`.")
+    seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(int(s) for s in seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be a positive count or distinct seeds; got {seeds!r}.")
+    last = train.point_names[-1]
+    names = [p for p in train.select(points) if p != last]
+    if not names:
+        raise ConfigError(f"points must select at least one point before the last one "
+                          f"({last!r}); got {points!r}. Fix: --points stages or all.")
+    return train, val, settings, seeds, names
+
+
+# head settings the sweep command sets by a flag of the same name
+_HEAD_FLAGS = ("fusion", "epochs", "batch_size", "lr", "optimizer", "weight_decay",
+               "mid_channels", "finetune", "deterministic")
+
+
+def sweep_difference(record: SweepResult, train, val, points: str | Sequence[str] = "stages",
+                     seeds: int | Sequence[int] = 3, settings: HeadSettings | None = None, *,
+                     bootstrap: int = 1000, confidence: float = 0.95, bootstrap_seed: int = 0,
+                     **overrides) -> tuple[str, str, str] | None:
+    """The first way in which :func:`sweep` with these arguments would differ from the finished
+    sweep ``record`` (its ``sweep.json``): ``(what, there, now)``, or None when it would be the
+    same sweep -- the same shared head settings, seeds, points, bootstrap and caches (compared
+    by identity without the path: the same files moved are the same caches).
+
+    Examples:
+        >>> record = SweepResult.from_dict(json.load(open("sweep/sweep.json")))  # doctest: +SKIP
+        >>> sweep_difference(record, "train.h5", "val.h5", "stages", 3, epochs=2)  # doctest: +SKIP
+        ('`--epochs`', '8', '2')
+    """
+    train, val, settings, seeds, names = _resolve(train, val, points, seeds, settings, overrides)
+    now = dataclasses.replace(settings, seed=0).to_dict()  # as the sweep records it
+    then = {**HeadSettings().to_dict(), **record.settings}  # fields added since: defaults
+    for key in sorted(set(then) | set(now)):
+        if then.get(key) != now.get(key):
+            what = (f"`--{key.replace('_', '-')}`" if key in _HEAD_FLAGS
+                    else f"the head setting `{key}`")
+            return what, repr(then.get(key)), repr(now.get(key))
+    for what, there, here in (("the seeds (`--seeds`, `--seed-list`)", list(record.seeds),
+                               list(seeds)),
+                              ("the skip points (`--points`)", list(record.points), names),
+                              ("the bootstrap resamples (`--bootstrap`)", record.bootstrap,
+                               bootstrap),
+                              ("the bootstrap's confidence", record.confidence, confidence),
+                              ("the bootstrap's seed", record.bootstrap_seed, bootstrap_seed)):
+        if there != here:
+            return what, repr(there), repr(here)
+    for split, cache in (("train", train), ("val", val)):
+        then, now = record.train if split == "train" else record.val, cache.identity()
+        for key in sorted((set(then) | set(now)) - {"path"}):
+            if json.dumps(then.get(key)) != json.dumps(now.get(key)):  # tuples are lists
+                return (f"the {split} cache (its `{key}`)", repr(then.get(key)),
+                        repr(now.get(key)))
+    return None
+
+
+def read_sweep(folder) -> SweepResult:
+    """The :class:`SweepResult` a finished sweep wrote in ``folder`` (``sweep.json``)."""
+    path = Path(folder) / "sweep.json"
+    try:
+        return SweepResult.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"{path} must be a sweep record featlab wrote; it cannot be read "
+                          f"({type(err).__name__}: {err}). Fix: pass --force to run the sweep "
+                          "again, or choose another --out.") from err
 
 
 def write_sweep(result: SweepResult, folder=None) -> list[Path]:

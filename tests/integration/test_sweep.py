@@ -39,7 +39,19 @@ def test_sweep_cli_table_files_predictors_and_refusal(caches, capsys):
     assert {"stride", "rf_size", "probe_miou", "cka_to_last", "resolution_ceiling"} <= set(
         preds["properties"])
     assert {p["property"] for p in preds["predictors"]} == set(preds["properties"])
-    assert main(cmd) == 2 and "--force" in capsys.readouterr().err
+    # the same sweep again: nothing trained, the same table printed from the records
+    stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    assert main(cmd) == 0
+    assert capsys.readouterr().out == out
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == stamps
+    # another setting: refused in one line naming it, nothing replaced
+    assert main([*cmd[:-1], "--epochs", "2", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("featlab sweep: error: `--epochs` differs from the finished sweep in")
+    assert "1 there, 2 now" in err and "--force" in err and "\n" not in err
+    assert main([*cmd[:-1], "--seed-list", "0", "5", "-q"]) == 2
+    assert "the seeds (`--seeds`, `--seed-list`)" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == stamps
     # --force trains again; --json prints the rows
     assert main([*cmd, "--force", "--json", "--no-properties"]) == 0
     data = json.loads(capsys.readouterr().out)
