@@ -1,7 +1,9 @@
-"""Joining caches row by row: check that two caches hold the same samples (R-5.3)."""
+"""Joining caches row by row: check that two caches hold the same samples (R-5.3); and
+whether a record's cache identity is the same cache as another's."""
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from featlab.cache._reading import ids_sha256
@@ -10,7 +12,23 @@ from featlab.errors import CacheError
 if TYPE_CHECKING:
     from featlab.cache.reader import CacheReader
 
-__all__ = ["check_same_samples"]
+__all__ = ["check_same_samples", "identity_difference"]
+
+
+def identity_difference(then: dict, now: dict) -> str | None:
+    """The first key in which two cache identities (:meth:`CacheReader.identity`, e.g. one
+    recorded in a run and one of a cache opened now) differ, or None when they name the same
+    cache. The path is not compared: the same files moved are the same cache.
+
+    Examples:
+        >>> a = {"path": "a/train.h5", "ids_sha256": "1f", "input_size": [32, 32]}
+        >>> identity_difference(a, {**a, "path": "b/train.h5", "input_size": (32, 32)}) is None
+        True
+        >>> identity_difference(a, {**a, "ids_sha256": "2e"})
+        'ids_sha256'
+    """
+    return next((key for key in sorted((set(then) | set(now)) - {"path"})
+                 if json.dumps(then.get(key)) != json.dumps(now.get(key))), None)  # tuples=lists
 
 
 def check_same_samples(a: CacheReader, b: CacheReader) -> None:

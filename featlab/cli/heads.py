@@ -38,11 +38,13 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
 
 def _head_overrides(args: argparse.Namespace) -> dict:
-    keys = ("fusion", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "mid_channels")
-    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    for flag in ("finetune", "deterministic"):
-        if getattr(args, flag, False):
-            out[flag] = True
+    from featlab.segment.train import FLAG_FIELDS
+
+    out = {}
+    for key in FLAG_FIELDS:
+        value = getattr(args, key, None)
+        if value is not None and value is not False:  # given (a store_true flag: True)
+            out[key] = value
     if out.get("deterministic"):  # before this process's first CUDA matrix product
         from featlab.runinfo import CUBLAS_WORKSPACE_CONFIG
 

@@ -34,7 +34,7 @@ from featlab._records import check_record
 from featlab.errors import ConfigError
 from featlab.segment import runs
 from featlab.segment.predict import predictors, property_table
-from featlab.segment.train import HeadSettings, run_name, train_head
+from featlab.segment.train import FLAG_FIELDS, HeadSettings, run_name, train_head
 
 log = logging.getLogger("featlab")
 
@@ -249,11 +249,6 @@ def _resolve(train, val, points, seeds, settings, overrides: dict):
     return train, val, settings, seeds, names
 
 
-# head settings the sweep command sets by a flag of the same name
-_HEAD_FLAGS = ("fusion", "epochs", "batch_size", "lr", "optimizer", "weight_decay",
-               "mid_channels", "finetune", "deterministic")
-
-
 def sweep_difference(record: SweepResult, train, val, points: str | Sequence[str] = "stages",
                      seeds: int | Sequence[int] = 3, settings: HeadSettings | None = None, *,
                      bootstrap: int = 1000, confidence: float = 0.95, bootstrap_seed: int = 0,
@@ -268,12 +263,14 @@ def sweep_difference(record: SweepResult, train, val, points: str | Sequence[str
         >>> sweep_difference(record, "train.h5", "val.h5", "stages", 3, epochs=2)  # doctest: +SKIP
         ('`--epochs`', '8', '2')
     """
+    from featlab.cache.joins import identity_difference
+
     train, val, settings, seeds, names = _resolve(train, val, points, seeds, settings, overrides)
     now = dataclasses.replace(settings, seed=0).to_dict()  # as the sweep records it
     then = {**HeadSettings().to_dict(), **record.settings}  # fields added since: defaults
     for key in sorted(set(then) | set(now)):
         if then.get(key) != now.get(key):
-            what = (f"`--{key.replace('_', '-')}`" if key in _HEAD_FLAGS
+            what = (f"`--{key.replace('_', '-')}`" if key in FLAG_FIELDS
                     else f"the head setting `{key}`")
             return what, repr(then.get(key)), repr(now.get(key))
     for what, there, here in (("the seeds (`--seeds`, `--seed-list`)", list(record.seeds),
@@ -285,12 +282,11 @@ def sweep_difference(record: SweepResult, train, val, points: str | Sequence[str
                               ("the bootstrap's seed", record.bootstrap_seed, bootstrap_seed)):
         if there != here:
             return what, repr(there), repr(here)
-    for split, cache in (("train", train), ("val", val)):
-        then, now = record.train if split == "train" else record.val, cache.identity()
-        for key in sorted((set(then) | set(now)) - {"path"}):
-            if json.dumps(then.get(key)) != json.dumps(now.get(key)):  # tuples are lists
-                return (f"the {split} cache (its `{key}`)", repr(then.get(key)),
-                        repr(now.get(key)))
+    for split, then, cache in (("train", record.train, train), ("val", record.val, val)):
+        now = cache.identity()
+        key = identity_difference(then, now)
+        if key is not None:
+            return f"the {split} cache (its `{key}`)", repr(then.get(key)), repr(now.get(key))
     return None
 
 

@@ -19,7 +19,6 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -41,6 +40,10 @@ log = logging.getLogger("featlab")
 __all__ = ["HeadSettings", "HeadResult", "train_head", "fit", "evaluate", "run_name"]
 
 OPTIMIZERS = ("adamw", "sgd")
+# the HeadSettings fields that `featlab train-head` and `featlab sweep` set by a flag of the
+# same name (`weight_decay` by `--weight-decay`)
+FLAG_FIELDS = ("fusion", "epochs", "batch_size", "lr", "optimizer", "weight_decay",
+               "mid_channels", "finetune", "deterministic")
 
 
 @dataclass(frozen=True)
@@ -299,11 +302,12 @@ def _existing(folder: Path, settings: HeadSettings, identity: tuple[dict, dict],
 def _other_caches(record: dict, identity: tuple[dict, dict]) -> str:
     """How a run record's caches differ from ``identity`` (empty when they are the same caches;
     a cache moved to another path still is)."""
+    from featlab.cache.joins import identity_difference
+
     differ = []
     for split, now in zip(("train", "val"), identity):
         then = record.get(split) or {}
-        keys = sorted((set(then) | set(now)) - {"path"})
-        if json.dumps([then.get(k) for k in keys]) != json.dumps([now.get(k) for k in keys]):
+        if identity_difference(then, now) is not None:
             differ.append(f"{split} cache {then.get('path')!r}, not {now.get('path')!r}")
     return " and ".join(differ)
 
