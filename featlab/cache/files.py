@@ -162,10 +162,22 @@ def _recheck(path: str, written: np.ndarray) -> np.ndarray:
 
 
 def refuse_complete(out: str) -> None:
-    """Raise the error for a cache that exists (it is only ever written complete)."""
-    raise CacheError(f"`out` must not be a complete cache unless --force (force=True) is given; "
-                     f"{out} exists and featlab never overwrites a cache. Fix: read it with "
-                     "featlab.open_cache, choose another --out, or pass --force to rebuild it.")
+    """Raise the error for a file already at ``out``, saying what it is (featlab only ever
+    writes a complete cache there, but a user may point ``out`` at any file)."""
+    try:
+        complete = h5file.inspect(out).complete
+    except CacheError:
+        complete = None
+    if complete:
+        raise CacheError(f"`out` must not be a complete cache unless --force (force=True) is "
+                         f"given; {out} exists and featlab never overwrites a cache. Fix: read it "
+                         "with featlab.open_cache, choose another --out, or pass --force to "
+                         "rebuild it.")
+    what = ("is not a featlab cache" if complete is None else
+            "is a featlab cache marked incomplete, which featlab never leaves under a final name "
+            "(it extracts into <out>.partial)")
+    raise CacheError(f"`out` must not be an existing file unless --force (force=True) is given; "
+                     f"{out} {what}. Fix: choose another --out, or pass --force to replace it.")
 
 
 _SHARD = re.compile(r"rank-(\d+)-of-(\d+)\.h5(\.partial)?$")

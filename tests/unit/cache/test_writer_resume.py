@@ -171,6 +171,22 @@ def test_a_complete_cache_is_never_overwritten_without_force(tmp_path, capsys):
     assert result.written == 4 and len(result.points) > 2
 
 
+def test_an_existing_file_that_is_no_complete_cache_is_named_for_what_it_is(tmp_path):
+    model, ds = ft.TinyResNet(), dataset(4)
+    out = tmp_path / "c.h5"
+    out.write_bytes(b"my notes")  # not a cache at all
+    with pytest.raises(CacheError, match=r"must not be an existing file unless --force .*"
+                                         r"c\.h5 is not a featlab cache\."):
+        extract(model, ds, "stages", out, **ARGS)
+    assert out.read_bytes() == b"my notes"
+    extract(model, ds, "stages", out, force=True, **ARGS)
+    with h5py.File(out, "r+") as f:  # a hand-edited cache: featlab never leaves this behind
+        f.attrs["complete"] = False
+    with pytest.raises(CacheError, match="is a featlab cache marked incomplete, which featlab "
+                                         "never leaves under a final name"):
+        extract(model, ds, "stages", out, **ARGS)
+
+
 def test_cli_refuses_an_existing_cache_with_exit_code_2_and_one_line(tmp_path, capsys,
                                                                       cli_state):
     out = tmp_path / "c.h5"
