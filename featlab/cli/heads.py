@@ -81,6 +81,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from featlab.errors import ConfigError
+    from featlab.runinfo import run_versions
     from featlab.segment import runs
     from featlab.segment.sweep import (predictors, property_table, read_sweep, sweep,
                                        sweep_difference, write_sweep)
@@ -106,10 +107,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     paths = write_sweep(result, out)
     preds, notes = [], []
     if not args.no_properties:
-        props = property_table(args.train, args.val, list(result.points), notes=notes)
+        how: dict = {}
+        props = property_table(args.train, args.val, list(result.points), notes=notes,
+                               provenance=how)
         preds = predictors(result, props)
-        runs.write_json(out / "predictors.json", {"properties": props, "predictors": preds,
-                                                  "notes": notes})
+        runs.write_json(out / "predictors.json", {
+            "properties": props, "predictors": preds, "notes": notes, "provenance": how,
+            "versions": run_versions()})
         paths.append(out / "predictors.json")
     if args.json:
         _print_json({"sweep": result.to_dict(), "rows": result.rows(), "predictors": preds,

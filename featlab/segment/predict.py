@@ -46,7 +46,8 @@ EXACT_MAX_POINTS = 9
 
 def property_table(train_cache, val_cache, points: str | Sequence[str] | None = None, *,
                    include: Sequence[str] = PROPERTIES, seed: int = 0,
-                   notes: list | None = None) -> dict[str, dict[str, float]]:
+                   notes: list | None = None, provenance: dict | None = None
+                   ) -> dict[str, dict[str, float]]:
     """``{property: {point: value}}`` for the points (default: all but the last).
 
     Args:
@@ -55,6 +56,10 @@ def property_table(train_cache, val_cache, points: str | Sequence[str] | None = 
         include: which properties to compute (see :data:`PROPERTIES`).
         seed: passed to the analyses that draw random numbers.
         notes: if given, one string per skipped property is appended (also logged).
+        provenance: if given, filled with what produced the values: ``seed``, ``points``, the
+            caches' identities (``train``, ``val``), and per computed property how it was
+            measured (``measured``: the CKA estimator, the probe's settings and the
+            regularisation strength it chose per point, ...).
     """
     from featlab.cache.reader import open_cache
 
@@ -64,10 +69,12 @@ def property_table(train_cache, val_cache, points: str | Sequence[str] | None = 
     names = [p for p in val.select(points) if p != last]
     records = {p.name: p for p in val.points}
     table: dict[str, dict[str, float]] = {}
+    measured: dict[str, dict] = {}
     for key in ("stride", "rf_size", "channels"):
         if key in include:
             table[key] = {p: float(getattr(records[p], key)) for p in names
                           if getattr(records[p], key) is not None}
+            measured[key] = {"from": "the val cache's skip-point records"}
     jobs = {"resolution_ceiling": lambda: _ceiling(val, names),
             "cka_to_last": lambda: _cka(val, names, last),
             "probe_miou": lambda: _probe(train, val, names, seed)}
@@ -75,11 +82,14 @@ def property_table(train_cache, val_cache, points: str | Sequence[str] | None = 
         if key not in include:
             continue
         try:
-            table[key] = job()
+            table[key], measured[key] = job()
         except ImportError as err:
             _note(notes, f"{key} skipped: its module is not available ({err})")
         except Exception as err:  # an analysis failing must not cost the sweep its result
             _note(notes, f"{key} skipped: {type(err).__name__}: {err}")
+    if provenance is not None:
+        provenance.update({"seed": seed, "points": names, "train": train.identity(),
+                           "val": val.identity(), "measured": measured})
     return table
 
 
@@ -89,29 +99,36 @@ def _note(notes: list | None, text: str) -> None:
         notes.append(text)
 
 
-def _ceiling(val, names: list[str]) -> dict[str, float]:
+def _ceiling(val, names: list[str]) -> tuple[dict[str, float], dict]:
     from featlab.analysis.resolution import resolution_table
 
     rows = {r["point"]: r for r in resolution_table(val, progress=False).rows()}
-    return {p: float(rows[p]["ceiling_miou"]) for p in names
-            if rows.get(p, {}).get("ceiling_miou") is not None}
+    return ({p: float(rows[p]["ceiling_miou"]) for p in names
+             if rows.get(p, {}).get("ceiling_miou") is not None},
+            {"from": "resolution_table of the val cache: ceiling_miou, the better of the "
+                     "nearest and majority reductions"})
 
 
-def _cka(val, names: list[str], last: str) -> dict[str, float]:
+def _cka(val, names: list[str], last: str) -> tuple[dict[str, float], dict]:
     from featlab.analysis.similarity import cka_matrix
 
     r = cka_matrix(val, kind="linear", progress=False)
     rows, cols = list(r.names), list(getattr(r, "columns", None) or r.names)
     j = cols.index(last)
-    return {p: float(np.asarray(r.matrix)[rows.index(p), j]) for p in names if p in rows}
+    return ({p: float(np.asarray(r.matrix)[rows.index(p), j]) for p in names if p in rows},
+            {"from": "cka_matrix of the val cache", "to": last, "kind": r.kind,
+             "estimator": r.estimator, "spatial": r.spatial, "num_images": r.num_images})
 
 
-def _probe(train, val, names: list[str], seed: int) -> dict[str, float]:
+def _probe(train, val, names: list[str], seed: int) -> tuple[dict[str, float], dict]:
     from featlab.analysis.probe import probe_points
 
     result = probe_points(train, val, points=names, seed=seed, progress=False)
     rows = {r["point"]: r for r in result.rows()}
-    return {p: float(rows[p]["miou"]) for p in names if p in rows}
+    return ({p: float(rows[p]["miou"]) for p in names if p in rows},
+            {"from": "probe_points, trained on the train cache, scored on the val cache",
+             "settings": dict(result.settings), "alpha": {s.point: s.alpha for s in result.scores},
+             "n_pixels": {s.point: s.n_pixels for s in result.scores}})
 
 
 def predictors(sweep_result, properties: dict[str, dict[str, float]]) -> list[dict]:

@@ -39,6 +39,8 @@ def test_sweep_cli_table_files_predictors_and_refusal(caches, capsys):
     assert {"stride", "rf_size", "probe_miou", "cka_to_last", "resolution_ceiling"} <= set(
         preds["properties"])
     assert {p["property"] for p in preds["predictors"]} == set(preds["properties"])
+    assert preds["versions"]["featlab"] and set(preds["provenance"]["measured"]) == set(
+        preds["properties"])
     # the same sweep again: nothing trained, the same table printed from the records
     stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
     assert main(cmd) == 0

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from featlab.analysis.probe import probe_points
+from featlab.cache.reader import open_cache
 from featlab.segment import runs
 from featlab.segment.metrics import ConfusionMatrix
 from featlab.segment.predict import (EXACT_MAX_POINTS, predictors, property_table,
@@ -90,13 +92,21 @@ def test_property_table_skips_missing_modules_with_a_note(caches, monkeypatch):
 
 
 def test_property_table_joins_the_analyses_that_exist(caches):
-    notes = []
-    table = property_table(*caches, points="all", notes=notes)
+    notes, how = [], {}
+    table = property_table(*caches, points="all", notes=notes, provenance=how)
     assert not notes, notes
     assert set(table) == {"stride", "rf_size", "channels", "resolution_ceiling", "cka_to_last",
                           "probe_miou"}
     assert set(table["probe_miou"]) == {"conv1", "bn1", "relu", "layer1.0"}
     assert all(0 <= v <= 1 for v in table["resolution_ceiling"].values())
+    # what produced the values is recorded: the caches, and the probe's chosen strengths
+    assert how["points"] == ["conv1", "bn1", "relu", "layer1.0"] and how["seed"] == 0
+    assert how["val"]["ids_sha256"] == open_cache(caches[1]).identity()["ids_sha256"]
+    assert set(how["measured"]) == set(table)
+    assert how["measured"]["cka_to_last"]["to"] == "layer1.1"
+    probed = probe_points(*caches, points=list(table["probe_miou"]), seed=0, progress=False)
+    assert how["measured"]["probe_miou"]["alpha"] == {s.point: s.alpha for s in probed.scores}
+    assert how["measured"]["probe_miou"]["settings"] == probed.settings
 
 
 def test_predictors_are_spearman_correlations_over_points():
