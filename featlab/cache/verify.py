@@ -7,7 +7,8 @@ SkipPoint record, ``stored_size`` and ``pooling``, labels/images against ``input
 completeness (flag values, the ``complete`` attribute against the flags and the file name) and
 values of written samples (NaN/Inf recounted against ``/stats/nonfinite``, a float16 error bound
 recomputed against ``/stats/abs_error``, labels in ``[0, classes) ∪ {ignore_index}``, every
-chunk readable). Only a file that is not a featlab cache
+chunk readable); a float16 point whose samples hold no value in float16's normal range (lost to
+underflow, unless truly zero) is a note. Only a file that is not a featlab cache
 raises (CacheError: the CLI's "bad input", exit 2); everything else becomes a :class:`Problem`.
 
 Examples:
@@ -32,7 +33,8 @@ from featlab.cache._reading import (check_schema, decode_attr, ids_sha256, open_
 from featlab.cache.summary import human_bytes
 from featlab.points import SkipPoint
 
-__all__ = ["verify", "VerifyReport", "Problem", "recheck_tail"]
+__all__ = ["verify", "VerifyReport", "Problem", "recheck_tail", "float16_underflow",
+           "underflow_summary", "underflow_message"]
 
 _BLOCK_BYTES = 64 << 20  # bytes read at a time per dataset: bounds verify's memory
 _FIX_EXTRACT = "Fix: re-extract the cache (featlab.extract / `featlab extract`)."
@@ -367,6 +369,7 @@ class _Verifier:
         row_bytes = max(1, int(np.prod(dset.shape[1:])) * dset.dtype.itemsize)
         block = max(1, block_bytes // row_bytes)
         mismatches, bounds, known, first_known = [], [], 0, None
+        tiny_rows, zero_rows, checked = 0, 0, 0
         classes, ignore = len(self.attrs.get("classes") or []), self.attrs.get("ignore_index")
         bad_labels = []
         for start in range(0, self.n, block):
@@ -396,6 +399,11 @@ class _Verifier:
                         ok, expected = _bound_agrees(data, recorded, counted)
                         bounds += [(start + r, float(expected[r]), float(recorded[r]))
                                    for r in np.flatnonzero(written & ~ok)]
+                if data.dtype == np.float16:
+                    tiny, zero = float16_underflow(data)
+                    tiny_rows += int((tiny & written).sum())
+                    zero_rows += int((zero & written).sum())
+                    checked += int(written.sum())
                 hits = np.flatnonzero(written & agree & (counted > 0))  # recorded, so a note
                 known += int(counted[hits].sum())
                 if hits.size and first_known is None:
@@ -412,6 +420,8 @@ class _Verifier:
         if known:
             self.notes.append(f"{name}: {known} non-finite value(s) (NaN/Inf), first in sample "
                               f"{self.sample(first_known)}.")
+        if tiny_rows:
+            self.notes.append(underflow_message(name, tiny_rows, zero_rows, checked))
         if bad_labels:
             row, value = bad_labels[0]
             self.add("labels", f"labels must be class indices in [0, {classes}) or "
@@ -479,6 +489,47 @@ def _error_bound_of_stored(data: np.ndarray) -> np.ndarray:
     # spacing to the next float16 up; at 65504 the next is inf, and the spacing is that below
     largest = np.minimum(largest, np.float16(np.nextafter(np.float16(65504), np.float16(0))))
     return np.spacing(largest).astype(np.float32) / 2
+
+
+def underflow_message(point: str, tiny: int, zero: int, checked: int) -> str:
+    """The one-line note for a float16 point whose samples hold no normal value."""
+    return (f"point {point!r}: {tiny} of {checked} samples hold no value in float16's normal range "
+            f"(every |value| < 6.1e-05; {zero} of them all zero), where float16 keeps few or no significant bits "
+            "and the absolute error recorded looks small; unless these activations are truly "
+            "zero, re-extract with --dtype float32 (a randomly initialised MobileNet or "
+            "EfficientNet computes activations near 1e-8).")
+
+
+def float16_underflow(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of float16 ``data``: whether no value of it is in float16's normal range (every
+    |value| below 2**-14 = 6.1e-05, where float16 keeps at most 10 significant bits, fewer the
+    smaller it is, and rounds below 6e-08 to 0), and whether it is all zero. Reads the bits:
+    one integer pass.
+
+    Examples:
+        >>> float16_underflow(np.array([[1e-5, 0], [0, -0.0], [1e-3, 1e-9]], np.float16))
+        (array([ True,  True, False]), array([False,  True, False]))
+    """
+    top = (data.reshape(len(data), -1).view(np.uint16) & 0x7FFF).max(axis=1)
+    return top < 0x0400, top == 0
+
+
+def underflow_summary(path: str | os.PathLike, rows: int = 16
+                      ) -> list[tuple[str, int, int, int]]:
+    """``(point, rows without a normal value, of them all zero, rows checked)`` for every
+    float16 point of a cache with such rows, over its first ``rows`` samples (one read per
+    point): what extraction checks before it reports. :func:`verify` checks every sample."""
+    with open_h5(Path(path)) as f:
+        names = json.loads(decode_attr(f.attrs["point_names"]))
+        out = []
+        for name in names:
+            dset = f[f"{schema.POINTS}/{name}"]
+            if dset.dtype != np.float16 or not dset.shape[0]:
+                continue
+            tiny, zero = float16_underflow(dset[:rows])
+            if tiny.any():
+                out.append((name, int(tiny.sum()), int(zero.sum()), len(tiny)))
+        return out
 
 
 def _bar(total: int, progress: bool):

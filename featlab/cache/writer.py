@@ -42,6 +42,7 @@ from featlab.cache import files, h5file, merge
 from featlab.cache.plan import ExtractPlan, format_bytes, free_disk_bytes
 from featlab.cache.setup import Job, prepare_job
 from featlab.cache.stream import stream
+from featlab.cache.verify import underflow_message, underflow_summary
 from featlab.errors import CacheError, ConfigError, FeatlabWarning
 
 __all__ = ["extract", "estimate", "ExtractResult"]
@@ -64,6 +65,10 @@ class ExtractResult:
         images_per_s: ``written / seconds``.
         mb_per_s: bytes of rows written by this call per second, in MB (10^6 bytes).
         nonfinite: ``(point, sample id, count)`` for every stored array holding NaN/Inf.
+        underflow: ``(point, samples, all zero, checked)`` for every float16 point whose first
+            samples (16 per rank) include some with no value in float16's normal range
+            (``featlab.cache.verify.float16_underflow``); a warning names the points where they
+            are at least half.
     """
 
     path: str
@@ -76,10 +81,13 @@ class ExtractResult:
     images_per_s: float
     mb_per_s: float
     nonfinite: tuple[tuple[str, str, int], ...] = ()
+    underflow: tuple[tuple[str, int, int, int], ...] = ()
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["points"], d["nonfinite"] = list(self.points), [list(t) for t in self.nonfinite]
+        d["points"] = list(self.points)
+        d["nonfinite"], d["underflow"] = ([list(t) for t in self.nonfinite],
+                                          [list(t) for t in self.underflow])
         return d
 
     @classmethod
@@ -89,7 +97,8 @@ class ExtractResult:
             raise ConfigError(f"ExtractResult keys must be among {sorted(names)}; got unknown "
                               f"{sorted(set(d) - names)}. Fix: use the output of to_dict().")
         return cls(**{**d, "points": tuple(d["points"]),
-                      "nonfinite": tuple(tuple(t) for t in d.get("nonfinite", ()))})
+                      "nonfinite": tuple(tuple(t) for t in d.get("nonfinite", ())),
+                      "underflow": tuple(tuple(t) for t in d.get("underflow", ()))})
 
 
 def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | os.PathLike =
@@ -174,13 +183,18 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
     written = sum(g["written"] for g in gathered)
     findings = tuple(sorted((tuple(f) for g in gathered for f in g["nonfinite"]),
                             key=lambda f: (f[1], f[0])))
+    underflow: dict[str, list[int]] = {}
+    for g in gathered:  # summed over the ranks' shards
+        for name, *counts in g["underflow"]:
+            underflow[name] = [a + b for a, b in zip(underflow.get(name, [0, 0, 0]), counts)]
     size = os.path.getsize(job.paths.out) + sum(
         os.path.getsize(p) for p in job.paths.shard_files() if info.world_size > 1)
     seconds = time.perf_counter() - started
     result = ExtractResult(
         job.paths.out, job.settings.points, job.settings.num_samples, written,
         sum(g["skipped"] for g in gathered), size, seconds, written / seconds,
-        written * job.plan.bytes_per_sample / seconds / 1e6, findings)
+        written * job.plan.bytes_per_sample / seconds / 1e6, findings,
+        tuple((name, *counts) for name, counts in underflow.items()))
     if info.is_main:
         _report(result, job)
     return result
@@ -274,7 +288,8 @@ def _run_rank(job: Job, resume: tuple[str, np.ndarray] | None, written: np.ndarr
     counts, ids, names = h5file.read_nonfinite(paths.target)
     found = [(names[p], str(ids[r]), int(counts[r, p])) for r in range(len(ids))
              for p in np.flatnonzero(counts[r])]
-    return {"written": todo, "skipped": len(written) - todo, "nonfinite": found}
+    return {"written": todo, "skipped": len(written) - todo, "nonfinite": found,
+            "underflow": underflow_summary(paths.target)}
 
 
 # ----------------------------------------------------------------------------- ends
@@ -298,4 +313,9 @@ def _report(result: ExtractResult, job: Job) -> None:
             f"sample) pairs of {result.path}: {listed}{more}. They are stored as computed and "
             "counted in /stats/nonfinite. Fix: check the model and inputs; with float16, values "
             "beyond +-65504 overflow (use dtype float32).", FeatlabWarning, stacklevel=3)
+    for name, tiny, zero, checked in result.underflow:
+        if 2 * tiny >= checked:
+            warnings.warn(f"float16 storage must keep the activations' precision; in "
+                          f"{result.path}, {underflow_message(name, tiny, zero, checked)}",
+                          FeatlabWarning, stacklevel=3)
 

@@ -408,6 +408,47 @@ def test_float16_overflow_is_counted_with_an_infinite_error(tmp_path, error_stat
     assert "inf in 2" in format_summary(summary(tmp_path / "c.h5"))
 
 
+def test_activations_float16_cannot_hold_are_reported_not_passed_as_precise(tmp_path):
+    # a random-init MobileNet's last stage is ~1e-8: float16 stores zeros and subnormals, and the
+    # absolute error recorded (2**-25) looks excellent
+    class Scale(nn.Module):
+        def __init__(self, factor):
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, x):
+            return x * self.factor
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain, self.tiny, self.gone = Scale(1.0), Scale(1e-6), Scale(1e-9)
+
+        def forward(self, x):
+            return self.gone(self.tiny(self.plain(x))).mean((2, 3))
+
+    ds = arrays(n=5, size=4)
+    with pytest.warns(FeatlabWarning) as caught:
+        result = extract(Net(), ds, "all", tmp_path / "c.h5", spec=SPEC, num_workers=0,
+                         progress=False)
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2 and all("--dtype float32" in m for m in messages)
+    assert "point 'gone': 5 of 5 samples hold no value in float16's normal range (every " \
+           "|value| < 6.1e-05; 5 of them all zero)" in messages[0]
+    assert "point 'tiny': 5 of 5 samples" in messages[1] and "0 of them all zero" in messages[1]
+    assert result.underflow == (("tiny", 5, 0, 5), ("gone", 5, 5, 5))
+    with h5py.File(tmp_path / "c.h5", "r") as f:  # what the message says, from the file
+        tiny, gone = np.abs(f["points/tiny"][:]), f["points/gone"][:]
+    assert (tiny < 2.0 ** -14).all() and (tiny > 0).any() and not gone.any()
+    report = verify(tmp_path / "c.h5", progress=False)
+    assert report.ok and sorted(n for n in report.notes if "normal range" in n) == [
+        m.split(", ", 1)[1] for m in messages]
+    # float32 keeps them: nothing to report
+    result = extract(Net(), ds, "all", tmp_path / "f32.h5", spec=SPEC, dtype="float32",
+                     num_workers=0, progress=False)
+    assert result.underflow == ()
+
+
 @pytest.mark.parametrize("exact", [False, True])
 def test_the_device_statistic_agrees_with_numpy(exact):
     """``rounding_error``: what the hooks compute on a GPU (whole-tensor, no host sync), run
