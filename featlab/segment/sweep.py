@@ -34,6 +34,7 @@ from featlab._records import check_record
 from featlab.errors import ConfigError
 from featlab.segment import runs
 from featlab.segment.predict import predictors, property_table
+from featlab.segment.sources import check_caches
 from featlab.segment.train import FLAG_FIELDS, HeadSettings, run_name, train_head
 
 log = logging.getLogger("featlab")
@@ -196,6 +197,7 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
     started = time.perf_counter()
     train, val, settings, seeds, names = _resolve(train, val, points, seeds, settings, overrides)
     last = train.point_names[-1]
+    check_caches(train, val, [*names, last])  # before any run: a refusal leaves nothing behind
     folder = Path(out) if out is not None else train.path.parent / "sweep"
     configs = [None, *names]
     total, done = len(configs) * len(seeds), 0

@@ -9,14 +9,19 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import featlab
+import featlab.testing as ft
 from featlab.analysis.probe import probe_points
 from featlab.cache.reader import open_cache
+from featlab.errors import CacheError
 from featlab.segment import runs
 from featlab.segment.metrics import ConfusionMatrix
 from featlab.segment.predict import (EXACT_MAX_POINTS, predictors, property_table,
                                      spearman_exact_p)
 from featlab.segment.sweep import (SweepResult, _miou, bootstrap_gain, gain_stats, sweep,
                                    write_sweep)
+
+from .conftest import SPEC
 
 FAST = dict(epochs=1, batch_size=8, lr=0.01)
 
@@ -51,6 +56,19 @@ def test_bootstrap_over_images_is_seeded_paired_and_brackets_the_gain():
     observed = np.mean([_miou(s.sum(0)) - _miou(b.sum(0)) for s, b in zip(better, base)])
     assert 0 < lo <= observed <= hi
     assert bootstrap_gain(base, base, n=50) == (0.0, 0.0)
+
+
+def test_sweep_refuses_caches_heads_cannot_use_before_any_run(tmp_path):
+    # a pooled cache used to be found after the baseline had been trained and recorded, whose
+    # run then blocked a later sweep of other caches into the same folder
+    for split, n in (("train", 16), ("val", 8)):
+        ds = featlab.load_dataset("shapes", split=split, size=32, length=n)
+        featlab.extract(ft.TinyResNet(), ds, "all", tmp_path / f"{split}.h5", spec=SPEC,
+                        max_size=4, num_workers=0, progress=False)
+    with pytest.raises(CacheError, match="point 'relu' must be stored at full size"):
+        sweep(tmp_path / "train.h5", tmp_path / "val.h5", points="relu", seeds=1,
+              out=tmp_path / "sweep", progress=False, **FAST)
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_sweep_table_files_and_resume(caches, tmp_path):
