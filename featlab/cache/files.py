@@ -5,7 +5,7 @@ Under ``torchrun`` with K processes, rank ``r`` writes ``<out>.shards/rank-<r>-o
 (``.partial`` while incomplete) and rank 0 then writes ``<out>`` as virtual datasets over the
 shards. :func:`prepare` applies the rules of resuming: a complete ``<out>`` is never overwritten
 without ``force``; a partial file is resumed only when its settings equal the new ones, else the
-error names the first setting that differs.
+error names the first setting that differs -- unless it holds no sample yet, when it is replaced.
 """
 
 from __future__ import annotations
@@ -121,6 +121,11 @@ def prepare(paths: CachePaths, settings: ExtractSettings) -> tuple[str, np.ndarr
         if os.path.exists(path):
             found = h5file.inspect(path)
             diff = found.settings.difference(settings)
+            if diff is not None and path == paths.partial and not found.written.any():
+                # nothing to lose: a run that failed before its first batch (a data error)
+                os.remove(path)
+                log.info("replaced %s: it held no sample yet, and %s differs", path, diff[0])
+                return None
             if diff is not None:
                 flag, there, now = diff
                 raise CacheError(f"{flag} differs from the partial cache at {path}: {there} "

@@ -91,7 +91,16 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
 
 
 def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
+    """The message on one line. An error raised in a DataLoader worker comes back with the
+    worker's traceback in its message; only the original message is kept, with where it came
+    from."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:  # torch's ExceptionWrapper.reraise
+        where = text.split("\n", 1)[0].split(" in ", 1)[-1].rstrip(".")  # DataLoader worker ...
+        last = text.rstrip().splitlines()[-1]
+        prefix = f"{type(err).__module__}.{type(err).__name__}: "
+        text = f"{last.removeprefix(prefix)} (in {where})"
+    return " ".join(text.split())
 
 
 def _show_warning(command: str, message, category, filename, lineno, file=None, line=None

@@ -8,9 +8,11 @@ Layout::
     ROOT/splits/<split>.txt               optional: the stems of each split, one per line
 
 Without ``splits/`` every split holds every image (and a split other than ``"all"`` warns).
-Mask values must be class indices or 255; anything else raises. A mask made only of 0 and 255
-raises too, because that is how binary masks are usually saved, and reading 255 as "ignore"
-would silently drop every foreground pixel; pass ``check_binary=False`` if such masks are meant.
+Mask values must be class indices or 255; anything else raises. In a two-class data set a mask
+made only of 0 and 255 raises too, because that is how binary masks are usually saved, and
+reading 255 as "ignore" would silently drop every foreground pixel; pass ``check_binary=False``
+(``--option check_binary=false``) if such masks are meant. With more classes such a mask cannot
+be a binary one and is read as it is: an image of background only, with ignored pixels.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class FolderDataset(FileDataset):
         size: side of the square crop after resizing the shorter side; None: native size.
         seed: recorded only (the data set has no randomness).
         length: keep the first ``length`` samples of the sorted order.
-        check_binary: raise on masks made only of 0 and 255 (see the module docstring).
+        check_binary: with two classes, raise on masks made only of 0 and 255 (see the module
+            docstring).
     """
 
     name = "folder"
@@ -122,15 +125,15 @@ class FolderDataset(FileDataset):
         return sorted({_stem(line) for line in lines if line.strip()})
 
     def check_mask(self, mask: np.ndarray, path: Path) -> None:
-        if not self.check_binary:
+        if not self.check_binary or len(self.classes) != 2:
             return
         present = np.bincount(mask.ravel(), minlength=256) > 0  # cheaper than np.unique
         if present.sum() == 2 and present[0] and present[IGNORE_INDEX]:
             raise DatasetFormatError(
                 f"masks must hold class indices (255 = ignore); got only 0 and 255 in '{path}', "
                 f"which looks like a binary mask whose foreground would be ignored. Fix: store "
-                f"the foreground as class 1 (e.g. mask // 255), or pass check_binary=False if "
-                f"255 really marks ignored pixels.")
+                f"the foreground as class 1 (e.g. mask // 255), or pass check_binary=False "
+                f"(--option check_binary=false) if 255 really marks ignored pixels.")
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "check_binary": self.check_binary}

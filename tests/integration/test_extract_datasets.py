@@ -65,3 +65,26 @@ def test_python_api_on_shapes_matches_a_forward_of_the_same_samples(tmp_path):
     with h5py.File(result.path, "r") as f:  # through a DataLoader worker process: the same
         np.testing.assert_array_equal(f["points/layer2.1"][:], acts["layer2.1"].numpy())
         assert json.loads(f.attrs["model"]) == spec.to_dict() and spec.seed == 3
+
+
+def test_a_bad_sample_read_in_a_worker_is_one_line_and_the_fixed_run_needs_no_force(
+        tmp_path, capsys, cli_state):
+    from PIL import Image
+
+    ids = ["2007_000001", "2007_000002"]
+    masks = write_voc(tmp_path / "voc", {"train": ids, "val": ids}, size=(30, 44))
+    bad = tmp_path / "voc" / "VOCdevkit" / "VOC2012" / "SegmentationClass" / f"{ids[1]}.png"
+    Image.fromarray(np.zeros((28, 44), np.uint8)).save(bad)  # not the image's size
+    argv = ["extract", "--model", "resnet18", "--weights", "none", "--data", "voc", "--root",
+            str(tmp_path / "voc"), "--split", "val", "--points", "relu", "--input-size", "32",
+            "--out", str(tmp_path / "c.h5"), "--quiet", "--workers", "1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("featlab extract: error: image and mask must have the same size; got "
+                          "30x44 for ") and err.endswith("(in DataLoader worker process 0)\n")
+    # fixed, and with another option: the partial file held no sample, so it is replaced
+    Image.fromarray(masks[ids[1]]).save(bad)
+    assert cli.main([*argv, "--dtype", "float32"]) == 0
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        assert f["points/relu"].dtype == np.float32

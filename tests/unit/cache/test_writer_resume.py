@@ -159,6 +159,24 @@ def test_resuming_with_other_settings_names_the_setting(tmp_path, monkeypatch):
     assert (result.written, result.skipped) == (7, 3)
 
 
+def test_a_partial_cache_without_a_sample_is_replaced_by_other_settings(tmp_path, monkeypatch):
+    # a run that fails before its first batch is written (a bad sample, a full disk) leaves
+    # nothing worth keeping: the fixed command must not need --force
+    model, ds = ft.TinyResNet(), dataset()
+    out = tmp_path / "c.h5"
+    fail_writes_after(monkeypatch, calls=0)
+    with pytest.raises(CacheError):
+        extract(model, ds, "stages", out, **ARGS)
+    monkeypatch.undo()
+    partial = str(out) + schema.PARTIAL_SUFFIX
+    with h5py.File(partial, "r") as f:
+        assert not f[schema.WRITTEN][:].any()
+    result = extract(model, ds, "stages", out, **{**ARGS, "dtype": "float32"})
+    assert (result.written, result.skipped) == (10, 0) and not os.path.exists(partial)
+    with h5py.File(out, "r") as f:
+        assert f["points/layer1.1"].dtype == np.float32
+
+
 def test_a_complete_cache_is_never_overwritten_without_force(tmp_path, capsys):
     model, ds = ft.TinyResNet(), dataset(4)
     out = tmp_path / "c.h5"

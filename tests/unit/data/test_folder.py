@@ -61,6 +61,16 @@ def test_binary_0_255_masks_raise(tmp_path):
     assert np.array_equal(ds[0]["mask"].numpy(), binary)
 
 
+def test_a_background_only_mask_with_ignored_pixels_is_read_when_classes_are_many(tmp_path):
+    # with three classes a 0/255 mask cannot be a binary mask saved as 0/255: an image of
+    # background only, with an ignored border, is valid data
+    write_folder(tmp_path, classes=CLASSES, stems=["m"])
+    mask = np.zeros((20, 28), np.uint8)
+    mask[:2], mask[-2:] = 255, 255
+    Image.fromarray(mask).save(tmp_path / "masks" / "m.png")
+    assert np.array_equal(load_dataset("folder", "all", root=tmp_path)[0]["mask"].numpy(), mask)
+
+
 def test_values_at_or_above_num_classes_raise(tmp_path):
     write_folder(tmp_path, classes=CLASSES, stems=["m"])
     mask = np.zeros((20, 28), np.uint8)
