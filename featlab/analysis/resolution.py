@@ -160,7 +160,9 @@ class ResolutionResult:
         points: the :class:`SkipPoint` records (execution order).
         input_size: (H, W) the sizes were measured at.
         ceiling: ``{point: {mode: {"miou", "pixel_accuracy", "mean_accuracy", "iou"}}}``
-            (empty without labels).
+            (empty without labels), on the grid the features live on: a cache's stored grid.
+        stored: ``{point: [h, w]}`` of the points a cache stores pooled (``--max-size``): their
+            ceiling is computed on that grid, what probes and CKA of the cache see.
         erf: ``{point: ERFMap}`` (empty unless requested).
         num_images: label maps used for the ceiling.
         num_classes, ignore_index: of the labels.
@@ -179,11 +181,13 @@ class ResolutionResult:
     settings: dict = field(default_factory=dict)
     cache: dict | None = None
     versions: dict = field(default_factory=dict)
+    stored: dict = field(default_factory=dict)
 
     def rows(self) -> list[dict]:
         """One dict per point: ``point, index, channels, size`` (cells along H; ``width``
-        along W), ``stride, rf_size, rf_stride, rf_padding, rf_status``, and when available
-        ``ceiling_miou`` (the best over the reductions), ``ceiling_miou_<mode>``,
+        along W), ``stride, rf_size, rf_stride, rf_padding, rf_status``, ``stored_size`` and
+        ``stored_width`` when any point is stored pooled, and when available ``ceiling_miou``
+        (the best over the reductions), ``ceiling_miou_<mode>``,
         ``ceiling_pixel_accuracy_<mode>``, ``erf_radius50``, ``erf_radius90``."""
         out = []
         for p in self.points:
@@ -191,6 +195,8 @@ class ResolutionResult:
                    "width": p.size[1], "stride": p.stride, "rf_size": p.rf_size,
                    "rf_stride": p.rf_stride, "rf_padding": p.rf_padding,
                    "rf_status": p.rf_status}
+            if self.stored:
+                row["stored_size"], row["stored_width"] = self.stored.get(p.name, p.size)
             ceil = self.ceiling.get(p.name)
             if ceil:
                 row["ceiling_miou"] = max(v["miou"] for v in ceil.values())
@@ -212,8 +218,8 @@ class ResolutionResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> ResolutionResult:
+        d = {"stored": {}, **d}  # results written before featlab recorded it
         check_keys("ResolutionResult", d, _KEYS)
-        d = dict(d)
         d["points"] = [SkipPoint.from_dict(p) for p in d["points"]]
         d["input_size"] = None if d["input_size"] is None else tuple(d["input_size"])
         d["erf"] = {k: ERFMap.from_dict(v) for k, v in d["erf"].items()}
@@ -221,7 +227,7 @@ class ResolutionResult:
 
 
 _KEYS = ("points", "input_size", "ceiling", "erf", "num_images", "num_classes", "ignore_index",
-         "settings", "cache", "versions")
+         "settings", "cache", "versions", "stored")
 
 
 def _label_batches(labels: Any, n: int) -> Iterable[np.ndarray]:
@@ -292,7 +298,8 @@ def resolution_table(source: Any, *, input_size: int | tuple[int, int] | None = 
             raise ConfigError("num_classes must be given to compute the resolution ceiling from "
                               "labels; got None. Fix: pass num_classes=len(classes).")
         n_images = len(labels)
-        grids = {p.name: tuple(p.size) for p in points}
+        grids = {p.name: tuple(p.size) if cache is None else tuple(cache.stored_size(p.name))
+                 for p in points}
         by_grid = resolution_ceiling(_label_batches(labels, n_images), list(grids.values()),
                                      num_classes, modes=modes, ignore_index=ignore_index)
         ceiling = {name: by_grid[g] for name, g in grids.items()}
@@ -305,9 +312,12 @@ def resolution_table(source: Any, *, input_size: int | tuple[int, int] | None = 
                                          device=resolve_device(device), progress=progress)
     settings = {"modes": list(modes), "erf_images": next(iter(erf.values())).num_images
                 if erf else 0}
+    stored = {} if cache is None else {
+        p.name: list(cache.stored_size(p.name)) for p in points
+        if tuple(cache.stored_size(p.name)) != tuple(p.size)}
     result = ResolutionResult(points, size, ceiling, erf, n_images, num_classes, ignore_index,
                               settings, None if cache is None else cache.identity(),
-                              run_versions(device or "cpu"))
+                              run_versions(device or "cpu"), stored)
     logger.info("resolution table of %d points (%d label maps, ERF on %d images) in %.2f s",
                 len(points), n_images, settings["erf_images"], time.perf_counter() - started)
     return result

@@ -125,9 +125,10 @@ def cmd_analyze_resolution(args: argparse.Namespace) -> int:
         _print_json(result.to_dict(with_maps=False))
         return 0
     cols = ["point", "channels", "size", "width", "stride", "rf_size", "rf_stride", "rf_padding",
+            *(["stored_size", "stored_width"] if result.stored else []),
             "ceiling_miou_nearest", "ceiling_miou_majority"]
     cols += ["erf_radius50", "erf_radius90"] if args.erf else []
-    heads = [c.replace("ceiling_miou_", "ceiling_") for c in cols]
+    heads = [c.replace("ceiling_miou_", "ceiling_").replace("stored_", "stored ") for c in cols]
     print(_table([[_fmt(r.get(c)) for c in cols] for r in result.rows()], heads))
     print(f"\n{_count(len(result.points), 'point')} of {cache.path} "
           f"({_count(result.num_images, 'label map')}) -> "

@@ -200,6 +200,26 @@ def test_table_from_a_cache(cache, tmp_path):
         res.write_result(table, tmp_path / "t")
 
 
+def test_a_pooled_point_has_the_ceiling_of_the_grid_the_cache_stores(tmp_path):
+    # a probe of a --max-size cache sees the pooled grid: its ceiling is that grid's
+    ds = featlab.load_dataset("shapes", split="val", size=32, length=8)
+    pooled = featlab.extract(ft.TinyResNet(), ds, "all", tmp_path / "p.h5", spec=SPEC,
+                             max_size=4, num_workers=0, progress=False)
+    cache = featlab.open_cache(pooled.path)
+    table = res.resolution_table(cache, progress=False)
+    rows = {r["point"]: r for r in table.rows()}
+    labels, classes = cache.labels[:], len(cache.classes)
+    assert (rows["conv1"]["size"], rows["conv1"]["stored_size"]) == (16, 4)
+    assert rows["conv1"]["ceiling_miou_majority"] == pytest.approx(
+        reference_ceiling(labels, (4, 4), classes), abs=1e-12)
+    assert table.stored == {n: [4, 4] for n in cache.point_names
+                            if tuple(cache.point(n).size) != (4, 4)}
+    again = res.ResolutionResult.from_dict(table.to_dict())
+    assert again.rows() == table.rows()
+    old = {k: v for k, v in table.to_dict().items() if k != "stored"}  # before it existed
+    assert res.ResolutionResult.from_dict(old).stored == {}
+
+
 def test_table_with_erf_and_errors():
     net = ft.TinyResNet()
     points = featlab.skip_points(net, 32, select="stages")
