@@ -95,13 +95,18 @@ def _run(graph: fx.Graph, root: nn.Module, x: torch.Tensor, stop: fx.Node | None
 
 
 def _dominators(graph: fx.Graph, source: fx.Node) -> list[fx.Node]:
-    """Nodes on every path from ``source`` to the output, in execution order (Cooper et al.)."""
+    """Nodes on every path from ``source`` to the output, in execution order (Cooper et al.).
+
+    Only paths that carry values count: a node that reads a tensor's metadata (``x.shape``,
+    ``x.size()``) passes none on, so ``F.interpolate(out, size=x.shape[-2:])`` -- how a
+    segmentation model returns to its input's size -- does not bypass every layer.
+    """
     order = {node: i for i, node in enumerate(graph.nodes)}
     reach = {source}
     idom = {source: source}
     for node in graph.nodes:
         preds = [a for a in node.all_input_nodes if a in reach]
-        if node is source or not preds:
+        if node is source or not preds or _reads_metadata(node):
             continue
         reach.add(node)
         dom = preds[0]
@@ -118,6 +123,16 @@ def _dominators(graph: fx.Graph, source: fx.Node) -> list[fx.Node]:
         chain.append(node)
         node = idom[node]
     return chain[::-1]
+
+
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim"}
+_METADATA_METHODS = {"size", "dim", "get_device"}
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRS
+    return node.op == "call_method" and node.target in _METADATA_METHODS
 
 
 _POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear)

@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from featlab._graph import (_dominators, _in_channels, _is_global_pool, _measure, _Runner,
                             _second_size, _Tracer)
-from featlab.errors import ConfigError, GraphTraceError
+from featlab.errors import ConfigError, GraphTraceError, SkipPointNotFoundError
 from featlab.receptive_field import graph_receptive_fields
 from featlab.selection import _select, select_points
 
@@ -174,7 +174,7 @@ def skip_points(model: nn.Module, input_size: int | tuple[int, int] = 224, *,
         InputSizeError: the input is too small for the network (the message gives the
             smallest size that runs).
         GraphTraceError: ``torch.fx`` cannot trace the model.
-        SkipPointNotFoundError: ``select`` matches no skip point.
+        SkipPointNotFoundError: the model has no skip point, or ``select`` matches none.
 
     Examples:
         >>> import featlab.testing as ft
@@ -196,6 +196,12 @@ def skip_points(model: nn.Module, input_size: int | tuple[int, int] = 224, *,
             module.training = training
     logger.debug("skip_points(%s, %s): %d points in %.2f s", type(root).__name__, size,
                  len(points), time.perf_counter() - started)
+    if not points:
+        raise SkipPointNotFoundError(
+            f"a model must have a skip point, a 4-D feature map on every path from its input to "
+            f"its output; {type(root).__name__} has none (parallel branches joined only at the "
+            "end?). Fix: pass the part that is one chain (e.g. model.backbone), or capture named "
+            "modules with featlab.capture(model, ['layer3', ...]).")
     return _select(points, select, root)
 
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # annotations only: featlab.points imports this module, so no
 
 __all__ = ["select_points"]
 
+_PRESETS = ("all", "stages")
 _PARAM_NAMES = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked",
                 "layer_scale", "in_proj_weight", "in_proj_bias"}
 
@@ -64,12 +65,16 @@ def _select(points: list[SkipPoint], selection: str | Sequence[str], model: nn.M
     else:
         raise ConfigError(f"`points` selection must be a string or a list of strings; got "
                           f"{selection!r}. Fix: e.g. 'stages', 'layer3.*' or ['layer1', 'layer4'].")
-    owner = f"skip points of {type(model).__name__}" if model is not None else "skip points"
-    hint = " See `featlab points MODEL` for the list."
+    spec = getattr(model, "featlab_spec", None)  # set by get_backbone: the registry's name
+    if spec is not None:
+        owner, hint = f"skip points of {spec.name}", f" See `featlab points {spec.name}`."
+    else:
+        owner = f"skip points of {type(model).__name__}" if model is not None else "skip points"
+        hint = " List them with featlab.skip_points(model)."
     if not tokens:
         raise SkipPointNotFoundError(f"`points` must select at least one of the {owner}; got an "
                                      f"empty selection {selection!r}. Fix: e.g. 'all'.{hint}")
-    names = [n for p in points for n in (p.name, *p.aliases)]
+    names = [n for p in points for n in (p.name, *p.aliases)] + list(_PRESETS)
     chosen: set[int] = set()
     for token in tokens:
         if token == "all":

@@ -78,7 +78,7 @@ def cmd_points(args: argparse.Namespace) -> int:
     model, _ = get_backbone(args.model, weights=args.weights)
     points = skip_points(model, input_size=args.input_size, select=args.select)
     if args.json:
-        _print_json([p.to_dict() for p in points])
+        _print_json([{**p.to_dict(), "rf_status": p.rf_status} for p in points])
         return 0
     rows = [
         [p.index, p.name, p.channels, f"{p.size[0]}x{p.size[1]}", p.stride,

@@ -275,7 +275,7 @@ def sweep_difference(record: SweepResult, train, val, points: str | Sequence[str
             what = (f"`--{key.replace('_', '-')}`" if key in FLAG_FIELDS
                     else f"the head setting `{key}`")
             return what, repr(then.get(key)), repr(now.get(key))
-    for what, there, here in (("the seeds (`--seeds`, `--seed-list`)", list(record.seeds),
+    for what, there, here in (("the seed list (`--seeds`, `--seed-list`)", list(record.seeds),
                                list(seeds)),
                               ("the skip points (`--points`)", list(record.points), names),
                               ("the bootstrap resamples (`--bootstrap`)", record.bootstrap,

@@ -52,7 +52,7 @@ def test_sweep_cli_table_files_predictors_and_refusal(caches, capsys):
     assert err.startswith("featlab sweep: error: `--epochs` differs from the finished sweep in")
     assert "1 there, 2 now" in err and "--force" in err and "\n" not in err
     assert main([*cmd[:-1], "--seed-list", "0", "5", "-q"]) == 2
-    assert "the seeds (`--seeds`, `--seed-list`)" in capsys.readouterr().err
+    assert "the seed list (`--seeds`, `--seed-list`)" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == stamps
     # --force trains again; --json prints the rows
     assert main([*cmd, "--force", "--json", "--no-properties"]) == 0

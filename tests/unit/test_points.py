@@ -112,6 +112,50 @@ def test_functional_and_reused_cuts_are_not_points():
     assert [p.name for p in skip_points(Net(), 8)] == ["c1", "c2"]
 
 
+def test_reading_the_input_size_does_not_bypass_the_layers():
+    # segmentation models resize their output to x.shape: a path that carries no values
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, 2, 1))
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            out = self.head(self.enc(x))
+            return {"out": F.interpolate(out, size=x.shape[-2:], mode="bilinear")}
+
+    points = skip_points(Seg(), 32)
+    assert [(p.name, p.stride) for p in points] == [
+        ("enc.0", 2), ("enc.1", 2), ("enc.2", 4), ("head", 4)]
+
+
+def test_a_torchvision_segmentation_model_has_its_backbone_and_head_points():
+    from torchvision.models.segmentation import fcn_resnet50
+
+    model = fcn_resnet50(weights=None, weights_backbone=None, num_classes=5)
+    points = {p.name: p for p in skip_points(model, 64)}
+    # dilated: output stride 8 from layer2 on
+    assert [points[f"backbone.{n}"].stride for n in ("layer1.2", "layer2.3", "layer3.5",
+                                                      "layer4.2")] == [4, 8, 8, 8]
+    assert points["classifier.4"].channels == 5
+    with torch.inference_mode(), featlab.capture(model, ["backbone.layer3.5"]) as acts:
+        model.eval()(torch.zeros(1, 3, 64, 64))
+    assert acts["backbone.layer3.5"].shape == (1, 1024, 8, 8)
+
+
+def test_a_model_without_any_skip_point_says_so():
+    class TwoBranches(nn.Module):  # no module output lies on every path
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    with pytest.raises(SkipPointNotFoundError, match="TwoBranches has none .*model.backbone"):
+        skip_points(TwoBranches(), 16)
+
+
 def test_training_flags_restored_and_no_hooks_left():
     net = ft.TinyResNet().train()
     net.layer1[0].eval()
@@ -201,13 +245,20 @@ def test_unknown_name_suggests_close_matches(tiny_points):
         select_points(tiny_points, "layer1.2")
     message = str(info.value)
     assert "'layer1.2'" in message and "Did you mean 'layer1.1'" in message
-    assert "See `featlab points MODEL`" in message
+    assert "List them with featlab.skip_points(model)." in message
+    with pytest.raises(SkipPointNotFoundError, match="Did you mean 'stages'"):
+        select_points(tiny_points, "stage")  # the presets are candidates too
+    # a registry backbone is named as the CLI knows it
+    model, _ = featlab.get_backbone("resnet18")
+    with pytest.raises(SkipPointNotFoundError, match=r"must name skip points of resnet18; .* "
+                                                     r"See `featlab points resnet18`\.$"):
+        skip_points(model, 64, select="layer9")
 
 
 @pytest.mark.parametrize("selection",
                          ["layer9.*", "re:layer9.*", ["stages", "nope"], "", [], " , "])
 def test_empty_match_is_an_error(tiny_points, selection):
-    with pytest.raises(SkipPointNotFoundError, match="featlab points MODEL"):
+    with pytest.raises(SkipPointNotFoundError, match=r"featlab\.skip_points\(model\)"):
         select_points(tiny_points, selection)
 
 
@@ -237,3 +288,13 @@ def test_bad_regex(tiny_points):
 def test_skip_points_select_argument():
     assert [p.name for p in skip_points(ft.TinyResNet(), 32, select="stages")] == \
         ["layer1.0", "layer1.1"]
+
+
+def test_cli_points_json_carries_the_receptive_field_status(capsys, cli_state):
+    from featlab import cli
+
+    assert cli.main(["points", "mobilenet_v3_large", "--input-size", "64", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [SkipPoint.from_dict(r).rf_status for r in records] == [r["rf_status"] for r in records]
+    assert records[0]["rf_status"] == "exact"
+    assert any(r["rf_status"].startswith("exact; global context via SE") for r in records)
