@@ -142,9 +142,15 @@ def _batches(model, dataset, spec, limit, batch_size, device):
         if len(shape) == 2:
             bad = [t.cls for t in targets if t.cls >= shape[1]]
             if bad:
-                raise ConfigError(f"the model must have an output for every target class; got "
-                                  f"{shape[1]} outputs and class {bad[0]}. Fix: use weights "
-                                  "trained on this data set's classes (e.g. --weights shapes).")
+                classes = list(getattr(dataset, "classes", ()))
+                name = getattr(dataset, "name", type(dataset).__name__)
+                weights = "" if spec is None else f" (weights {spec.weights!r})"
+                raise ConfigError(
+                    f"the model must have an output for every target class; it has "
+                    f"{shape[1]} outputs{weights}, and {name} has {len(classes) or 'more'} classes "
+                    f"(a sample's target is class {bad[0]}). Fix: use weights trained on the "
+                    f"classes of {name} (a checkpoint of yours: --weights PATH); --weights shapes "
+                    "fits --data shapes.")
         if keep:
             yield images[keep], labels[keep], x[keep], targets
 

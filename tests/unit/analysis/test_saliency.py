@@ -265,3 +265,13 @@ def test_saliency_summary_and_outputs(tmp_path):
     png = plot_saliency_grid(ex, tmp_path / "grid.png", class_names=ds.classes)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ex["maps"]["layer1.1"].shape == (2, 32, 32)
+
+
+def test_a_classifier_with_fewer_outputs_than_the_classes_is_named_with_both_counts():
+    net = ft.TinyResNet()  # 10 outputs
+    net.fc = torch.nn.Linear(net.fc.in_features, 2)
+    ds = featlab.load_dataset("shapes", split="val", size=32, length=6)
+    with pytest.raises(ConfigError, match=r"it has 2 outputs, and shapes has 9 classes \(a "
+                                          r"sample's target is class [2-8]\)\. Fix: use weights "
+                                          r"trained on the classes of shapes"):
+        saliency_summary(net, ds, ["layer1.1"], progress=False)
