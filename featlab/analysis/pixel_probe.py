@@ -322,12 +322,29 @@ class PixelProbe(ClassifierMixin, BaseEstimator):
         kind = _kind(X, y)
         cm = ConfusionMatrix(len(self.classes_), ignore_index=IGNORE_INDEX)
         if kind == "pixels":
-            return cm.update(self.predict(X), np.asarray(y).astype(np.int64))
+            labels = np.asarray(y).astype(np.int64)
+            self._check_inferred_classes(labels)
+            return cm.update(self.predict(X), labels)
         size = tuple(y.shape[1:])
         for sl in batches(len(X), self.batch_size):
-            pred = self._logits(X[sl], size).argmax(1)
-            cm.update(pred, as_tensor(y[sl]).to(torch.int64))
+            labels = as_tensor(y[sl]).to(torch.int64)
+            self._check_inferred_classes(labels)
+            cm.update(self._logits(X[sl], size).argmax(1), labels)
         return cm
+
+    def _check_inferred_classes(self, labels) -> None:
+        """With ``num_classes=None`` the classes are the training labels'; a higher evaluation
+        label is a probe made without the data set's class count, said as such."""
+        if self.num_classes is not None:
+            return
+        labels = torch.as_tensor(labels)
+        labels = labels[labels != IGNORE_INDEX]
+        if labels.numel() and int(labels.max()) >= len(self.classes_):
+            raise ConfigError(
+                f"evaluation labels must be among the {len(self.classes_)} classes the probe "
+                f"inferred from its training labels (num_classes=None); got class "
+                f"{int(labels.max())}. Fix: pass num_classes=len(classes) (the data set's count) "
+                "when creating the PixelProbe.")
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Pixel accuracy over the non-ignored pixels (higher is better)."""

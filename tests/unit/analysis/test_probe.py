@@ -220,6 +220,21 @@ def test_class_absent_from_training_is_never_predicted():
     assert set(np.unique(probe.predict(X))) <= {0, 1, 2}
 
 
+def test_evaluation_beyond_the_inferred_classes_says_to_pass_num_classes():
+    X, y = blobs(n=300, c=4, k=3)
+    probe = PixelProbe(1e-3, device="cpu").fit(X, y)  # 3 classes inferred
+    y_val = y.copy()
+    y_val[0] = 4
+    match = r"among the 3 classes the probe inferred .* got class 4\. Fix: pass num_classes="
+    with pytest.raises(ConfigError, match=match):
+        probe.evaluate(X, y_val)
+    images = np.zeros((2, 4, 4, 4), np.float32), np.zeros((2, 8, 8), np.uint8)
+    probe = PixelProbe(1e-3, device="cpu").fit(images[0], images[1] + np.eye(8, dtype=np.uint8))
+    with pytest.raises(ConfigError, match="inferred from its training labels"):
+        probe.evaluate(images[0], images[1] + 2)
+    assert probe.evaluate(images[0], np.full((2, 8, 8), 255, np.uint8)).counts.sum() == 0
+
+
 @pytest.mark.parametrize("X,y,match", [
     (np.zeros((4, 3)), np.zeros((5,)), "X and y must"),
     (np.zeros((2, 3, 4, 4)), np.zeros((2, 8)), "X and y must"),
