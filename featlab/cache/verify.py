@@ -514,7 +514,7 @@ def float16_underflow(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return top < 0x0400, top == 0
 
 
-def underflow_summary(path: str | os.PathLike, rows: int = 16
+def underflow_summary(path: str | os.PathLike, rows: int = 8
                       ) -> list[tuple[str, int, int, int]]:
     """``(point, rows without a normal value, of them all zero, rows checked)`` for every
     float16 point of a cache with such rows, over its first ``rows`` samples (one read per

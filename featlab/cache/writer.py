@@ -66,7 +66,7 @@ class ExtractResult:
         mb_per_s: bytes of rows written by this call per second, in MB (10^6 bytes).
         nonfinite: ``(point, sample id, count)`` for every stored array holding NaN/Inf.
         underflow: ``(point, samples, all zero, checked)`` for every float16 point whose first
-            samples (16 per rank) include some with no value in float16's normal range
+            samples (8 per rank) include some with no value in float16's normal range
             (``featlab.cache.verify.float16_underflow``); a warning names the points where they
             are at least half.
     """
