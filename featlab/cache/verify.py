@@ -493,11 +493,11 @@ def _error_bound_of_stored(data: np.ndarray) -> np.ndarray:
 
 def underflow_message(point: str, tiny: int, zero: int, checked: int) -> str:
     """The one-line note for a float16 point whose samples hold no normal value."""
-    return (f"point {point!r}: {tiny} of {checked} samples hold no value in float16's normal range "
-            f"(every |value| < 6.1e-05; {zero} of them all zero), where float16 keeps few or no significant bits "
-            "and the absolute error recorded looks small; unless these activations are truly "
-            "zero, re-extract with --dtype float32 (a randomly initialised MobileNet or "
-            "EfficientNet computes activations near 1e-8).")
+    return (f"point {point!r}: {tiny} of {checked} samples hold no value in float16's normal "
+            f"range (every |value| < 6.1e-05; {zero} of them all zero), where float16 keeps few "
+            "or no significant bits and the absolute error recorded looks small; unless these "
+            "activations are truly zero, re-extract with --dtype float32 (a randomly "
+            "initialised MobileNet or EfficientNet computes activations near 1e-8).")
 
 
 def float16_underflow(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

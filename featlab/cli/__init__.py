@@ -1,9 +1,10 @@
 """The ``featlab`` command: parse arguments, call the library, print.
 
 Each sub-command lives in a small module of this package (``backbones``, ``caches``,
-``analyses``, ``heads``, ``demo``) as a ``cmd_*`` function plus its ``add_commands`` parser block. Heavy
-modules are imported inside each command so that ``featlab --help`` is instant. Errors that
-featlab raises on purpose (``FeatlabError``) become one line on stderr and exit code 2.
+``analyses``, ``heads``, ``demo``) as a ``cmd_*`` function plus its ``add_commands`` parser
+block. Heavy modules are imported inside each command so that ``featlab --help`` is instant.
+Errors that featlab raises on purpose (``FeatlabError``) become one line on stderr and exit
+code 2; one raised in a DataLoader worker loses the worker's traceback.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"featlab {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars, warnings only")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in (backbones, caches, analyses, heads, demo):

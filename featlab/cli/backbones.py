@@ -19,7 +19,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
     p = sub.add_parser("points", parents=[common], help="list the skip points of a backbone")
     p.add_argument("model", help="backbone name, see `featlab models`")
-    p.add_argument("--weights", default="none", help="none | imagenet | shapes | PATH (default none)")
+    p.add_argument("--weights", default="none",
+                   help="none | imagenet | shapes | PATH (default none)")
     p.add_argument("--input-size", type=int, default=224, help="input side in pixels (default 224)")
     p.add_argument("--select", default="all",
                    help="all | stages | glob (layer3.*) | re:REGEX | comma-separated names")
@@ -85,7 +86,8 @@ def cmd_points(args: argparse.Namespace) -> int:
          p.rf_size, p.rf_stride, p.rf_padding, p.rf_status]
         for p in points
     ]
-    print(_table(rows, ["#", "name", "C", "HxW", "stride", "rf", "rf_stride", "rf_pad", "rf status"]))
+    print(_table(rows, ["#", "name", "C", "HxW", "stride", "rf", "rf_stride", "rf_pad",
+                        "rf status"]))
     print(f"\n{len(points)} skip points of {args.model} at input {args.input_size} px "
           f"(selection {args.select!r}).")
     return 0
