@@ -157,7 +157,8 @@ def _module_of(point: Any, modules: Mapping[str, nn.Module], root: nn.Module
         raise SkipPointNotFoundError(
             f"SkipPoint {point.name!r} must name a module of {type(root).__name__}; got module "
             f"{point.module!r}, which this model does not have."
-            f"{did_you_mean(point.module, modules)} Fix: discover the points on this model: featlab.skip_points(model).")
+            f"{did_you_mean(point.module, modules)} Fix: discover the points on this model: "
+            "featlab.skip_points(model).")
     return parsed
 
 

@@ -243,9 +243,10 @@ class Recorder(Mapping[str, torch.Tensor]):
                 more = ", ..." if len(training) > 3 else ""
                 raise ModelModeError(
                     f"every module must be in eval mode inside featlab.capture(eval=True); got "
-                    f"{len(training)} in training mode ({shown}{more}): something called .train() inside the `with` block (a training loop, a "
-                    "framework callback). Fix: keep .train() out of the block, or pass eval=False "
-                    "to capture the model in the mode you set.")
+                    f"{len(training)} in training mode ({shown}{more}): something called "
+                    ".train() inside the `with` block (a training loop, a framework callback). "
+                    "Fix: keep .train() out of the block, or pass eval=False to capture the model "
+                    "in the mode you set.")
         self._forward = _Forward(len(self._hooked), len(self._targets))
 
     def _make_hook(self, slot: int, name: str, targets: tuple[int, ...]) -> Callable:

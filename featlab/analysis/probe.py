@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from featlab.analysis._io import write_json_csv
 from featlab.analysis.pixel_probe import PixelProbe

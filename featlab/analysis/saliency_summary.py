@@ -3,9 +3,9 @@
 For each sample the target is its *dominant object class*: the most frequent class of the
 label mask other than background (class 0) and the ignore index, its mask every pixel of that
 class (objects sharing it count together); samples with no object are skipped. The objective
-is that class's logit for a classifier (``ClassLogit``), or its logit summed over the ground-truth region for a
-segmentation output of the label's size (``ClassRegion(cls, mask)``). The target class indexes
-the model's outputs directly, so the model's classes must be the data set's (e.g. ``shapes``
+is that class's logit for a classifier (``ClassLogit``), or its logit summed over the
+ground-truth region for a segmentation output of the label's size (``ClassRegion(cls, mask)``).
+The target class indexes the model's outputs directly, so the model's classes must be the data set's (e.g. ``shapes``
 weights from ``featlab pretrain``; a random or ImageNet classifier gives a well-defined but
 arbitrary target).
 
