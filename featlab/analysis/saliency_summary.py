@@ -5,9 +5,9 @@ label mask other than background (class 0) and the ignore index, its mask every 
 class (objects sharing it count together); samples with no object are skipped. The objective
 is that class's logit for a classifier (``ClassLogit``), or its logit summed over the
 ground-truth region for a segmentation output of the label's size (``ClassRegion(cls, mask)``).
-The target class indexes the model's outputs directly, so the model's classes must be the data set's (e.g. ``shapes``
-weights from ``featlab pretrain``; a random or ImageNet classifier gives a well-defined but
-arbitrary target).
+The target class indexes the model's outputs directly, so the model's classes must be the data
+set's (e.g. ``shapes`` weights from ``featlab pretrain``; a random or ImageNet classifier gives a
+well-defined but arbitrary target).
 
 The score per sample and point is an energy-based pointing game: the share of *positive*
 saliency mass (of the map upsampled to the label size) inside the object's mask,
