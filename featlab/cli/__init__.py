@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
         args.keeps_freed_memory = keep_freed_memory()
     command = " ".join(filter(None, (args.command, getattr(args, "analysis", None))))
     try:
+        _import_torch_whole()
         with warnings.catch_warnings():  # one line per warning, like errors; restored after
             warnings.showwarning = functools.partial(_show_warning, command)
             return args.func(args)
@@ -90,6 +92,25 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
         from featlab.distributed import destroy
 
         destroy()
+
+
+def _import_torch_whole() -> None:
+    """Import torch and torchvision with Ctrl-C held back until they are loaded, then act on
+    it: interrupted midway, their imports leave half-registered operators that crash the process
+    (a segfault, or a RuntimeError about an operator implemented twice) instead of stopping it."""
+    if threading.current_thread() is not threading.main_thread():
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def _one_line(err: BaseException) -> str:

@@ -25,3 +25,31 @@ def test_errors_and_warnings_are_one_line_each(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert len(done.stderr.splitlines()) == 1
     assert done.stderr.startswith("featlab inspect: error:")
+
+
+def test_ctrl_c_while_torch_loads_waits_for_it_then_stops_cleanly(tmp_path):
+    # interrupted midway, `import torch` left half-registered operators: a segfault or a
+    # RuntimeError. A Ctrl-C that arrives while it loads (here: sent by the import of
+    # torchvision itself) is acted on once both are loaded.
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import builtins, os, signal, sys\n"
+        "real = builtins.__import__\n"
+        "def hooked(name, *args, **kwargs):\n"
+        "    if name == 'torchvision' and not hooked.sent:\n"
+        "        hooked.sent = True\n"
+        "        os.kill(os.getpid(), signal.SIGINT)  # pending: handled after this import\n"
+        "        module = real(name, *args, **kwargs)\n"
+        "        print('torchvision loaded', flush=True)\n"
+        "        return module\n"
+        "    return real(name, *args, **kwargs)\n"
+        "hooked.sent = False\n"
+        "builtins.__import__ = hooked\n"
+        "from featlab.cli import main\n"
+        "code = main(['models'])\n"
+        "print('exit', code, 'handler restored', signal.getsignal(signal.SIGINT) is "
+        "signal.default_int_handler)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.splitlines() == ["torchvision loaded", "exit 130 handler restored True"]
+    assert done.stderr == "featlab: interrupted\n"
