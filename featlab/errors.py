@@ -68,6 +68,10 @@ class ModelModeError(FeatlabError, RuntimeError):
     """A module was in training mode where featlab requires eval mode."""
 
 
+class TrainingDivergedError(FeatlabError, RuntimeError):
+    """A head's training loss stopped being finite (NaN or inf): its weights are lost."""
+
+
 class CacheError(FeatlabError, OSError):
     """An activation cache is missing, incomplete, corrupt or made with other settings."""
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from featlab import distributed as fdist
-from featlab.errors import ConfigError
+from featlab.errors import ConfigError, TrainingDivergedError
 from featlab.segment.metrics import ConfusionMatrix
 
 log = logging.getLogger("featlab")
@@ -157,8 +157,16 @@ class Loop:
         bar.close()
         self.train_seconds += time.perf_counter() - t0
         self.train_images += len(order) * self.info.world_size
-        cm, _ = self.evaluate()
+        # gathered: every rank sees a diverged step of any rank and stops with the others
         loss = float(np.mean(fdist.all_gather_object(float(np.mean(losses)))))
+        if not math.isfinite(loss):
+            s = self.settings
+            raise TrainingDivergedError(
+                f"training must keep a finite loss; epoch {epoch} ended with mean loss {loss} "
+                f"(lr {s.lr:g}, {s.optimizer}): the head's weights are lost, so this epoch is "
+                "not saved and the run stays unfinished. Fix: lower --lr (default 3e-3 with "
+                "adamw) and re-run with --force.")
+        cm, _ = self.evaluate()
         row = {"epoch": epoch, "loss": round(loss, 6), "lr": self.opt.param_groups[0]["lr"],
                "val_miou": round(cm.miou(), 6), "val_pixel_accuracy": round(cm.pixel_accuracy(),
                                                                             6),

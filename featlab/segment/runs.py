@@ -22,15 +22,16 @@ import json
 import logging
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
 
-from featlab.errors import CheckpointError
+from featlab.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("featlab")
 
-__all__ = ["CHECKPOINT", "RUN_JSON", "save_checkpoint", "load_checkpoint", "write_log",
+__all__ = ["CHECKPOINT", "RUN_JSON", "check_folder", "save_checkpoint", "load_checkpoint", "write_log",
            "write_json", "read_run", "git_hash"]
 
 CHECKPOINT, RUN_JSON, LOG_CSV, LOG_JSON = "checkpoint.pt", "run.json", "log.csv", "log.json"
@@ -46,6 +47,20 @@ def _atomic(path: Path, write) -> None:
         os.replace(tmp, path)  # a kill leaves the old file or the new one, never a part
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_folder(folder: Path) -> None:
+    """Raise :class:`ConfigError` unless ``folder`` can be created and written: a run checks this
+    before training, not when its first checkpoint is due."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".featlab-probe-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"the run folder must be a folder featlab can write; got {folder} "
+                          f"({err.strerror or err}). Fix: choose another --out, or fix its "
+                          "permissions.") from err
 
 
 def save_checkpoint(folder: Path, state: dict) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,9 @@ class HeadSettings:
     def __post_init__(self):
         bad = [f"{n}={getattr(self, n)!r}" for n in ("epochs", "batch_size", "mid_channels")
                if not isinstance(getattr(self, n), int) or getattr(self, n) < 1]
-        if not (self.lr > 0 and self.weight_decay >= 0 and self.poly_power >= 0
+        finite = all(math.isfinite(v) for v in (self.lr, self.weight_decay, self.poly_power,
+                                                 self.backbone_lr))
+        if not (finite and self.lr > 0 and self.weight_decay >= 0 and self.poly_power >= 0
                 and 0 <= self.momentum < 1 and self.backbone_lr >= 0):
             bad.append(f"lr={self.lr}, weight_decay={self.weight_decay}, poly_power="
                        f"{self.poly_power}, momentum={self.momentum}, backbone_lr="
@@ -96,7 +99,8 @@ class HeadSettings:
             bad.append(f"seed={self.seed!r}")
         if bad:
             raise ConfigError(f"HeadSettings need positive epochs, batch_size and mid_channels, "
-                              f"lr > 0, weight_decay >= 0, 0 <= momentum < 1 and seed >= 0; got "
+                              f"a finite lr > 0, weight_decay >= 0, 0 <= momentum < 1 and seed "
+                              f">= 0; got "
                               f"{'; '.join(bad)}. Fix: correct those values.")
         if self.fusion not in FUSIONS:
             raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}; got "
@@ -223,6 +227,7 @@ def train_head(train, val, settings: HeadSettings | None = None, *, out=None, de
     points = [last] + ([settings.skip] if settings.skip else [])
     check_caches(train, val, points)
     folder = Path(out) if out is not None else train.path.parent / "heads" / run_name(settings)
+    runs.check_folder(folder)
     dev = fdist.resolve_device(device)
     info = fdist.init(device=dev)
     identity = (train.identity(), val.identity())
@@ -282,10 +287,11 @@ def _existing(folder: Path, settings: HeadSettings, identity: tuple[dict, dict],
         return None
     if record is None or not record.get("finished"):
         return None
-    if not _same_settings(record["settings"], settings):
+    diff = _settings_difference(record["settings"], settings)
+    if diff:
         raise CheckpointError(f"the finished run in {folder} must have the requested settings "
-                              f"to be reused; it has {record['settings']}. Fix: choose another "
-                              "--out, or pass --force to replace it.")
+                              f"to be reused; {diff}. Fix: choose another --out, or pass --force "
+                              "to replace it.")
     other = _other_caches(record, identity)
     if other:
         raise CheckpointError(f"the finished run in {folder} must come from these caches to be "
@@ -312,13 +318,17 @@ def _other_caches(record: dict, identity: tuple[dict, dict]) -> str:
     return " and ".join(differ)
 
 
-def _same_settings(recorded: dict, settings: HeadSettings) -> bool:
-    """Whether a run's recorded settings are ``settings`` (fields added since it was recorded
-    count as their defaults)."""
+def _settings_difference(recorded: dict, settings: HeadSettings) -> str:
+    """The first setting in which a run's recorded settings differ from ``settings``, said as
+    ``"its lr is 0.01, not 0.1"`` (empty when they are the same; fields added since it was
+    recorded count as their defaults)."""
     try:
-        return HeadSettings.from_dict(recorded) == settings
+        then = HeadSettings.from_dict(recorded).to_dict()
     except ConfigError:  # a field this featlab does not know
-        return False
+        return f"it has settings this featlab does not know ({sorted(recorded)})"
+    now = settings.to_dict()
+    key = next((k for k in now if then[k] != now[k]), None)
+    return "" if key is None else f"its {key} is {then[key]!r}, not {now[key]!r}"
 
 
 def _optimizer(model: _Joint, settings: HeadSettings):
@@ -375,11 +385,13 @@ def _fit(head, train_src, val_src, settings, folder, *, device, progress, backbo
     state = runs.load_checkpoint(folder)
     resumed = 0
     if state is not None:
-        if not _same_settings(state["settings"], settings) or \
-                state["identity"] != list(identity):
+        diff = _settings_difference(state["settings"], settings) or _other_caches(
+            dict(zip(("train", "val"), state["identity"])), identity)
+        if diff:
+            diff = diff if diff.startswith("its ") else f"it was trained on {diff}"
             raise CheckpointError(f"the checkpoint in {folder} must come from the same settings "
-                                  f"and caches to resume; it has {state['settings']}. Fix: pass "
-                                  "--force to start over, or choose another --out.")
+                                  f"and caches to resume; {diff}. Fix: pass --force to start "
+                                  "over, or choose another --out.")
         loop.load_state(state)
         resumed = state["epoch"]
         log.info("resuming %s after epoch %d of %d", folder, resumed, settings.epochs)

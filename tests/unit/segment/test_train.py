@@ -12,7 +12,7 @@ import torch
 
 import featlab
 import featlab.testing as ft
-from featlab.errors import CacheError, CheckpointError, ConfigError
+from featlab.errors import CacheError, CheckpointError, ConfigError, TrainingDivergedError
 from featlab.segment import runs
 from featlab.segment.loop import per_image_confusion
 from featlab.segment.metrics import ConfusionMatrix
@@ -99,7 +99,8 @@ def test_run_folder_records_and_refusals(caches, tmp_path):
     with pytest.raises(ConfigError, match="finished run"):
         train_head(*caches, out=out, progress=False, **FAST)
     assert train_head(*caches, out=out, progress=False, reuse=True, **FAST).miou == r.miou
-    with pytest.raises(CheckpointError, match="requested settings"):
+    with pytest.raises(CheckpointError, match=r"requested settings to be reused; its lr is 0\.01, "
+                                              r"not 0\.1\. Fix"):
         train_head(*caches, out=out, progress=False, reuse=True, **{**FAST, "lr": 0.1})
     # a finished run is reused only for its own caches (wherever they lie now)
     moved = tmp_path / "moved"
@@ -164,8 +165,38 @@ def test_sgd_and_a_checkpoint_of_other_settings(caches, tmp_path):
     r = train_head(*caches, out=out, optimizer="sgd", progress=False, **FAST)
     assert r.history[-1]["lr"] == 0.0  # poly schedule reaches zero at the last step
     (out / runs.RUN_JSON).unlink()
-    with pytest.raises(CheckpointError, match="same settings"):
+    with pytest.raises(CheckpointError, match="same settings and caches to resume; its optimizer "
+                                              "is 'sgd', not 'adamw'"):
         train_head(*caches, out=out, progress=False, **FAST)
+    (tmp_path / "other").mkdir()
+    other = make_caches(tmp_path / "other", seed=1)
+    with pytest.raises(CheckpointError, match="to resume; it was trained on train cache .* and "
+                                              "val cache"):
+        train_head(*other, out=out, progress=False, optimizer="sgd", **FAST)
+
+
+def test_a_diverged_run_fails_and_is_not_recorded_as_finished(caches, tmp_path):
+    out = tmp_path / "diverged"
+    with pytest.raises(TrainingDivergedError,
+                       match=r"epoch 1 ended with mean loss nan \(lr 1e\+30"):
+        train_head(*caches, skip="layer1.0", out=out, progress=False,
+                   **{**FAST, "lr": 1e30, "optimizer": "sgd"})
+    assert sorted(p.name for p in out.iterdir()) == []  # no checkpoint, no run.json
+    with pytest.raises(ConfigError, match="a finite lr > 0.*lr=inf"):
+        HeadSettings(lr=float("inf"))
+
+
+def test_an_unwritable_run_folder_is_refused_before_training(caches, tmp_path, monkeypatch):
+    from featlab.segment.loop import Loop
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained before finding the folder unwritable")
+
+    monkeypatch.setattr(Loop, "run_epoch", never)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="run folder must be a folder featlab can write; got "
+                                          ".*a-file"):
+        train_head(*caches, out=tmp_path / "a-file", progress=False, **FAST)
 
 
 def test_deterministic_formulations_equal_the_usual_ones():
