@@ -170,7 +170,7 @@ class ImageSource:
         # eval-mode features of the underlying model; its modes and requires_grad are untouched
         model = self.backbone if self.finetune else self.backbone.model
         device = next(model.parameters()).device
-        n = min(len(self), 64)
+        n = min(len(self), _STATS_SAMPLES)  # the samples CacheSource uses: the same head
         feats = []
         with torch.no_grad():
             for i in range(0, n, 16):

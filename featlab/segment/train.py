@@ -369,6 +369,8 @@ def _fit(head, train_src, val_src, settings, folder, *, device, progress, backbo
     info = info or fdist.init(device=device)
     folder = Path(folder)
     started = time.perf_counter()
+    if backbone is None:  # an ImageSource carries the network it runs
+        backbone = getattr(train_src, "backbone", None)
     if settings.finetune and backbone is None:
         raise ConfigError("finetune=True needs the backbone; got backbone=None.")
     if backbone is not None and not settings.finetune and not isinstance(backbone,

@@ -124,3 +124,34 @@ def test_image_source_stats_leave_the_backbone_as_they_found_it():
         for a, b in zip(tuned[name], frozen[name]):
             torch.testing.assert_close(a, b)
     assert tuned["layer1.1"][0].shape == (16,)
+
+
+def test_training_from_images_is_training_from_the_cache(tmp_path):
+    # the same head, standardisation and batches: from images (the source's own backbone and
+    # statistics, as the README writes it) or from a float32 cache of the same samples
+    from featlab.segment.sources import CacheSource
+
+    from .conftest import make_caches
+
+    train_h5, val_h5 = make_caches(tmp_path, n_train=80, n_val=8)  # more than 64 samples
+    train, val = featlab.open_cache(train_h5), featlab.open_cache(val_h5)
+    points = ["layer1.1", "layer1.0"]
+    frozen = FrozenBackbone(ft.TinyResNet(), points)
+    images = [ImageSource(featlab.load_dataset("shapes", split, size=32, length=n), c.index,
+                          frozen, SPEC, points) for split, n, c in (("train", 80, train),
+                                                                    ("val", 8, val))]
+    caches = [CacheSource(c, points) for c in (train, val)]
+    for a, b in zip(images[0].stats().values(), caches[0].stats().values()):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    settings = HeadSettings(skip="layer1.0", epochs=1, batch_size=16, lr=0.05)
+    results = []
+    for kind, (src, vsrc) in (("images", images), ("cache", caches)):
+        torch.manual_seed(0)
+        head = SegHead("layer1.1", 16, 9, skip="layer1.0", skip_channels=8)
+        head.set_input_stats(src.stats())
+        results.append(fit(head, src, vsrc, settings, tmp_path / kind, device="cpu",
+                           progress=False, classes=train.classes))
+    assert results[0].history[0]["loss"] == pytest.approx(results[1].history[0]["loss"],
+                                                          rel=1e-4)
+    assert results[0].miou == pytest.approx(results[1].miou, abs=1e-3)
