@@ -18,11 +18,14 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
     namespace: dict = {}
-    for cell in cells:
+    *work, cleanup = cells
+    for cell in work:
         # random weights: the suite must not depend on a pretrained checkpoint being cached
         source = "".join(cell["source"]).replace('WEIGHTS = "shapes"', 'WEIGHTS = "none"')
         exec(compile(source, f"{path.name}", "exec"), namespace)
     CHECKS[path.name](namespace)
+    exec(compile("".join(cleanup["source"]), f"{path.name}", "exec"), namespace)
+    assert not Path(namespace["tmp"]).exists()  # the last cell leaves nothing behind
 
 
 def _skip_points(ns: dict) -> None:
