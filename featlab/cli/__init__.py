@@ -13,6 +13,7 @@ import argparse
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -26,13 +27,25 @@ from featlab.errors import FeatlabError, FeatlabWarning
 log = logging.getLogger("featlab")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like featlab's own, and negative numbers in
+    scientific notation read as values (``--lr -1e-3`` is a bad value, not a missing one)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}. See `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="featlab",
         description="Study the skip points of CNN backbones for semantic segmentation.",
     )
     parser.add_argument("--version", action="version", version=f"featlab {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bars, warnings only")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -109,3 +109,19 @@ def test_finetune_rebuilds_backbone_and_images_from_the_cache_records(tmp_path, 
                       map_location="cpu", weights_only=True)  # saved from the GPU if there is one
     moved = [k for k, v in model.state_dict().items() if not torch.equal(ckpt["backbone"][k], v)]
     assert "layer1.0.bn1.running_mean" in moved and "conv1.weight" in moved
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fusion", "mean"], "featlab train-head: error: argument --fusion: invalid choice: 'mean' "
+                           "(choose from 'sum', 'concat'). See `featlab train-head --help`."),
+    # argparse used to read -1e-3 as an option ("expected one argument")
+    (["--lr", "-1e-3"], "featlab train-head: error: HeadSettings need positive epochs, "
+                        "batch_size and mid_channels, a finite lr > 0"),
+])
+def test_argument_errors_are_one_line(caches, capsys, cli_state, argv, message):
+    try:
+        code = main(["train-head", "--train", str(caches[0]), "--val", str(caches[1]), *argv])
+    except SystemExit as exited:  # argparse's own errors
+        code = exited.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(message), err
