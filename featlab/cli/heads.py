@@ -165,8 +165,8 @@ def print_sweep(result, preds: list[dict], notes: list[str], paths: list) -> Non
     if preds:
         print("\nSpearman correlation of each property with the gain across points:")
         print(_table([[p["property"], p["spearman_rho"], p["p_value"], p.get("p_method"),
-                       p["n_points"]] for p in preds],
-                     ["property", "rho", "p", "p method", "points"]))
+                       p["n_points"], p.get("undefined", "")] for p in preds],
+                     ["property", "rho", "p", "p method", "points", ""]))
     for note in notes:
         print(f"note: {note}")
     print(f"\n{_count(len(result.points) + 1, 'configuration')} x "

@@ -149,7 +149,8 @@ def predictors(sweep_result, properties: dict[str, dict[str, float]]) -> list[di
         One dict per property: ``property``, ``spearman_rho``, ``p_value`` (None when fewer
         than 3 points or a constant property; 4 significant digits), ``p_method`` (how
         ``p_value`` was obtained: ``"exact"`` or ``"asymptotic"``; None with ``p_value``),
-        ``n_points``, ``values`` (the joined points).
+        ``n_points``, ``values`` (the joined points), and ``undefined`` (why, when ``rho`` is
+        None: ``"needs 3 points or more"``, a constant property or gain).
     """
     from scipy import stats
 
@@ -173,9 +174,12 @@ def predictors(sweep_result, properties: dict[str, dict[str, float]]) -> list[di
                 p_value = p_method = None
             else:  # 4 significant digits: an exact p can be as small as 2 / 9! = 5.5e-06
                 p_value = float(f"{p_value:.4g}")
+        why = ("needs 3 points or more" if len(common) < 3 else "the property is constant"
+               if len(set(x)) <= 1 else "the gain is constant" if len(set(y)) <= 1 else None)
         rows.append({"property": name, "spearman_rho": rho, "p_value": p_value,
                      "p_method": p_method, "n_points": len(common),
-                     "values": {p: round(values[p], 4) for p in common}})
+                     "values": {p: round(values[p], 4) for p in common},
+                     **({"undefined": why} if why else {})})
     return rows
 
 

@@ -109,10 +109,11 @@ class SweepResult:
             out.append({"point": p, "stride": self.stride.get(p), "rf_size": self.rf_size.get(p),
                         **_spread(vals), "per_seed": [round(float(v), 4) for v in vals],
                         "gain": round(g["gain"], 4), "gain_std": _r(g["std"]),
-                        "gain_ci_seeds": [_r(g["lo"]), _r(g["hi"])],
+                        "gain_ci_seeds": ([_r(g["lo"]), _r(g["hi"])] if len(vals) > 1
+                                          else None),  # undefined with one seed
                         "gain_ci_images": [_r(v) for v in self.gain_ci_images.get(p, (None,
                                                                                       None))],
-                        "beats_2std": bool(len(vals) > 1 and g["gain"] > 2 * noise),
+                        "beats_2std": bool(g["gain"] > 2 * noise) if len(vals) > 1 else None,
                         "rank": order.index(p) + 1})
         return out
 
@@ -242,7 +243,8 @@ def _resolve(train, val, points, seeds, settings, overrides: dict):
                           f"skip={settings.skip!r}. Fix: choose points with `points`.")
     seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(int(s) for s in seeds)
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds must be a positive count or distinct seeds; got {seeds!r}.")
+        raise ConfigError(f"seeds must be a positive count or distinct seeds; got {seeds!r}. "
+                          "Fix: e.g. --seeds 3, or --seed-list 0 1 2.")
     last = train.point_names[-1]
     names = [p for p in train.select(points) if p != last]
     if not names:

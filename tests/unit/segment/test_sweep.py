@@ -13,7 +13,7 @@ import featlab
 import featlab.testing as ft
 from featlab.analysis.probe import probe_points
 from featlab.cache.reader import open_cache
-from featlab.errors import CacheError
+from featlab.errors import CacheError, ConfigError
 from featlab.segment import runs
 from featlab.segment.metrics import ConfusionMatrix
 from featlab.segment.predict import (EXACT_MAX_POINTS, predictors, property_table,
@@ -69,6 +69,33 @@ def test_sweep_refuses_caches_heads_cannot_use_before_any_run(tmp_path):
         sweep(tmp_path / "train.h5", tmp_path / "val.h5", points="relu", seeds=1,
               out=tmp_path / "sweep", progress=False, **FAST)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_one_seed_leaves_the_seed_statistics_undefined_not_false(caches, tmp_path):
+    r = sweep(*caches, points="stages", seeds=1, out=tmp_path / "one", progress=False,
+              bootstrap=50, **FAST)
+    row = r.rows()[1]
+    assert row["gain_ci_seeds"] is None and row["beats_2std"] is None and row["gain_std"] is None
+    import csv
+
+    with open(write_sweep(r)[1], newline="") as f:
+        written = list(csv.DictReader(f))[1]
+    assert written["beats_2std"] == written["gain_ci_seeds"] == ""  # like other missing cells
+    with pytest.raises(ConfigError, match="seeds must be a positive count .* Fix: e.g. --seeds"):
+        sweep(*caches, seeds=0, out=tmp_path / "none", progress=False, **FAST)
+
+
+def test_predictors_say_why_a_correlation_is_undefined():
+    class R:
+        def gains(self):
+            return {"a": 0.01, "b": 0.03, "c": 0.02}
+
+    rows = {r["property"]: r for r in predictors(R(), {"two": {"a": 1.0, "b": 2.0},
+                                                       "flat": {p: 1.0 for p in "abc"},
+                                                       "stride": {"a": 2, "b": 8, "c": 4}})}
+    assert rows["two"]["undefined"] == "needs 3 points or more"
+    assert rows["flat"]["undefined"] == "the property is constant"
+    assert "undefined" not in rows["stride"] and rows["stride"]["spearman_rho"] == 1.0
 
 
 def test_sweep_table_files_and_resume(caches, tmp_path):
