@@ -67,11 +67,15 @@ def cmd_train_head(args: argparse.Namespace) -> int:
         return 0
     print(_table([[h["epoch"], f"{h['loss']:.4f}", f"{h['val_miou']:.4f}",
                    f"{h['val_pixel_accuracy']:.4f}", h["seconds"]] for h in result.history],
-                 ["epoch", "loss", "val mIoU", "val pixel acc", "train s"]))
-    kind = f"skip {args.skip} ({settings.fusion})" if args.skip else "baseline"
+                 ["epoch", "loss", "val mIoU", "val pixel acc", "train s (total)"]))
+    skip = result.settings["skip"]  # the point's name, also when an alias was given
+    kind = f"skip {skip} ({settings.fusion})" if skip else "baseline"
+    kind += ", backbone fine-tuned" if settings.finetune else ""
+    resumed = (f"resumed after epoch {result.resumed_from_epoch}, "
+               if result.resumed_from_epoch else "")
     print(f"\n{kind}: val mIoU {result.miou:.4f}, pixel accuracy {result.pixel_accuracy:.4f}, "
           f"mean accuracy {result.mean_accuracy:.4f} ({result.train_images_per_second:.0f} "
-          f"train images/s, {result.seconds:.0f} s, "
+          f"train images/s over all epochs; {resumed}{result.seconds:.0f} s in this process, "
           f"{_count(result.world_size, 'process', 'processes')}) -> {result.folder}")
     return 0
 

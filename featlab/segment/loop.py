@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from featlab import distributed as fdist
-from featlab.errors import ConfigError, TrainingDivergedError
+from featlab.errors import ConfigError, FeatlabWarning, TrainingDivergedError
 from featlab.segment.metrics import ConfusionMatrix
 
 log = logging.getLogger("featlab")
@@ -95,6 +96,10 @@ class Loop:
                               f"({world}); got {settings.batch_size}. Fix: e.g. --batch-size "
                               f"{world * max(1, settings.batch_size // world)}.")
         self.local_batch = settings.batch_size // world
+        if settings.batch_size > len(train_src) and info.is_main:
+            warnings.warn(f"batch_size {settings.batch_size} exceeds the {len(train_src)} training "
+                          f"samples: one optimizer step per epoch ({settings.epochs} in all). "
+                          f"Fix: e.g. --batch-size 16.", FeatlabWarning, stacklevel=4)
         self.sampler = DistributedSampler(_Ids(len(train_src)), num_replicas=world,
                                           rank=info.rank, shuffle=True, seed=settings.seed)
         self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.local_batch)

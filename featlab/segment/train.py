@@ -396,7 +396,8 @@ def _fit(head, train_src, val_src, settings, folder, *, device, progress, backbo
                                   "over, or choose another --out.")
         loop.load_state(state)
         resumed = state["epoch"]
-        log.info("resuming %s after epoch %d of %d", folder, resumed, settings.epochs)
+        if info.is_main:
+            log.info("resuming %s after epoch %d of %d", folder, resumed, settings.epochs)
     for epoch in range(resumed + 1, settings.epochs + 1):
         loop.run_epoch(epoch)
         if info.is_main:

@@ -273,3 +273,10 @@ def test_deterministic_gpu_runs_repeat_bit_for_bit(caches, tmp_path, fusion):
     usual = train_head(*caches, out=tmp_path / "u", **{**kwargs, "deterministic": False})
     np.testing.assert_allclose([h["loss"] for h in usual.history],
                                [h["loss"] for h in a.history], rtol=1e-2)
+
+
+def test_a_batch_larger_than_the_training_set_is_warned(caches, tmp_path):
+    with pytest.warns(featlab.errors.FeatlabWarning, match="batch_size 64 exceeds the 48 "
+                                                           "training samples: one optimizer step"):
+        train_head(*caches, out=tmp_path / "big", progress=False,
+                   **{**FAST, "epochs": 1, "batch_size": 64})
