@@ -99,7 +99,8 @@ class Loop:
         if settings.batch_size > len(train_src) and info.is_main:
             warnings.warn(f"batch_size {settings.batch_size} exceeds the {len(train_src)} training "
                           f"samples: one optimizer step per epoch ({settings.epochs} in all). "
-                          f"Fix: e.g. --batch-size 16.", FeatlabWarning, stacklevel=4)
+                          f"Fix: e.g. --batch-size {max(1, min(16, len(train_src) // 4))}.",
+                          FeatlabWarning, stacklevel=4)
         self.sampler = DistributedSampler(_Ids(len(train_src)), num_replicas=world,
                                           rank=info.rank, shuffle=True, seed=settings.seed)
         self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.local_batch)

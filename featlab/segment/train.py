@@ -227,9 +227,9 @@ def train_head(train, val, settings: HeadSettings | None = None, *, out=None, de
     points = [last] + ([settings.skip] if settings.skip else [])
     check_caches(train, val, points)
     folder = Path(out) if out is not None else train.path.parent / "heads" / run_name(settings)
-    runs.check_folder(folder)
     dev = fdist.resolve_device(device)
     info = fdist.init(device=dev)
+    runs.check_folder(folder)  # before any training: not when the first checkpoint is due
     identity = (train.identity(), val.identity())
     done = _existing(folder, settings, identity, force, reuse, info)
     if done is not None:

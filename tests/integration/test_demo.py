@@ -12,7 +12,7 @@ import pytest
 
 from featlab.cli import main
 
-TOY = ["--pretrain-steps", "2", "--size", "32", "--batch-size", "4", "--train-samples", "12",
+TOY = ["--pretrain-steps", "2", "--size", "32", "--batch-size", "4", "--train-samples", "16",
        "--val-samples", "6", "--seeds", "2", "--epochs", "1", "--quiet"]
 
 
