@@ -26,6 +26,9 @@ from featlab.errors import FeatlabError, FeatlabWarning
 
 log = logging.getLogger("featlab")
 
+# commands that, run again after a kill, continue from what they had written
+RESUMABLE = ("extract", "train-head", "sweep", "demo")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line like featlab's own, and negative numbers in
@@ -99,7 +102,8 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
         print(f"featlab {command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("featlab: interrupted", file=sys.stderr)
+        again = "; the same command resumes where it stopped" if command in RESUMABLE else ""
+        print(f"featlab {command}: interrupted{again}", file=sys.stderr)
         return 130
     finally:  # under torchrun: leave the process group before the interpreter tears it down
         from featlab.distributed import destroy

@@ -52,4 +52,4 @@ def test_ctrl_c_while_torch_loads_waits_for_it_then_stops_cleanly(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=120)
     assert done.stdout.splitlines() == ["torchvision loaded", "exit 130 handler restored True"]
-    assert done.stderr == "featlab: interrupted\n"
+    assert done.stderr == "featlab models: interrupted\n"
