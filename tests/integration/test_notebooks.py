@@ -43,4 +43,13 @@ def _layer_properties(ns: dict) -> None:
     assert ns["props"]["probe_miou"] and ns["props"]["resolution_ceiling"]
 
 
-CHECKS = {"01_skip_points.ipynb": _skip_points, "02_layer_properties.ipynb": _layer_properties}
+def _skip_heads(ns: dict) -> None:
+    result, rows = ns["result"], ns["rows"]
+    assert [r["point"] for r in rows] == ["baseline", "relu", "layer1.1", "layer2.1", "layer3.1"]
+    assert len(result.seeds) == 2 and all(len(r["gain_ci_images"]) == 2 for r in rows[1:])
+    assert ns["skip"].settings["skip"] == "layer2.1" and len(ns["skip"].history) == 3
+    assert {p["property"] for p in ns["preds"]} == set(ns["props"])
+
+
+CHECKS = {"01_skip_points.ipynb": _skip_points, "02_layer_properties.ipynb": _layer_properties,
+          "03_skip_heads.ipynb": _skip_heads}
