@@ -115,17 +115,15 @@ def _import_torch_whole() -> None:
     """Import torch and torchvision with Ctrl-C held back until they are loaded, then act on
     it: interrupted midway, their imports leave half-registered operators that crash the process
     (a segfault, or a RuntimeError about an operator implemented twice) instead of stopping it."""
-    if threading.current_thread() is not threading.main_thread():
-        import torch  # noqa: F401
-        import torchvision  # noqa: F401
-        return
+    held = threading.current_thread() is threading.main_thread()  # signals go to it only
     pressed = []
-    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True)) if held else None
     try:
         import torch  # noqa: F401
         import torchvision  # noqa: F401
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.signal(signal.SIGINT, previous)
     if pressed:
         raise KeyboardInterrupt
 
