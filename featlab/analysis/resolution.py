@@ -291,6 +291,10 @@ def resolution_table(source: Any, *, input_size: int | tuple[int, int] | None = 
         raise ConfigError(f"source must be a cache, a cache path, a model or a list of SkipPoint; "
                           f"got {type(source).__name__}. Fix: e.g. resolution_table("
                           "featlab.open_cache('val.h5')).")
+    # the grid each point's features live on: a cache's stored one (pooled by --max-size or not)
+    grids = {p.name: tuple(p.size) if cache is None else tuple(cache.stored_size(p.name))
+             for p in points}
+    stored = {p.name: list(grids[p.name]) for p in points if grids[p.name] != tuple(p.size)}
     ceiling: dict = {}
     n_images = 0
     if labels is not None:
@@ -298,8 +302,6 @@ def resolution_table(source: Any, *, input_size: int | tuple[int, int] | None = 
             raise ConfigError("num_classes must be given to compute the resolution ceiling from "
                               "labels; got None. Fix: pass num_classes=len(classes).")
         n_images = len(labels)
-        grids = {p.name: tuple(p.size) if cache is None else tuple(cache.stored_size(p.name))
-                 for p in points}
         by_grid = resolution_ceiling(_label_batches(labels, n_images), list(grids.values()),
                                      num_classes, modes=modes, ignore_index=ignore_index)
         ceiling = {name: by_grid[g] for name, g in grids.items()}
@@ -312,9 +314,6 @@ def resolution_table(source: Any, *, input_size: int | tuple[int, int] | None = 
                                          device=resolve_device(device), progress=progress)
     settings = {"modes": list(modes), "erf_images": next(iter(erf.values())).num_images
                 if erf else 0}
-    stored = {} if cache is None else {
-        p.name: list(cache.stored_size(p.name)) for p in points
-        if tuple(cache.stored_size(p.name)) != tuple(p.size)}
     result = ResolutionResult(points, size, ceiling, erf, n_images, num_classes, ignore_index,
                               settings, None if cache is None else cache.identity(),
                               run_versions(device or "cpu"), stored)

@@ -26,8 +26,8 @@ from featlab.cache.settings import ExtractSettings
 from featlab.cache.verify import recheck_tail
 from featlab.errors import CacheError
 
-__all__ = ["CachePaths", "check_writable", "prepare", "refuse_complete", "remove_all",
-           "remove_finalised_partial"]
+__all__ = ["CachePaths", "check_writable", "make_writable_folder", "prepare", "refuse_complete",
+           "remove_all", "remove_finalised_partial"]
 
 log = logging.getLogger("featlab")
 
@@ -82,13 +82,19 @@ def check_writable(out: str | os.PathLike) -> None:
         raise CacheError(f"`out` must be a file path; got the folder {path}. Fix: name the cache "
                          "file, e.g. --out caches/r50-voc-val.h5.")
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".featlab-probe-"):
-            pass
+        make_writable_folder(folder)
     except OSError as err:
         raise CacheError(f"`out` must be in a folder featlab can write; got {path} "
                          f"({err.strerror or err}). Fix: choose another --out, or fix the "
                          "folder's permissions.") from err
+
+
+def make_writable_folder(folder: str | os.PathLike) -> None:
+    """Create ``folder`` if needed and write and delete a probe file in it (OSError if either
+    fails): what a command checks before any compute, whatever it will write there."""
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".featlab-probe-"):
+        pass
 
 
 def remove_all(paths: CachePaths) -> None:

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,8 +30,8 @@ from featlab.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("featlab")
 
-__all__ = ["CHECKPOINT", "RUN_JSON", "check_folder", "save_checkpoint", "load_checkpoint", "write_log",
-           "write_json", "read_run", "git_hash"]
+__all__ = ["CHECKPOINT", "RUN_JSON", "check_folder", "save_checkpoint", "load_checkpoint",
+           "write_log", "write_json", "read_run", "git_hash"]
 
 CHECKPOINT, RUN_JSON, LOG_CSV, LOG_JSON = "checkpoint.pt", "run.json", "log.csv", "log.json"
 VAL_CONFUSION = "val_confusion.npy"
@@ -52,11 +51,10 @@ def _atomic(path: Path, write) -> None:
 def check_folder(folder: Path) -> None:
     """Raise :class:`ConfigError` unless ``folder`` can be created and written: a run checks this
     before training, not when its first checkpoint is due."""
-    folder = Path(folder)
+    from featlab.cache.files import make_writable_folder
+
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".featlab-probe-"):
-            pass
+        make_writable_folder(folder)
     except OSError as err:
         raise ConfigError(f"the run folder must be a folder featlab can write; got {folder} "
                           f"({err.strerror or err}). Fix: choose another --out, or fix its "

@@ -387,10 +387,11 @@ def _fit(head, train_src, val_src, settings, folder, *, device, progress, backbo
     state = runs.load_checkpoint(folder)
     resumed = 0
     if state is not None:
-        diff = _settings_difference(state["settings"], settings) or _other_caches(
-            dict(zip(("train", "val"), state["identity"])), identity)
+        diff = _settings_difference(state["settings"], settings)
+        if not diff and (other := _other_caches(dict(zip(("train", "val"), state["identity"])),
+                                                identity)):
+            diff = f"it was trained on {other}"
         if diff:
-            diff = diff if diff.startswith("its ") else f"it was trained on {diff}"
             raise CheckpointError(f"the checkpoint in {folder} must come from the same settings "
                                   f"and caches to resume; {diff}. Fix: pass --force to start "
                                   "over, or choose another --out.")
