@@ -110,8 +110,11 @@ class Loop:
         self.net = model
         if fdist.is_distributed():
             fdist.require_own_gpus(self.device)
+            # fine-tuning runs the whole backbone, but the layers after the deepest point
+            # (a classifier's pool and fc) give the loss nothing: DDP must expect no gradient
             self.net = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=settings.finetune)
         self.history: list[dict] = []
         self.train_seconds, self.train_images = 0.0, 0
 

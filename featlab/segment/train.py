@@ -376,10 +376,13 @@ def _fit(head, train_src, val_src, settings, folder, *, device, progress, backbo
     if backbone is not None and not settings.finetune and not isinstance(backbone,
                                                                         FrozenBackbone):
         backbone = FrozenBackbone(backbone, head.points)
-    model = _Joint(head, backbone, settings.finetune).to(device)
     if settings.finetune:
         for p in backbone.parameters():
             p.requires_grad_(True)
+        if fdist.is_distributed() and device.type == "cuda":
+            # batch statistics over the global batch, as one process would take them
+            backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+    model = _Joint(head, backbone, settings.finetune).to(device)
     opt = _optimizer(model, settings)
     loop = Loop(model, opt, train_src, val_src, settings, device, info,
                 num_classes=len(classes), ignore_index=ignore_index,

@@ -58,3 +58,30 @@ def test_two_gloo_processes_match_the_single_process_val_miou(tmp_path):
     assert np.load(tmp_path / "ddp" / "val_confusion.npy").shape[0] == 17
     losses = [h["loss"] for h in ddp["history"]], [h["loss"] for h in single.history]
     np.testing.assert_allclose(*losses, rtol=1e-3)  # same global batches, averaged gradients
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_fine_tune_a_backbone_whose_classifier_gets_no_gradient(tmp_path):
+    # resnet18's avgpool and fc run after the deepest point and give the loss nothing; DDP
+    # used to stop on the second step ("parameters that were not used in producing loss")
+    model, spec = featlab.get_backbone("resnet18")
+    for split, n in (("train", 16), ("val", 5)):
+        ds = featlab.load_dataset("shapes", split=split, size=32, length=n)
+        featlab.extract(model, ds, "stages", tmp_path / f"{split}.h5", spec=spec,
+                        batch_size=8, dtype="float32", num_workers=0, progress=False)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "featlab",
+           "train-head", "--train", str(tmp_path / "train.h5"), "--val",
+           str(tmp_path / "val.h5"), "--skip", "layer2.1", "--finetune", "--epochs", "2",
+           "--batch-size", "4", "--lr", "0.01", "--out", str(tmp_path / "ft"), "--json", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEATLAB_PROGRESS": "0"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads(done.stdout)
+    assert run["world_size"] == 2 and run["epochs_done"] == 2
+    assert len(run["history"]) == 2 and all(np.isfinite(h["loss"]) for h in run["history"])
+    state = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=False)
+    start = model.state_dict()
+    moved = [k for k, v in state["backbone"].items() if not torch.equal(v, start[k])]
+    assert any(k.startswith("layer1.") for k in moved)  # the backbone was trained
+    assert not any(k.startswith("fc.") for k in moved)  # the unused classifier was not
