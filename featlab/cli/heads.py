@@ -52,6 +52,11 @@ def _head_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def _is_main() -> bool:
+    """Whether this process prints and writes the results (rank 0 under torchrun)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_train_head(args: argparse.Namespace) -> int:
     """Train a baseline or single-skip segmentation head from two caches."""
     from featlab.segment.train import HeadSettings, train_head
@@ -60,7 +65,7 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     result = train_head(args.train, args.val, settings, out=args.out, device=args.device,
                         progress=not args.quiet, force=args.force,
                         preload=not args.no_preload)
-    if os.environ.get("RANK", "0") != "0":
+    if not _is_main():
         return 0
     if args.json:
         _print_json(result.to_dict())
@@ -103,11 +108,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise ConfigError(f"{what} differs from the finished sweep in {out}: {there} "
                               f"there, {now} now; a finished sweep is not replaced. Fix: pass "
                               "--force to train every run again, or choose another --out.")
+        if not _is_main():
+            return 0
         log.info("%s holds this sweep, finished: printing its results", out)
         return show_sweep(out, args.json)
     result = sweep(args.train, args.val, args.points, seeds, settings, out=out,
                    device=args.device, progress=not args.quiet, force=args.force,
                    bootstrap=args.bootstrap)
+    if not _is_main():  # under torchrun: rank 0 writes, measures the properties and prints
+        return 0
     paths = write_sweep(result, out)
     preds, notes = [], []
     if not args.no_properties:

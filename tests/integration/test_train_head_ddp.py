@@ -85,3 +85,23 @@ def test_two_gloo_processes_fine_tune_a_backbone_whose_classifier_gets_no_gradie
     moved = [k for k, v in state["backbone"].items() if not torch.equal(v, start[k])]
     assert any(k.startswith("layer1.") for k in moved)  # the backbone was trained
     assert not any(k.startswith("fc.") for k in moved)  # the unused classifier was not
+
+
+@pytest.mark.slow
+def test_a_torchrun_sweep_writes_and_prints_once(tmp_path):
+    for split, n in (("train", 16), ("val", 6)):
+        ds = featlab.load_dataset("shapes", split=split, size=32, length=n)
+        featlab.extract(ft.TinyResNet(), ds, "all", tmp_path / f"{split}.h5", spec=SPEC,
+                        batch_size=8, dtype="float32", num_workers=0, progress=False)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "featlab",
+           "sweep", "--train", str(tmp_path / "train.h5"), "--val", str(tmp_path / "val.h5"),
+           "--points", "layer1.0", "--seeds", "1", "--epochs", "1", "--batch-size", "4",
+           "--out", str(tmp_path / "sweep"), "--json", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEATLAB_PROGRESS": "0"}
+    for _ in range(2):  # the sweep, then its finished record shown again
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        printed = json.loads(done.stdout)  # one document: rank 0 alone prints
+        assert [r["point"] for r in printed["rows"]][-1] == "layer1.0"
+    assert (tmp_path / "sweep" / "predictors.json").exists()
