@@ -23,7 +23,7 @@ N = 96
 CMD = [sys.executable, "-m", "featlab", "extract", "--model", "resnet18", "--weights", "none",
        "--data", "shapes",
        "--input-size", "32", "--points", "stages", "--limit", str(N), "--batch-size", "4",
-       "--workers", "0", "--quiet"]
+       "--dtype", "float32", "--workers", "0", "--quiet"]  # float32: no rounding hides a change
 # one thread: the same arithmetic in every run (and no thread contention on a busy machine)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FEATLAB_PROGRESS": "0"}
 
@@ -51,7 +51,7 @@ def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_pa
         model, spec = featlab.get_backbone("resnet18")
         ds = load_dataset("shapes", "val", size=32)
         reference = extract(model, ds, "stages", tmp_path / "ref.h5", spec=spec, batch_size=4,
-                            limit=N, num_workers=0, progress=False)
+                            dtype="float32", limit=N, num_workers=0, progress=False)
     finally:
         torch.set_num_threads(threads)
     streaming = reference.seconds  # a subprocess spends about this long after creating the file

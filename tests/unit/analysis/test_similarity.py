@@ -202,6 +202,13 @@ def test_nan_only_with_a_named_reason():
     m, reasons, _ = sim.cka_arrays([x, np.full((30, 2), 3.0)], names=["a", "const"])
     assert reasons == {"rows/const": "zero_variance", "columns/const": "zero_variance"}
     assert np.isnan(m[1]).all() and np.isnan(m[:, 1]).all() and m[0, 0] == pytest.approx(1)
+    # a debiased self-HSIC at or below zero has no square root: NaN with its reason
+    hab = torch.tensor([[0.5, 0.2], [0.1, 0.3]], dtype=torch.float64)
+    m, reasons = sim._ratio(hab, torch.tensor([1.0, -0.2], dtype=torch.float64),
+                            torch.tensor([1.0, 1.0], dtype=torch.float64), [False, False],
+                            [False, False], ["a", "b"], ["c", "d"])
+    assert reasons == {"rows/b": "negative_hsic"}
+    assert np.isnan(m[1]).all() and m[0].tolist() == [0.5, 0.2]
     with pytest.raises(ConfigError, match="same samples"):
         sim.linear_cka(x, x[:10])
     with pytest.raises(ConfigError, match=r"\[n, d\]"):

@@ -126,6 +126,51 @@ def test_points_labels_ids_and_images_are_stored_as_computed(tmp_path):
     assert not (tmp_path / "c.h5.partial").exists()
 
 
+def test_a_point_followed_by_an_in_place_op_is_stored_as_it_left_its_module(tmp_path):
+    # bn1 feeds the in-place ReLU: the hook must copy before the ReLU overwrites the tensor
+    model = ft.TinyResNet()
+    ds = load_dataset("shapes", "val", size=32, length=5)
+    names = ["bn1", "layer1.0"]
+    extract(model, ds, names, tmp_path / "c.h5", spec=SPEC, batch_size=2, dtype="float32",
+            num_workers=0, progress=False, device="cpu")
+    ref = reference(model, ds, names, batch_size=2)
+    assert (ref["bn1"] < 0).any()  # what the ReLU would have zeroed
+    with featlab.open_cache(tmp_path / "c.h5") as cache:
+        for name in names:
+            np.testing.assert_array_equal(cache[name][:], ref[name].numpy())
+
+
+def test_the_forward_stops_after_the_deepest_point_and_stores_the_same(tmp_path):
+    model = ft.TinyResNet()
+    ds = load_dataset("shapes", "val", size=32, length=5)
+    calls = []
+    model.fc.register_forward_hook(lambda *_: calls.append(1))
+    counts = {}
+    for stop in (True, False):
+        before = len(calls)
+        extract(model, ds, ["layer1.0"], tmp_path / f"{stop}.h5", spec=SPEC, batch_size=2,
+                dtype="float32", num_workers=0, progress=False, device="cpu", stop_early=stop)
+        counts[stop] = len(calls) - before  # setup's measuring forwards count in both
+    assert counts[False] - counts[True] == 3  # the 3 batches ran the layers after layer1.0
+    with featlab.open_cache(tmp_path / "True.h5") as a, featlab.open_cache(
+            tmp_path / "False.h5") as b:
+        np.testing.assert_array_equal(a["layer1.0"][:], b["layer1.0"][:])
+
+
+def test_batch_size_changes_values_only_within_float32_tolerance(tmp_path):
+    # what one sample at a time and batches of 16 store agree to fp32 tolerance
+    model = ft.TinyResNet()
+    ds = load_dataset("shapes", "val", size=32, length=17)
+    for b in (1, 16):
+        extract(model, ds, "all", tmp_path / f"b{b}.h5", spec=SPEC, batch_size=b,
+                dtype="float32", num_workers=0, progress=False, device="cpu")
+    with featlab.open_cache(tmp_path / "b1.h5") as one, featlab.open_cache(
+            tmp_path / "b16.h5") as many:
+        assert one.points == many.points
+        for p in one.points:
+            np.testing.assert_allclose(one[p.name][:], many[p.name][:], rtol=1e-3, atol=1e-4)
+
+
 def test_an_outer_module_reads_as_the_point_it_returns(tmp_path):
     model = ft.TinyResNet()
     ds = load_dataset("shapes", "val", size=32, length=3)

@@ -68,6 +68,8 @@ def test_random_data_matches_mmseg_formula_and_ignores_batching_and_order():
     for chunk in np.array_split(order, 5):  # uneven batch sizes, shuffled images
         batched.update(preds[chunk], labels[chunk])
     assert batched.matrix.tolist() == whole.matrix.tolist()
+    assert batched.miou() == whole.miou()  # one data-set-level mIoU, not a mean over batches
+    assert batched.counts.dtype == torch.int64  # a split of Cityscapes val overflows int32
 
     halves = ConfusionMatrix(c).update(preds[:6], labels[:6])
     halves.merge(ConfusionMatrix(c).update(preds[6:], labels[6:]))
