@@ -38,6 +38,12 @@ def aligned_empty(shape: tuple[int, ...], dtype, *, pin: bool = False):
 
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = int(np.prod(shape)) * itemsize
+    if pin:
+        # CUDA's pinned blocks start on a page already; asking for ALIGN more would tip the
+        # usual power-of-two sizes into the next power (torch rounds pinned requests up)
+        raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        if raw.data_ptr() % ALIGN == 0:
+            return raw.view(dtype).view(shape)
     raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
     skip = (-raw.data_ptr()) % ALIGN
     return raw[skip:skip + nbytes].view(dtype).view(shape)

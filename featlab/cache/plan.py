@@ -231,7 +231,8 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
                  save_images: bool = False,
                  batch_size: int = 32, queue_size: int = 2, num_workers: int = 0,
                  prefetch_factor: int = 2, device: str = "cpu", id_bytes: int = 32,
-                 weight_bytes: int = 0, free_bytes: int | None = None) -> ExtractPlan:
+                 weight_bytes: int = 0, free_bytes: int | None = None,
+                 forward_points: Sequence[Any] | None = None) -> ExtractPlan:
     """Estimate what extracting ``points`` over ``num_samples`` samples stores and holds in memory.
 
     Args:
@@ -252,6 +253,8 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
         id_bytes: bytes of the longest sample id (fixed-length strings).
         weight_bytes: parameters and buffers of the model (device memory on a GPU).
         free_bytes: free disk space, if measured (see :func:`free_disk_bytes`).
+        forward_points: every skip point the forward runs through, up to the deepest of
+            ``points`` (default ``points``): the widest of them sizes the forward's memory.
 
     Returns:
         An :class:`ExtractPlan`.
@@ -286,13 +289,17 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
     total = per_sample * num_samples + metadata + 48 * chunks
     # in flight: queue + the batch being filled + the one being written (+1 on a GPU, whose copy
     # is synchronised one batch late), each a full set of stored arrays
-    slots = queue_size + 2 + (0 if device == "cpu" else 1)
-    stored = sum(r.bytes_per_sample for r in rows) + label + image + _STATS_BYTES * len(rows)
-    loader = (max(1, num_workers * prefetch_factor) + 1) * h * w * _INPUT_BYTES
-    # float32 activations of the widest point, a few alive at a time during the forward
-    forward = 3 * 4 * max((p.channels * p.size[0] * p.size[1] for p in points), default=0)
     on_cpu = device == "cpu"
-    host = batch_size * (slots * stored + (forward if on_cpu else 0)) + batch_size * loader
+    slots = queue_size + 2 + (0 if on_cpu else 1)
+    arrays = [r.bytes_per_sample for r in rows] + [label, image, _STATS_BYTES * len(rows)]
+    # a GPU's pinned buffers: torch's host allocator rounds each up to a power of two
+    slot = sum(batch_size * b if on_cpu else _pow2(batch_size * b) for b in arrays if b)
+    loader = (max(1, num_workers * prefetch_factor) + 1) * h * w * _INPUT_BYTES
+    # float32 activations of the widest layer the forward passes, a few alive at a time
+    forward = 3 * 4 * max((p.channels * p.size[0] * p.size[1]
+                           for p in (points if forward_points is None else forward_points)),
+                          default=0)
+    host = slots * slot + batch_size * ((forward if on_cpu else 0) + loader)
     # on a GPU: the weights, the forward, and one point's stored copy before it goes to the host
     copy = max((r.bytes_per_sample for r in rows), default=0)
     gpu = 0 if on_cpu else weight_bytes + batch_size * (forward + copy)
@@ -300,6 +307,10 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
                        batch_size, label, image, other, per_sample, total, host,
                        device_bytes=gpu, weight_bytes=weight_bytes, free_bytes=free_bytes,
                        max_channels=max_channels, compression=compression)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def check_dtype(dtype: Any) -> str:

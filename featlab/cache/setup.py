@@ -98,7 +98,7 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
     shard = fdist.shard_range(n, info.rank, info.world_size)
     first = dataset[0]
     input_size = tuple(int(v) for v in first["image"].shape[-2:])
-    pts = _resolve_points(root, points, input_size)
+    pts, passed = _resolve_points(root, points, input_size)
     channels = [channel_subset(p.name, p.channels, max_channels, channel_seed) for p in pts]
     if num_workers is None:
         num_workers = min(4, max(0, (os.cpu_count() or 1) // info.local_world_size - 1))
@@ -110,7 +110,7 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
                         num_workers=num_workers, device=device.type, id_bytes=id_length,
                         weight_bytes=sum(t.numel() * t.element_size() for t in
                                          (*root.parameters(), *root.buffers())),
-                        free_bytes=free_disk_bytes(paths.out))
+                        free_bytes=free_disk_bytes(paths.out), forward_points=passed)
     settings = ExtractSettings(
         model=spec.to_dict(), model_state=state_fingerprint(root),
         data=absolute_root(dataset.settings()), ids_sha256=ids_fingerprint(stored_ids),
@@ -227,7 +227,9 @@ def _check_dataset(dataset: Any) -> list[str]:
     return ids
 
 
-def _resolve_points(root: nn.Module, points: Any, input_size: tuple[int, int]) -> list[Any]:
+def _resolve_points(root: nn.Module, points: Any, input_size: tuple[int, int]
+                    ) -> tuple[list[Any], list[Any]]:
+    """The selected points, and every skip point up to the deepest of them (execution order)."""
     from featlab.points import select_points, skip_points
 
     found = skip_points(root, input_size=input_size)
@@ -235,7 +237,10 @@ def _resolve_points(root: nn.Module, points: Any, input_size: tuple[int, int]) -
         points = "all"
     if not isinstance(points, str) and isinstance(points, Sequence):
         points = [p if isinstance(p, str) else getattr(p, "name", p) for p in points]
-    return select_points(found, points)
+    selected = select_points(found, points)
+    names = [p.name for p in found]
+    deepest = max((names.index(p.name) for p in selected if p.name in names), default=-1)
+    return selected, found[:deepest + 1] or selected
 
 
 def _json(value: Any) -> str:

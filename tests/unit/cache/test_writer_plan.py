@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -79,13 +80,26 @@ def test_plan_puts_the_forward_on_the_device_it_runs_on():
     gpu = plan_extract(POINTS, 100, 224, batch_size=8, weight_bytes=10**6, device="cuda")
     # the forward: 3 float32 copies of the widest point, layer1's 64 x 56 x 56, per sample
     forward = 8 * 3 * 4 * 64 * 56 * 56
-    # a GPU run holds one more batch on the host: its copies are synchronised one batch late
-    batch = 8 * (sum(p.bytes_per_sample for p in cpu.points) + 224 * 224 + 2 * (8 + 4))
-    assert cpu.host_bytes - gpu.host_bytes == forward - batch and cpu.device_bytes == 0
+    # a GPU run holds one more batch on the host (its copies are synchronised one batch late),
+    # in pinned buffers that torch's host allocator rounds up to powers of two
+    arrays = [p.bytes_per_sample for p in cpu.points] + [224 * 224, 2 * (8 + 4)]
+    pinned = sum(2 ** math.ceil(math.log2(8 * b)) for b in arrays)
+    assert cpu.host_bytes - gpu.host_bytes == forward + 4 * 8 * sum(arrays) - 5 * pinned
+    assert cpu.device_bytes == 0
     # the weights, the forward and the largest stored copy (layer1 in float16) of a batch
     assert gpu.device_bytes == 10**6 + forward + 8 * 64 * 56 * 56 * 2
     assert gpu.weight_bytes == 10**6
     assert ExtractPlan.from_dict(json.loads(json.dumps(gpu.to_dict()))) == gpu
+
+
+def test_the_forward_is_sized_by_every_layer_it_passes_not_only_the_stored_ones():
+    stem = SkipPoint("relu", 0, "relu", 64, (112, 112), 2, 7, 2, 3)
+    deep = plan_extract(POINTS[1:], 100, 224, batch_size=8, device="cuda")
+    passed = plan_extract(POINTS[1:], 100, 224, batch_size=8, device="cuda",
+                          forward_points=[stem, *POINTS])
+    # storing layer4 alone still runs the stem: its 64 x 112 x 112 float32 maps, 3 alive
+    assert passed.device_bytes - deep.device_bytes == 8 * 3 * 4 * (64 * 112 * 112 - 512 * 7 * 7)
+    assert passed.total_bytes == deep.total_bytes
 
 
 def test_stored_size_keeps_the_aspect_and_never_grows():
