@@ -95,8 +95,14 @@ def info_from_env(environ: Mapping[str, str] | None = None) -> DistInfo:
                               "torchrun or unset it.") from None
     world = values.get("WORLD_SIZE", 1)
     local_world = values.get("LOCAL_WORLD_SIZE", world if "LOCAL_RANK" in values else 1)
-    return DistInfo(rank=values.get("RANK", 0), world_size=world,
+    info = DistInfo(rank=values.get("RANK", 0), world_size=world,
                     local_rank=values.get("LOCAL_RANK", 0), local_world_size=local_world)
+    if world > 1 and "LOCAL_RANK" not in values:  # else every rank of a node takes cuda:0
+        raise ConfigError(f"LOCAL_RANK must be set when WORLD_SIZE is {world} (it picks this "
+                          "rank's GPU and share of the node); got RANK and WORLD_SIZE only. "
+                          "Fix: launch with torchrun, or export LOCAL_RANK and LOCAL_WORLD_SIZE "
+                          "(under Slurm: $SLURM_LOCALID and $SLURM_NTASKS_PER_NODE).")
+    return info
 
 
 def is_distributed() -> bool:
@@ -138,7 +144,11 @@ def resolve_device(device: Any = None, info: DistInfo | None = None, *,
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ConfigError(f"`device` must be cpu, cuda or cuda:N; got {device!r}.") from err
-    if dev.type != "cuda":
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"`device` must be cpu, cuda or cuda:N; got {device!r}. Fix: --device "
+                          "cpu (featlab's statistics accumulate in float64, which other "
+                          "accelerators such as MPS lack).")
+    if dev.type == "cpu":
         return dev
     if not torch.cuda.is_available():
         if require:

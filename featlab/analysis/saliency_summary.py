@@ -238,6 +238,7 @@ def saliency_examples(model: torch.nn.Module, dataset: Any, points: Any = "stage
     {point: [n,H,W] upsampled}}``."""
     spec = spec if spec is not None else getattr(model, "featlab_spec", None)
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    model.to(dev)
     selected = resolve_points(model, points, tuple(dataset[0]["image"].shape[-2:]))
     for images, labels, x, targets in _batches(model, dataset, spec, count, count, dev):
         maps = attribute(model, x, targets, selected, method=method, relu=relu, seed=seed,

@@ -69,10 +69,15 @@ def stream(job: Job, path: str, written: np.ndarray, *, progress: bool, stop_ear
                                                     for s, n, _ in batches],
                         num_workers=job.num_workers, pin_memory=cuda, collate_fn=collate)
     pts = job.points
-    slots = [Slot(job.batch_size, [(p.channels if c is None else len(c), *s)
-                                   for p, s, c in zip(pts, job.stored, job.channels)],
-                  getattr(torch, job.settings.dtype), job.settings.input_size,
-                  job.settings.save_images, pin=cuda) for _ in range(job.queue_size + 2 + cuda)]
+    # pinned buffers and the loader's pinning thread belong to the current CUDA device: make it
+    # ours first, or a run on cuda:1 also opens a context on GPU 0
+    place = torch.cuda.device(device) if cuda else contextlib.nullcontext()
+    with place:
+        slots = [Slot(job.batch_size, [(p.channels if c is None else len(c), *s)
+                                       for p, s, c in zip(pts, job.stored, job.channels)],
+                      getattr(torch, job.settings.dtype), job.settings.input_size,
+                      job.settings.save_images, pin=cuda)
+                 for _ in range(job.queue_size + 2 + cuda)]
     bar = _progress_bar(progress, len(job.shard), int(written.sum()), job)
     writer = Writer(path, [p.name for p in pts], job.settings.save_images, slots,
                      job.queue_size, bar.update if bar is not None else None)
@@ -84,13 +89,13 @@ def stream(job: Job, path: str, written: np.ndarray, *, progress: bool, stop_ear
     in_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     try:
         root.eval()
-        batches_iter = iter(loader)  # workers fork before the writer thread starts
+        with place:
+            batches_iter = iter(loader)  # workers fork before the writer thread starts
         writer.start()
         taps = Taps(root, [p.name for p in pts], [p.module for p in pts],
                     [(p.channels, *p.size) for p in pts], job.stored, job.channels,
                     getattr(torch, job.settings.dtype), job.settings.error_stat, stop_early)
         normalize = _normalizer(job.spec, device)
-        place = torch.cuda.device(device) if cuda else contextlib.nullcontext()
         lagging: Slot | None = None
         with place, torch.inference_mode(), taps:
             for (start, n, runs), batch in zip(batches, batches_iter):

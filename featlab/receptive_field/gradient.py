@@ -122,7 +122,8 @@ def gradient_receptive_field(model: nn.Module, module_name: str, input_size: int
         captured.append(output)
         raise _Stop
 
-    x = torch.ones(1, in_channels, h, w, dtype=torch.float64, requires_grad=True)
+    place = next(net.parameters(), torch.empty(0)).device  # the model's own device
+    x = torch.ones(1, in_channels, h, w, dtype=torch.float64, device=place, requires_grad=True)
     handle = dict(net.named_modules())[module_name].register_forward_hook(hook)
     try:
         with torch.enable_grad():

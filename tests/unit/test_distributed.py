@@ -35,6 +35,8 @@ def test_dist_info_from_torchrun_environment():
         distributed.info_from_env({"RANK": "x"})
     with pytest.raises(ConfigError, match="ranks must lie in"):
         distributed.info_from_env({"RANK": "3", "WORLD_SIZE": "2"})
+    with pytest.raises(ConfigError, match="LOCAL_RANK must be set when WORLD_SIZE is 2"):
+        distributed.info_from_env({"RANK": "1", "WORLD_SIZE": "2"})  # e.g. a bare srun
     assert distributed.init().world_size == 1 or distributed.is_distributed()
 
 
@@ -66,6 +68,8 @@ def test_resolve_device_refuses_what_is_not_there(monkeypatch):
     assert distributed.resolve_device("cuda:1", require=False) == torch.device("cuda", 1)
     with pytest.raises(ConfigError, match="must be cpu, cuda or cuda:N; got 'gpu0'"):
         distributed.resolve_device("gpu0")
+    with pytest.raises(ConfigError, match="got 'mps'. Fix: --device cpu"):
+        distributed.resolve_device("mps")  # its float64 statistics would fail later
 
 
 @pytest.mark.parametrize("nccl", [True, False])
