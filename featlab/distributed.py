@@ -185,7 +185,26 @@ def backend_for(device: Any) -> str:
     return "cpu:gloo,cuda:nccl"
 
 
-def init(backend: str | None = None, *, device: Any = None, timeout_s: float = 1800.0
+def timeout_seconds(environ: Mapping[str, str] | None = None) -> float:
+    """How long a collective waits for the slowest rank: ``FEATLAB_DIST_TIMEOUT`` seconds,
+    default 1800 (raise it when ranks run at different speeds, e.g. two sharing a GPU).
+
+    Examples:
+        >>> timeout_seconds({}), timeout_seconds({"FEATLAB_DIST_TIMEOUT": "7200"})
+        (1800.0, 7200.0)
+    """
+    raw = (os.environ if environ is None else environ).get("FEATLAB_DIST_TIMEOUT", "1800")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"FEATLAB_DIST_TIMEOUT must be a positive number of seconds; got "
+                          f"{raw!r}. Fix: e.g. FEATLAB_DIST_TIMEOUT=7200, or unset it (1800).")
+    return value
+
+
+def init(backend: str | None = None, *, device: Any = None, timeout_s: float | None = None
          ) -> DistInfo:
     """Join the process group that ``torchrun``'s environment describes (once per process).
 
@@ -196,7 +215,8 @@ def init(backend: str | None = None, *, device: Any = None, timeout_s: float = 1
         backend: a ``torch.distributed`` backend; default :func:`backend_for` the device.
         device: the device this process computes on (default :func:`default_device`); a CUDA
             device becomes the process's current device.
-        timeout_s: how long collectives wait for the slowest rank.
+        timeout_s: how long collectives wait for the slowest rank (default
+            :func:`timeout_seconds`).
 
     Returns:
         This process's :class:`DistInfo`.
@@ -223,6 +243,7 @@ def init(backend: str | None = None, *, device: Any = None, timeout_s: float = 1
     backend = backend or backend_for(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout_s = timeout_seconds() if timeout_s is None else timeout_s
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     log.debug("joined process group: rank %d of %d (%s)", info.rank, info.world_size, backend)
     return info

@@ -247,8 +247,17 @@ def _together(info: fdist.DistInfo, failure: Exception | None, value: Any) -> li
         if failure is not None:
             raise failure
         return [value]
-    gathered = fdist.all_gather_object(
-        (None, value) if failure is None else (f"{type(failure).__name__}: {failure}", None))
+    try:
+        gathered = fdist.all_gather_object(
+            (None, value) if failure is None else (f"{type(failure).__name__}: {failure}", None))
+    except RuntimeError as err:  # torch's DistBackendError is one
+        if failure is not None or "timed out" not in str(err).lower():
+            raise
+        raise CacheError(f"every rank must reach this point within {fdist.timeout_seconds():.0f} "
+                         f"s of the others; rank {info.rank} waited longer. Fix: re-run the same "
+                         "command (finished shards are kept, partial ones resume), with "
+                         "FEATLAB_DIST_TIMEOUT=SECONDS larger when ranks run at different speeds "
+                         "(e.g. ranks sharing a GPU).") from None
     if failure is not None:
         raise failure
     failed = [(rank, message) for rank, (message, _) in enumerate(gathered) if message]

@@ -264,3 +264,46 @@ def test_merge_never_overwrites_and_names_a_rank_given_twice(plain, tmp_path, ca
     assert code == 0, err
     code, _, err = _merge(capsys, single, "--out", tmp_path / "again.h5")
     assert code == 2 and "it is a whole cache. Fix: it needs no merge" in err
+
+
+SLOW_RANK = """
+import os, sys, time
+import featlab
+from featlab.data import load_dataset
+
+ds = load_dataset("shapes", "val", size=32, length=8)
+plain = type(ds).__getitem__
+
+def getitem(self, i):  # rank 1's samples (4..7) are slow on the first run
+    if i >= 4 and os.environ.get("SLOW") == "1":
+        time.sleep(1.5)
+    return plain(self, i)
+
+ds.__class__ = type("Slow", (type(ds),), {"__getitem__": getitem})
+model, spec = featlab.get_backbone("resnet18")
+featlab.extract(model, ds, "stages", sys.argv[1], spec=spec, batch_size=2, num_workers=0,
+                progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_left_waiting_past_the_timeout_says_how_to_wait_longer(tmp_path):
+    script = tmp_path / "slow_rank.py"
+    script.write_text(SLOW_RANK)
+    out = tmp_path / "c.h5"
+    torchrun = Path(sys.executable).with_name("torchrun")
+
+    def run(slow):
+        cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(script), str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "FEATLAB_PROGRESS": "0",
+               "FEATLAB_DIST_TIMEOUT": "3", "SLOW": slow}
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    done = run("1")  # rank 0 finishes its shard ~6 s before rank 1
+    assert done.returncode != 0
+    assert "every rank must reach this point within 3 s" in done.stderr
+    assert "FEATLAB_DIST_TIMEOUT=SECONDS larger" in done.stderr
+    done = run("0")  # the same job again: the finished shard is kept, the other resumes
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert verify(out).ok

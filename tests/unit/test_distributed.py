@@ -35,6 +35,9 @@ def test_dist_info_from_torchrun_environment():
         distributed.info_from_env({"RANK": "x"})
     with pytest.raises(ConfigError, match="ranks must lie in"):
         distributed.info_from_env({"RANK": "3", "WORLD_SIZE": "2"})
+    for bad in ("0", "-5", "soon", "inf"):
+        with pytest.raises(ConfigError, match="FEATLAB_DIST_TIMEOUT must be a positive number"):
+            distributed.timeout_seconds({"FEATLAB_DIST_TIMEOUT": bad})
     with pytest.raises(ConfigError, match="LOCAL_RANK must be set when WORLD_SIZE is 2"):
         distributed.info_from_env({"RANK": "1", "WORLD_SIZE": "2"})  # e.g. a bare srun
     assert distributed.init().world_size == 1 or distributed.is_distributed()
