@@ -4,7 +4,10 @@ Shuffling uses ``DistributedSampler(seed=settings.seed)`` with ``set_epoch(epoch
 of every epoch is a function of ``(seed, epoch)`` and a resumed run sees the same batches as an
 uninterrupted one; with ``K`` ranks and a global batch ``B``, rank ``r`` takes every ``K``-th
 sample of each global batch (``B / K`` samples), so the union of the ranks' batches is the
-single-process batch. Validation splits the val samples into contiguous shards and sums the
+single-process batch, and each rank's loss is scaled so that the averaged gradient is that of
+the mean over the global batch's kept pixels (ranks keep different numbers of pixels). When
+``K`` does not divide the training set, ``DistributedSampler`` repeats a few samples to even
+out the last batch. Validation splits the val samples into contiguous shards and sums the
 confusion matrices over ranks.
 """
 
@@ -156,6 +159,8 @@ class Loop:
                                                 self.device)
             loss = segmentation_loss(self.net(inputs, labels.shape[-2:]), labels,
                                      self.ignore_index)
+            if self.info.world_size > 1:
+                loss = self._global_mean(loss, labels)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -187,6 +192,16 @@ class Loop:
             log.info("epoch %d/%d: loss %.4f, val mIoU %.4f", epoch, self.settings.epochs,
                      row["loss"], row["val_miou"])
         return row
+
+    def _global_mean(self, loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """This rank's mean loss rescaled so that DDP's average of the ranks' gradients is the
+        gradient of the mean over every kept pixel of the global batch, as in one process."""
+        import torch.distributed as dist
+
+        kept = (labels != self.ignore_index).sum()
+        total = kept.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return loss * (kept * self.info.world_size / total.clamp_min(1))
 
     def evaluate(self, per_image: bool = False) -> tuple[ConfusionMatrix, np.ndarray | None]:
         """Confusion matrix over the whole val set (summed over ranks) and, optionally, the

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -34,6 +35,10 @@ def test_two_gloo_processes_match_the_single_process_val_miou(tmp_path):
         featlab.extract(ft.TinyResNet(), ds, "all", tmp_path / f"{split}.h5", spec=SPEC,
                         batch_size=16, dtype="float32", num_workers=0, progress=False)
     train, val = tmp_path / "train.h5", tmp_path / "val.h5"
+    with h5py.File(train, "r+") as f:  # ranks keep different numbers of pixels per batch
+        labels = f["labels"][:]
+        labels[::3, :20] = 255
+        f["labels"][:] = labels
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "featlab",
            "train-head", "--train", str(train), "--val", str(val), "--skip", "layer1.0",
@@ -54,10 +59,12 @@ def test_two_gloo_processes_match_the_single_process_val_miou(tmp_path):
     # every val pixel counted once, summed over the ranks
     counts = np.asarray(ddp["metrics"]["matrix"])
     assert counts.sum() == np.asarray(single.metrics["matrix"]).sum() == 17 * 32 * 32
-    assert abs(ddp["miou"] - single.miou) < 0.02
+    assert abs(ddp["miou"] - single.miou) < 1e-4
     assert np.load(tmp_path / "ddp" / "val_confusion.npy").shape[0] == 17
     losses = [h["loss"] for h in ddp["history"]], [h["loss"] for h in single.history]
-    np.testing.assert_allclose(*losses, rtol=1e-3)  # same global batches, averaged gradients
+    # same global batches, and the gradient of the mean over the global batch's kept pixels
+    # (a mean of the ranks' means was 0.6 % off here)
+    np.testing.assert_allclose(*losses, rtol=1e-5)
 
 
 @pytest.mark.slow
