@@ -21,7 +21,7 @@ import datetime
 import logging
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -310,6 +310,30 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def from_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` as rank 0 computes it, on every rank (rank 0's exception raised everywhere).
+
+    For what rank 0 reads from files it writes (a run's checkpoint and record): other nodes may
+    not see them, when the run folder lies next to caches staged on node-local disks, and every
+    rank must take the same decision (resume or not) or the collectives stop matching.
+    """
+    if not is_distributed():
+        return fn()
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (fn(), None)
+        except Exception as err:  # noqa: BLE001 - raised on every rank below
+            box[0] = (None, err)
+    dist.broadcast_object_list(box, src=0)
+    value, err = box[0]
+    if err is not None:
+        raise err
+    return value
 
 
 def destroy() -> None:

@@ -89,6 +89,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Baseline vs one single-skip head per point, over seeds; which properties predict gain."""
     from pathlib import Path
 
+    from featlab.distributed import from_main, init, resolve_device
     from featlab.errors import ConfigError
     from featlab.runinfo import run_versions
     from featlab.segment import runs
@@ -99,7 +100,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.train).resolve().parent / "sweep"
     seeds = args.seed_list if args.seed_list else args.seeds
     settings = HeadSettings(**_head_overrides(args))
-    if (out / "sweep.json").exists() and not args.force:
+    init(device=resolve_device(args.device))  # under torchrun: rank 0 decides for every node
+    if from_main(lambda: (out / "sweep.json").exists()) and not args.force:
+        if not _is_main():
+            return 0
         record = read_sweep(out)
         diff = sweep_difference(record, args.train, args.val, args.points, seeds, settings,
                                 bootstrap=args.bootstrap)
@@ -108,8 +112,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise ConfigError(f"{what} differs from the finished sweep in {out}: {there} "
                               f"there, {now} now; a finished sweep is not replaced. Fix: pass "
                               "--force to train every run again, or choose another --out.")
-        if not _is_main():
-            return 0
         log.info("%s holds this sweep, finished: printing its results", out)
         return show_sweep(out, args.json)
     result = sweep(args.train, args.val, args.points, seeds, settings, out=out,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featlab import distributed as fdist
 from featlab._records import check_record
 from featlab.errors import ConfigError
 from featlab.segment import runs
@@ -211,7 +212,8 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
             results[(skip, seed)] = train_head(train, val, s, out=folder / "runs" / run_name(s),
                                                device=device, progress=progress, force=force,
                                                reuse=True)
-    per_image = {k: np.load(Path(r.folder) / runs.VAL_CONFUSION) for k, r in results.items()}
+    per_image = fdist.from_main(lambda: {k: np.load(Path(r.folder) / runs.VAL_CONFUSION)
+                                         for k, r in results.items()})  # rank 0 wrote them
     ci = {p: list(bootstrap_gain([per_image[(p, s)] for s in seeds],
                                  [per_image[(None, s)] for s in seeds], n=bootstrap,
                                  confidence=confidence, seed=bootstrap_seed)) for p in names}

@@ -277,7 +277,7 @@ def _dataset(cache):
 
 def _existing(folder: Path, settings: HeadSettings, identity: tuple[dict, dict], force: bool,
               reuse: bool, info) -> HeadResult | None:
-    record = runs.read_run(folder)
+    record = fdist.from_main(lambda: runs.read_run(folder))  # every rank decides alike
     if force:
         if info.is_main:
             for name in (runs.CHECKPOINT, runs.RUN_JSON, runs.LOG_CSV, runs.LOG_JSON,
@@ -387,7 +387,7 @@ def _fit(head, train_src, val_src, settings, folder, *, device, progress, backbo
     loop = Loop(model, opt, train_src, val_src, settings, device, info,
                 num_classes=len(classes), ignore_index=ignore_index,
                 progress=progress_enabled(progress) and info.is_main)
-    state = runs.load_checkpoint(folder)
+    state = fdist.from_main(lambda: runs.load_checkpoint(folder))  # rank 0's, on every node
     resumed = 0
     if state is not None:
         diff = _settings_difference(state["settings"], settings)

@@ -112,3 +112,44 @@ def test_a_torchrun_sweep_writes_and_prints_once(tmp_path):
         printed = json.loads(done.stdout)  # one document: rank 0 alone prints
         assert [r["point"] for r in printed["rows"]][-1] == "layer1.0"
     assert (tmp_path / "sweep" / "predictors.json").exists()
+
+
+NODE_LOCAL = """
+import os, sys
+from pathlib import Path
+from featlab.segment.train import train_head
+
+train, val, base = sys.argv[1:4]
+# each "node" sees its own run folder, as when --out lies on node-local scratch
+out = Path(base) / f"node{os.environ['RANK']}"
+r = train_head(train, val, skip="layer1.0", epochs=1, batch_size=4, lr=0.01, out=out,
+               progress=False)
+print("RESUMED", os.environ["RANK"], r.resumed_from_epoch, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_every_rank_resumes_as_rank_0_decides_when_folders_are_node_local(tmp_path):
+    for split, n in (("train", 8), ("val", 4)):
+        ds = featlab.load_dataset("shapes", split=split, size=32, length=n)
+        featlab.extract(ft.TinyResNet(), ds, "all", tmp_path / f"{split}.h5", spec=SPEC,
+                        batch_size=8, dtype="float32", num_workers=0, progress=False)
+    script = tmp_path / "node_local.py"
+    script.write_text(NODE_LOCAL)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEATLAB_PROGRESS": "0",
+           "FEATLAB_DIST_TIMEOUT": "60"}
+
+    def run():
+        cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", str(script),
+               str(tmp_path / "train.h5"), str(tmp_path / "val.h5"), str(tmp_path / "runs")]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return sorted(line for line in done.stdout.splitlines() if line.startswith("RESUMED"))
+
+    assert run() == ["RESUMED 0 0", "RESUMED 1 0"]
+    # interrupted after its epoch, as rank 0's node sees it: a checkpoint and no run.json;
+    # rank 1's node has nothing (it never writes)
+    (tmp_path / "runs" / "node0" / "run.json").unlink()
+    assert not (tmp_path / "runs" / "node1" / "checkpoint.pt").exists()
+    assert run() == ["RESUMED 0 1", "RESUMED 1 1"]  # rank 1 resumes with rank 0
