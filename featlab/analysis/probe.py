@@ -204,6 +204,7 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
                   max_iter=max_iter, tol=tol, batch_size=batch_size, device=device, dtype=dtype,
                   seed=seed)
     PixelProbe(**params)._check_params()
+    dev = resolve_device(device)  # a device this machine lacks fails before the first fit
     show = progress_enabled(progress)
     scores = []
     for name in tqdm(names, desc="probe", unit="point", disable=not show):
@@ -230,7 +231,6 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
         log.info("probe %s: mIoU %.4f, pixel accuracy %.4f (alpha %.3g, %d pixels, %.1f s)",
                  name, cm.miou(), cm.pixel_accuracy(), probe.alpha_, probe.n_pixels_,
                  probe.fit_seconds_)
-    dev = resolve_device(device)
     settings = {k: (list(v) if isinstance(v, tuple) else v)
                 for k, v in params.items() if k in _SETTINGS}
     settings.update(null=null, random=random is not None,

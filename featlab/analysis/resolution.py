@@ -265,6 +265,7 @@ def resolution_table(source: Any, *, input_size: int | tuple[int, int] | None = 
     from featlab.distributed import resolve_device
 
     started = time.perf_counter()
+    dev = resolve_device(device)  # a device this machine lacks fails before any work
     cache = None
     if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
         from featlab.cache.reader import open_cache
@@ -310,13 +311,12 @@ def resolution_table(source: Any, *, input_size: int | tuple[int, int] | None = 
         if model is None:
             raise ConfigError("the effective receptive field needs the model; got images but no "
                               "model. Fix: pass model=... (the network the points belong to).")
-        erf = effective_receptive_fields(model, images, points,
-                                         device=resolve_device(device), progress=progress)
+        erf = effective_receptive_fields(model, images, points, device=dev, progress=progress)
     settings = {"modes": list(modes), "erf_images": next(iter(erf.values())).num_images
                 if erf else 0}
     result = ResolutionResult(points, size, ceiling, erf, n_images, num_classes, ignore_index,
                               settings, None if cache is None else cache.identity(),
-                              run_versions(device or "cpu"), stored)
+                              run_versions(dev if erf else "cpu"), stored)  # where it ran
     logger.info("resolution table of %d points (%d label maps, ERF on %d images) in %.2f s",
                 len(points), n_images, settings["erf_images"], time.perf_counter() - started)
     return result

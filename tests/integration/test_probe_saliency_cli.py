@@ -126,6 +126,7 @@ def test_every_command_names_a_device_it_cannot_use_in_one_line(caches, capsys, 
     commands = {
         "probe": ["probe", "--train", train, "--val", val, "--out", out],
         "analyze cka": ["analyze", "cka", train, "--out", out],
+        "analyze resolution": ["analyze", "resolution", train, "--out", out],  # even without ERF
         "saliency": ["saliency", "--model", "resnet18", "--weights", "none", "--size", "32",
                      "--limit", "2", "--out", out],
         "train-head": ["train-head", "--train", train, "--val", val, "--epochs", "1",
