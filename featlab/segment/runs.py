@@ -30,11 +30,12 @@ from featlab.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("featlab")
 
-__all__ = ["CHECKPOINT", "RUN_JSON", "check_folder", "save_checkpoint", "load_checkpoint",
+__all__ = ["CHECKPOINT", "RUN_JSON", "RUN_FILES", "check_folder", "refuse_foreign", "save_checkpoint", "load_checkpoint",
            "write_log", "write_json", "read_run", "git_hash"]
 
 CHECKPOINT, RUN_JSON, LOG_CSV, LOG_JSON = "checkpoint.pt", "run.json", "log.csv", "log.json"
 VAL_CONFUSION = "val_confusion.npy"
+RUN_FILES = (CHECKPOINT, RUN_JSON, LOG_CSV, LOG_JSON, VAL_CONFUSION)  # what a run writes
 FORMAT = 1  # bump when the checkpoint layout changes
 
 
@@ -59,6 +60,21 @@ def check_folder(folder: Path) -> None:
         raise ConfigError(f"the run folder must be a folder featlab can write; got {folder} "
                           f"({err.strerror or err}). Fix: choose another --out, or fix its "
                           "permissions.") from err
+
+
+def refuse_foreign(folder: Path, names: tuple[str, ...], records: tuple[str, ...],
+                   what: str) -> None:
+    """Raise :class:`ConfigError` when ``folder`` holds a file of ``names`` (what featlab would
+    write there) but none of ``records`` (its own record of a run): a file of the user's that
+    would be overwritten."""
+    folder = Path(folder)
+    if any((folder / r).exists() for r in records):
+        return
+    there = [n for n in names if (folder / n).exists()]
+    if there:
+        raise ConfigError(f"the {what} folder must not hold files featlab did not write; "
+                          f"{folder} has {', '.join(there)} but no {' or '.join(records)}. Fix: "
+                          "choose another --out, or pass --force to replace them.")
 
 
 def save_checkpoint(folder: Path, state: dict) -> None:

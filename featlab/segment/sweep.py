@@ -44,6 +44,7 @@ __all__ = ["SweepResult", "sweep", "sweep_difference", "read_sweep", "write_swee
            "property_table", "predictors"]
 
 BASELINE = "baseline"
+SWEEP_FILES = ("sweep.json", "sweep.csv", "predictors.json")  # what a sweep writes at its end
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,9 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
     last = train.point_names[-1]
     check_caches(train, val, [*names, last])  # before any run: a refusal leaves nothing behind
     folder = Path(out) if out is not None else train.path.parent / "sweep"
+    if not force:  # a sweep.csv or predictors.json of the user's is not overwritten
+        fdist.from_main(lambda: runs.refuse_foreign(folder, SWEEP_FILES, ("sweep.json",),
+                                                    "sweep"))
     configs = [None, *names]
     total, done = len(configs) * len(seeds), 0
     results: dict = {}

@@ -280,11 +280,12 @@ def _existing(folder: Path, settings: HeadSettings, identity: tuple[dict, dict],
     record = fdist.from_main(lambda: runs.read_run(folder))  # every rank decides alike
     if force:
         if info.is_main:
-            for name in (runs.CHECKPOINT, runs.RUN_JSON, runs.LOG_CSV, runs.LOG_JSON,
-                         runs.VAL_CONFUSION):
+            for name in runs.RUN_FILES:
                 (folder / name).unlink(missing_ok=True)
         fdist.barrier()
         return None
+    fdist.from_main(lambda: runs.refuse_foreign(folder, runs.RUN_FILES,
+                                                (runs.RUN_JSON, runs.CHECKPOINT), "run"))
     if record is None or not record.get("finished"):
         return None
     diff = _settings_difference(record["settings"], settings)

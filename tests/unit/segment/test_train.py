@@ -284,3 +284,21 @@ def test_a_batch_larger_than_the_training_set_is_warned(caches, tmp_path):
                                                            "training samples: one optimizer step"):
         train_head(*caches, out=tmp_path / "big", progress=False,
                    **{**FAST, "epochs": 1, "batch_size": 64})
+
+
+def test_files_of_the_users_in_the_run_folder_are_not_overwritten_without_force(caches,
+                                                                               tmp_path):
+    from featlab.segment.sweep import sweep
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "log.csv").write_text("my notes\n")
+    with pytest.raises(ConfigError, match=r"mine has log.csv but no run.json or checkpoint.pt"):
+        train_head(*caches, epochs=1, out=mine, progress=False)
+    assert (mine / "log.csv").read_text() == "my notes\n"
+    (mine / "predictors.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"mine has predictors.json but no sweep.json"):
+        sweep(*caches, ["layer1.0"], seeds=[0], out=mine, epochs=1, progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["log.csv", "predictors.json"]
+    result = train_head(*caches, epochs=1, out=mine, progress=False, force=True)
+    assert result.epochs_done == 1 and (mine / "log.csv").read_text().startswith("epoch,")
