@@ -10,6 +10,7 @@ code 2; one raised in a DataLoader worker loses the worker's traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import logging
 import os
@@ -31,15 +32,40 @@ RESUMABLE = ("extract", "train-head", "sweep", "demo")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one line like featlab's own, and negative numbers in
-    scientific notation read as values (``--lr -1e-3`` is a bad value, not a missing one)."""
+    """argparse, with its errors on one line like featlab's own, negative numbers in scientific
+    notation read as values (``--lr -1e-3`` is a bad value, not a missing one), no abbreviated
+    flags (``demo --seed 1`` is not ``--seeds 1``), and an unknown flag reported by its command
+    with the closest ones it has."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}. See `{self.prog} --help`.\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self._command_parser(parsed)
+            flags = [o for a in parser._actions for o in a.option_strings]
+            close = [m for x in extras if x.startswith("-")
+                     for m in difflib.get_close_matches(x.split("=")[0], flags, n=1)]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The (sub-)command's own parser: ``featlab analyze cka``'s for ``analyze cka``."""
+        parser: argparse.ArgumentParser = self
+        for dest in ("command", "analysis"):
+            subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            name = getattr(parsed, dest, None)
+            if not subs or name not in subs[0].choices:
+                break
+            parser = subs[0].choices[name]
+        return parser
 
 
 def build_parser() -> argparse.ArgumentParser:

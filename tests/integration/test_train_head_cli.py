@@ -117,6 +117,11 @@ def test_finetune_rebuilds_backbone_and_images_from_the_cache_records(tmp_path, 
     # argparse used to read -1e-3 as an option ("expected one argument")
     (["--lr", "-1e-3"], "featlab train-head: error: HeadSettings need positive epochs, "
                         "batch_size and mid_channels, a finite lr > 0"),
+    # named by the command, with the flag it has; and no abbreviations (--epoch is not --epochs)
+    (["--num-epochs", "2"], "featlab train-head: error: unrecognized arguments: --num-epochs 2 "
+                            "(did you mean --epochs?). See `featlab train-head --help`."),
+    (["--epoch", "2"], "featlab train-head: error: unrecognized arguments: --epoch 2 (did you "
+                       "mean --epochs?)."),
 ])
 def test_argument_errors_are_one_line(caches, capsys, cli_state, argv, message):
     try:
