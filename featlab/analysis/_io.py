@@ -42,14 +42,24 @@ def check_keys(cls_name: str, d: dict, allowed: tuple[str, ...]) -> None:
 
 
 def output_stem(cache_path: str | os.PathLike, tag: str, out: str | os.PathLike | None) -> Path:
-    """Where a result goes: ``--out`` (a stem; ``.json``/``.csv`` stripped) or next to the
-    cache as ``<cache stem>.<tag>``."""
-    if out is not None:
-        out = Path(out)
-        return out.with_suffix("") if out.suffix in (".json", ".csv") else out
+    """Where a result goes: ``--out`` (a stem; ``.json``/``.csv`` stripped), inside ``--out`` as
+    ``<cache stem>.<tag>`` when it is a folder (or ends with ``/``), or next to the cache so.
+
+    Examples:
+        >>> str(output_stem("caches/val.h5", "probe", None))
+        'caches/val.probe'
+        >>> str(output_stem("caches/val.h5", "probe", "results/")), str(output_stem(
+        ...     "caches/val.h5", "probe", "results/p.json"))
+        ('results/val.probe', 'results/p')
+    """
     path = Path(cache_path)
-    name = path.name.removesuffix(".partial")
-    return path.with_name(f"{Path(name).stem}.{tag}")
+    name = f"{Path(path.name.removesuffix('.partial')).stem}.{tag}"
+    if out is None:
+        return path.with_name(name)
+    if str(out).endswith(("/", os.sep)) or Path(out).is_dir():
+        return Path(out) / name
+    out = Path(out)
+    return out.with_suffix("") if out.suffix in (".json", ".csv") else out
 
 
 def check_writable(stem: str | os.PathLike, *, force: bool = False) -> list[Path]:

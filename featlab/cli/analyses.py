@@ -146,7 +146,8 @@ def cmd_analyze_cka(args: argparse.Namespace) -> int:
 
     cache = open_cache(args.cache)
     cache2 = None if args.cache2 is None else open_cache(args.cache2)
-    tag = f"cka-{args.kind}-{args.spatial}"
+    tag = f"cka-{args.kind}-{args.spatial}" + ("-debiased" if args.estimator == "debiased"
+                                               else "")
     if cache2 is not None:
         tag += f"-vs-{Path(str(cache2.path).removesuffix('.partial')).stem}"
     stem = output_stem(cache.path, tag, args.out)
@@ -175,18 +176,13 @@ def cmd_analyze_cka(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """Linear probe per skip point: fit on --train, score on --val, write CSV + JSON."""
-    from pathlib import Path
 
+    from featlab.analysis._io import check_writable, output_stem
     from featlab.analysis.probe import probe_points, write_result
     from featlab.errors import ConfigError
 
-    out = Path(args.out) if args.out else Path(args.train).with_suffix("").with_name(
-        Path(args.train).stem + ".probe")
-    for p in (Path(f"{out.with_suffix('') if out.suffix in ('.json', '.csv') else out}{s}")
-              for s in (".json", ".csv")):
-        if p.exists() and not args.force:
-            raise ConfigError(f"probe results must not overwrite {str(p)!r} without --force; "
-                              "it exists. Fix: pass --force or another --out.")
+    out = output_stem(args.train, "probe", args.out)
+    check_writable(out, force=args.force)
     if (args.random_train is None) != (args.random_val is None):
         raise ConfigError("--random-train and --random-val must be given together; got one. "
                           "Fix: pass both random-backbone caches (train and val splits).")
@@ -197,7 +193,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                           standardize=not args.no_standardize, null=args.null,
                           random_caches=random, seed=args.seed, device=args.device,
                           batch_size=args.batch_size, progress=not args.quiet)
-    write_result(result, out, force=args.force)
+    paths = write_result(result, out, force=args.force)
     if args.json:
         _print_json(result.to_dict())
         return 0
@@ -206,7 +202,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     cols += ["random_miou"] if random else []
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else v  # noqa: E731
     print(_table([[fmt(r[c]) for c in cols] for r in result.rows()], cols))
-    print(f"\nlinear probes of {_count(len(result.rows()), 'point')} -> {out}.json, {out}.csv")
+    print(f"\nlinear probes of {_count(len(result.rows()), 'point')} -> {paths[0]}, {paths[1]}")
     return 0
 
 

@@ -30,8 +30,9 @@ from featlab.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("featlab")
 
-__all__ = ["CHECKPOINT", "RUN_JSON", "RUN_FILES", "check_folder", "refuse_foreign", "save_checkpoint", "load_checkpoint",
-           "write_log", "write_json", "read_run", "git_hash"]
+__all__ = ["CHECKPOINT", "RUN_JSON", "RUN_FILES", "check_folder", "refuse_foreign",
+           "save_checkpoint", "load_checkpoint", "write_log", "write_json", "read_run",
+           "git_hash"]
 
 CHECKPOINT, RUN_JSON, LOG_CSV, LOG_JSON = "checkpoint.pt", "run.json", "log.csv", "log.json"
 VAL_CONFUSION = "val_confusion.npy"

@@ -52,6 +52,16 @@ def test_cka_kinds_and_cross_model(caches, capsys, tmp_path):
     saved = json.loads((caches / "a.cka-linear-gap.json").read_text())
     m = np.array(saved["matrix"])
     np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-12)
+    # another estimator is another result, beside the first; a folder --out holds the default name
+    assert main(["analyze", "cka", str(a), "--estimator", "debiased", "-q", "--device",
+                 "cpu"]) == 0
+    assert json.loads((caches / "a.cka-linear-gap-debiased.json").read_text())["estimator"] == (
+        "debiased")
+    (tmp_path / "results").mkdir()
+    assert main(["analyze", "cka", str(a), "--out", str(tmp_path / "results"), "-q",
+                 "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
+        "a.cka-linear-gap.csv", "a.cka-linear-gap.json"]
     for kind, extra in (("rbf", ["--bandwidth", "0.5"]), ("minibatch", ["--batch-size", "5"])):
         out = tmp_path / kind
         assert main(["analyze", "cka", str(a), "--kind", kind, "--spatial", "pixels",

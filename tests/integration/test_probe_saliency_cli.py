@@ -33,6 +33,8 @@ def test_probe_cli_writes_and_prints_the_table(caches, capsys):
                  "--alpha", "1e-3", "-q"]) == 0
     printed = capsys.readouterr().out
     assert "layer1.0" in printed and "miou" in printed
+    assert printed.rstrip().endswith(f"-> {caches / 'train.probe.json'}, "
+                                     f"{caches / 'train.probe.csv'}")  # the files it wrote
     rows = list(csv.DictReader((caches / "train.probe.csv").open()))
     assert [r["point"] for r in rows] == ["layer1.0", "layer1.1"]
     assert 0 <= float(rows[0]["miou"]) <= 1
