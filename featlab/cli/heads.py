@@ -185,8 +185,8 @@ def print_sweep(result, preds: list[dict], notes: list[str], paths: list) -> Non
     for note in notes:
         print(f"note: {note}")
     print(f"\n{_count(len(result.points) + 1, 'configuration')} x "
-          f"{_count(len(result.seeds), 'seed')} in "
-          f"{result.seconds:.0f} s -> {', '.join(str(p) for p in paths)}")
+          f"{_count(len(result.seeds), 'seed')}, trained or reused in {result.seconds:.1f} s "
+          f"(the properties not counted) -> {', '.join(str(p) for p in paths)}")
 
 
 def _add_head_options(p: argparse.ArgumentParser) -> None:

@@ -98,7 +98,7 @@ class SweepResult:
         """The table: the baseline first, then one row per point in execution order."""
         base = np.asarray(self.baseline, dtype=np.float64)
         out = [{"point": BASELINE, "stride": None, "rf_size": None, **_spread(base),
-                "per_seed": [round(float(v), 4) for v in base], "gain": 0.0, "gain_std": None,
+                "per_seed": [float(v) for v in base], "gain": 0.0, "gain_std": None,
                 "gain_ci_seeds": None, "gain_ci_images": None, "beats_2std": None,
                 "rank": None}]
         gains = self.gains()
@@ -109,8 +109,8 @@ class SweepResult:
             noise = max(np.std(vals, ddof=1) if len(vals) > 1 else 0.0,
                         np.std(base, ddof=1) if len(base) > 1 else 0.0)
             out.append({"point": p, "stride": self.stride.get(p), "rf_size": self.rf_size.get(p),
-                        **_spread(vals), "per_seed": [round(float(v), 4) for v in vals],
-                        "gain": round(g["gain"], 4), "gain_std": _r(g["std"]),
+                        **_spread(vals), "per_seed": [float(v) for v in vals],
+                        "gain": float(g["gain"]), "gain_std": _r(g["std"]),
                         "gain_ci_seeds": ([_r(g["lo"]), _r(g["hi"])] if len(vals) > 1
                                           else None),  # undefined with one seed
                         "gain_ci_images": [_r(v) for v in self.gain_ci_images.get(p, (None,
@@ -120,13 +120,14 @@ class SweepResult:
         return out
 
 
-def _r(x, n: int = 4):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), n)
+def _r(x):
+    """A float for the table (full precision: only the printed table rounds), None for NaN."""
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
 def _spread(v: np.ndarray) -> dict:
-    return {"miou_mean": round(float(v.mean()), 4),
-            "miou_std": round(float(v.std(ddof=1)), 4) if len(v) > 1 else None}
+    return {"miou_mean": float(v.mean()),
+            "miou_std": float(v.std(ddof=1)) if len(v) > 1 else None}
 
 
 def gain_stats(skip: Sequence[float], base: Sequence[float], confidence: float = 0.95) -> dict:
