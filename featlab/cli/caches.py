@@ -85,10 +85,11 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
 def cmd_extract(args: argparse.Namespace) -> int:
     """Stream skip-point activations of a data set into an HDF5 cache (or --dry-run: estimate)."""
+    from featlab.cache.files import refuse_complete
     from featlab.cache.plan import format_bytes
     from featlab.cache.writer import estimate, extract
     from featlab.data import load_dataset
-    from featlab.errors import ConfigError
+    from featlab.errors import CacheError, ConfigError
     from featlab.models import get_backbone
 
     options = {}
@@ -147,6 +148,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
         elif args.keeps_freed_memory:  # a CPU run
             print("on the CPU this command keeps freed memory for speed, which can raise the "
                   "process peak above that (FEATLAB_KEEP_MEMORY=0 turns it off)")
+        if os.path.exists(args.out) and not args.force:
+            try:
+                refuse_complete(args.out)
+            except CacheError as err:  # what the run itself would say
+                print(f"note: the run would be refused: {err}")
         return 0
     result = extract(model, ds, args.points, args.out, force=args.force,
                      error_stat=args.error_stat, disk_check=not args.no_disk_check,

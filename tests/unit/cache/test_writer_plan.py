@@ -156,3 +156,9 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, cli_st
     plan = json.loads(capsys.readouterr().out)
     assert plan["num_samples"] == 50 and plan["free_bytes"] > 0
     assert [p["bytes_per_sample"] for p in plan["points"]] == [64 * 8 * 8 * 2, 512 * 2 * 2 * 2]
+    out.parent.mkdir()
+    out.write_bytes(b"notes")  # the run would refuse what is there: the plan says so
+    assert cli.main(argv) == 0
+    assert "note: the run would be refused: `out` must not be an existing file" in (
+        capsys.readouterr().out)
+    assert out.read_bytes() == b"notes"
