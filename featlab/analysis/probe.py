@@ -241,9 +241,14 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
 
 
 def _check_pair(train, val) -> None:
+    from featlab.cache.joins import identity_difference
+
     for what, a, b in (("model", train.model, val.model), ("classes", train.classes,
                                                             val.classes)):
         if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):  # name the field, not both records
+                key = identity_difference(a, b) or "record"
+                what, a, b = f"model's {key}", a.get(key), b.get(key)
             raise CacheError(f"train and val caches must share the {what}; got {a!r} in "
                              f"{str(train.path)!r} and {b!r} in {str(val.path)!r}. Fix: extract "
                              "both splits with the same model and data set.")

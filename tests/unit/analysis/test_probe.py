@@ -350,7 +350,8 @@ def test_probe_points_refuses_mismatched_caches(caches, tmp_path):
     featlab.extract(ft.TinyResNet(seed=3), ds, "stages", other,
                     spec=BackboneSpec("tiny2", "none", (0.5,) * 3, (0.25,) * 3, 32, 10),
                     dtype="float32", num_workers=0, progress=False)
-    with pytest.raises(CacheError, match="share the model"):
+    with pytest.raises(CacheError, match="share the model's name; got 'tiny' in .* and 'tiny2' "
+                                         "in"):  # the field that differs, not two whole records
         probe_points(caches["train"], other, progress=False)
     # the same backbone, other channels of a point: the probe would be scored on other features
     ds = featlab.load_dataset("shapes", split="val", size=32, length=8)
