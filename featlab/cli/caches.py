@@ -157,8 +157,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
     result = extract(model, ds, args.points, args.out, force=args.force,
                      error_stat=args.error_stat, disk_check=not args.no_disk_check,
                      progress=not args.quiet, **kwargs)
-    if args.json and os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if args.json:
         _print_json(result.to_dict())
+    else:  # on stdout, with --quiet too, like every command's result
+        print(f"{result.path}: {len(result.points)} points x {result.num_samples} samples, "
+              f"{format_bytes(result.bytes)} ({result.written} written now, {result.skipped} "
+              "already there)")
     return 0
 
 
@@ -172,6 +178,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
                           progress=not args.quiet)
     if args.json:
         _print_json(result.to_dict())
+    else:
+        from featlab.cache.plan import format_bytes
+
+        how = "virtual datasets over" if result.virtual else "a copy of"
+        print(f"{result.path}: {result.num_samples} samples, {how} {len(result.shards)} shards "
+              f"({format_bytes(result.bytes)})")
     return 0
 
 

@@ -175,9 +175,10 @@ def test_merge_virtual_joins_shards_gathered_from_several_nodes(plain, tmp_path,
     for r, node in enumerate(["node-a", "node-b"]):
         (tmp_path / node).mkdir()
         shutil.copy(out.parent / "c.h5.shards" / f"rank-{r}-of-2.h5", tmp_path / node)
-    code, _, err = _merge(capsys, tmp_path / "node-b", tmp_path / "node-a", "--virtual",
-                          "--out", tmp_path / "c.h5")
+    code, printed, err = _merge(capsys, tmp_path / "node-b", tmp_path / "node-a", "--virtual",
+                                "--out", tmp_path / "c.h5")
     assert code == 0, err
+    assert printed.startswith(f"{tmp_path / 'c.h5'}: {N} samples, virtual datasets over 2 shards")
     with h5py.File(tmp_path / "c.h5", "r") as f:
         assert f["points/layer2.1"].is_virtual and os.path.getsize(tmp_path / "c.h5") < 100_000
     with featlab.open_cache(tmp_path / "c.h5") as cache, featlab.open_cache(out) as ref:

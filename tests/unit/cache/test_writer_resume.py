@@ -14,6 +14,7 @@ import featlab.testing as ft
 from featlab import cli
 from featlab.cache import schema
 from featlab.cache.direct import DirectWriter
+from featlab.cache.plan import format_bytes
 from featlab.cache.writer import extract
 from featlab.data import load_dataset
 from featlab.errors import CacheError
@@ -212,7 +213,9 @@ def test_cli_refuses_an_existing_cache_with_exit_code_2_and_one_line(tmp_path, c
             "--data", "shapes", "--input-size", "32",
             "--limit", "2", "--batch-size", "2", "--out", str(out), "--quiet", "--workers", "0"]
     assert cli.main(argv) == 0 and out.exists()
-    capsys.readouterr()
+    # quiet: no bars, no log, but the result on stdout
+    assert capsys.readouterr().out == f"{out}: 5 points x 2 samples, " + (
+        f"{format_bytes(out.stat().st_size)} (2 written now, 0 already there)\n")
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
