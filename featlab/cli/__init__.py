@@ -81,7 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in (backbones, caches, analyses, heads, demo):
         group.add_commands(sub, common)
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Add "(default X)" to every option's help that does not state its default already."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _show_defaults(command)
+        elif (action.option_strings and action.default is not None
+              and action.default is not False and action.default != argparse.SUPPRESS
+              and "default" not in (action.help or "")):
+            action.help = f"{action.help} (default %(default)s)" if action.help else (
+                "default %(default)s")
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:

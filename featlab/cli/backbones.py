@@ -10,11 +10,11 @@ from featlab.cli._output import _print_json, _table
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add this module's sub-commands to the ``featlab`` parser."""
     p = sub.add_parser("models", parents=[common], help="list the backbones and local weights")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("datasets", parents=[common], help="list the data sets and their layouts")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_datasets)
 
     p = sub.add_parser("points", parents=[common], help="list the skip points of a backbone")
@@ -29,16 +29,16 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
     p = sub.add_parser("pretrain", parents=[common],
                        help="train a backbone as a classifier on the embedded data set (cached)")
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--data", default="shapes", choices=["shapes"])
-    p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--image-size", type=int, help="training image side in pixels")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--model", default="resnet18", help="backbone name, see `featlab models`")
+    p.add_argument("--data", default="shapes", choices=["shapes"], help="the embedded data set")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 600)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 32)")
+    p.add_argument("--image-size", type=int, help="training image side in pixels (default 48)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    p.add_argument("--seed", type=int, help="seed of the init and the images (default 0)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="train again even if a checkpoint exists")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_pretrain)
 
 

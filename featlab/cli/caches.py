@@ -73,13 +73,13 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
     p = sub.add_parser("inspect", parents=[common], help="summarise an activation cache")
     p.add_argument("cache", help="path of the .h5 cache (or its .partial while being written)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", parents=[common],
                        help="read a whole cache once and check shapes, flags, values, metadata")
     p.add_argument("cache")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_verify)
 
 

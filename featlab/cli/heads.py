@@ -27,7 +27,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                        help="baseline vs a single skip per point over seeds; what predicts gain")
     _add_head_options(p)
     p.add_argument("--points", default="stages",
-                   help="skip points: stages | all | glob | comma-separated names")
+                   help="skip points: stages | all | glob | re:REGEX | comma-separated names")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default 3)")
     p.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds instead of --seeds")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of images")

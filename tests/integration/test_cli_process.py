@@ -53,3 +53,26 @@ def test_ctrl_c_while_torch_loads_waits_for_it_then_stops_cleanly(tmp_path):
                           timeout=120)
     assert done.stdout.splitlines() == ["torchvision loaded", "exit 130 handler restored True"]
     assert done.stderr == "featlab models: interrupted\n"
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    import argparse
+
+    from featlab.cli import build_parser
+
+    def options(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, command in action.choices.items():
+                    yield from options(command, f"{name} {sub}")
+            elif action.option_strings and action.dest not in ("help", "version"):
+                yield name, action
+
+    seen = 0
+    for name, action in options(build_parser(), "featlab"):
+        seen += 1
+        flag = f"{name} {action.option_strings[-1]}"
+        assert action.help, f"{flag} has no help"
+        if action.default is not None and action.default is not False:  # 0 counts
+            assert "default" in action.help, f"{flag} hides its default {action.default!r}"
+    assert seen > 100
