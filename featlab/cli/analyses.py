@@ -71,7 +71,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                    help="null baseline: train cache of the same samples from the same "
                    "architecture with random weights (featlab extract --weights none)")
     p.add_argument("--random-val", metavar="CACHE", help="its val cache (with --random-train)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the pixel sample, the held-out split and the label shuffle")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the pixel sample, the held-out split and the label shuffle")
     p.add_argument("--batch-size", type=int, default=16, help="images read at a time")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     _result_options(p, "next to --train, TRAIN.probe.json/.csv")
