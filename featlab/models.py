@@ -283,9 +283,8 @@ def get_backbone(
     if w == "shapes" or w.startswith("shapes:"):
         path = _default_shapes_path(name) if w == "shapes" else shapes_checkpoint_path(name, w[7:])
         if not path.is_file():
-            others = [] if w != "shapes" else sorted(
-                f"shapes:{p.stem.rsplit('-', 1)[-1]}"
-                for p in path.parent.glob(f"{name}-shapes-*.pt"))
+            others = sorted(f"shapes:{p.stem.rsplit('-', 1)[-1]}"
+                            for p in path.parent.glob(f"{name}-shapes-*.pt"))
             also = (f" It holds {name} checkpoints of other pretrain settings: "
                     f"{', '.join(others[:4])} (`shapes` alone means the default settings)."
                     if others else "")

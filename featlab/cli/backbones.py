@@ -106,10 +106,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result.to_dict())
         return 0
-    verb = "reused" if result.reused else "trained"
+    how = (f"reused (trained in {result.seconds:.0f} s)" if result.reused
+           else f"trained in {result.seconds:.0f} s")
+    default = settings == PretrainSettings()
     print(
-        f"{args.model} {verb} on {args.data}: val accuracy {result.accuracy:.3f} "
-        f"(chance {result.chance:.3f}, majority prior {result.prior:.3f}) "
-        f"in {result.seconds:.0f} s -> {result.checkpoint}"
+        f"{args.model} on {args.data}, {how}: val accuracy {result.accuracy:.3f} "
+        f"(chance {result.chance:.3f}, majority prior {result.prior:.3f}) -> {result.checkpoint}"
+        f"\nuse them with --weights shapes:{result.key}"
+        + (" (or --weights shapes: these are the default settings)" if default else "")
     )
     return 0

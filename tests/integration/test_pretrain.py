@@ -156,3 +156,17 @@ def test_crops_too_small_for_the_network_are_refused_before_training(cache):
         pretrain.pretrain("vgg16", image_size=16, steps=2, batch_size=2, val_images=4,
                           progress=False, num_workers=0)
     assert not list(cache.glob("**/*.pt"))
+
+
+def test_the_command_says_how_to_use_what_it_trained(cache, capsys, cli_state):
+    from featlab.cli import main
+
+    argv = ["pretrain", "--steps", "2", "--batch-size", "4", "--image-size", "32", "-q"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    key = pretrain.settings_key("resnet18", pretrain.PretrainSettings(steps=2, batch_size=4,
+                                                                      image_size=32))
+    assert f"use them with --weights shapes:{key}\n" in first and ", trained in" in first
+    assert main(argv) == 0  # again: the same checkpoint, said to be reused
+    assert ", reused (trained in" in capsys.readouterr().out
+    featlab.get_backbone("resnet18", weights=f"shapes:{key}")  # what it said loads

@@ -248,6 +248,9 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     with pytest.raises(WeightsNotFoundError, match=r"other pretrain settings: "
                                                    r"shapes:0123456789ab \(`shapes` alone means"):
         featlab.get_backbone("resnet34", weights="shapes")
+    with pytest.raises(WeightsNotFoundError, match=r"'shapes:0123456789bb' .* other pretrain "
+                                                   r"settings: shapes:0123456789ab "):  # a typo
+        featlab.get_backbone("resnet34", weights="shapes:0123456789bb")
 
 
 def test_densenet_files_with_legacy_key_names_load(hub):
