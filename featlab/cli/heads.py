@@ -102,18 +102,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     settings = HeadSettings(**_head_overrides(args))
     init(device=resolve_device(args.device))  # under torchrun: rank 0 decides for every node
     if from_main(lambda: (out / "sweep.json").exists()) and not args.force:
-        if not _is_main():
-            return 0
-        record = read_sweep(out)
+        record = from_main(lambda: read_sweep(out))
+        same = dict(bootstrap=args.bootstrap)
         diff = sweep_difference(record, args.train, args.val, args.points, seeds, settings,
-                                bootstrap=args.bootstrap)
+                                extends=True, **same)
         if diff is not None:
             what, there, now = diff
             raise ConfigError(f"{what} differs from the finished sweep in {out}: {there} "
                               f"there, {now} now; a finished sweep is not replaced. Fix: pass "
                               "--force to train every run again, or choose another --out.")
-        log.info("%s holds this sweep, finished: printing its results", out)
-        return show_sweep(out, args.json)
+        if sweep_difference(record, args.train, args.val, args.points, seeds, settings,
+                            **same) is None:
+            if not _is_main():
+                return 0
+            log.info("%s holds this sweep, finished: printing its results", out)
+            return show_sweep(out, args.json)
+        log.info("extending the finished sweep in %s (seeds %s, %d points): its runs are reused",
+                 out, list(record.seeds), len(record.points))
     result = sweep(args.train, args.val, args.points, seeds, settings, out=out,
                    device=args.device, progress=not args.quiet, force=args.force,
                    bootstrap=args.bootstrap)
@@ -130,6 +135,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             "properties": props, "predictors": preds, "notes": notes, "provenance": how,
             "versions": run_versions()})
         paths.append(out / "predictors.json")
+    elif (out / "predictors.json").exists():  # it belonged to the sweep just replaced
+        (out / "predictors.json").unlink()
+        log.info("removed %s: it measured the sweep this one replaced", out / "predictors.json")
     if args.json:
         _print_json({"sweep": result.to_dict(), "rows": result.rows(), "predictors": preds,
                      "notes": notes})

@@ -263,11 +263,13 @@ def _resolve(train, val, points, seeds, settings, overrides: dict):
 def sweep_difference(record: SweepResult, train, val, points: str | Sequence[str] = "stages",
                      seeds: int | Sequence[int] = 3, settings: HeadSettings | None = None, *,
                      bootstrap: int = 1000, confidence: float = 0.95, bootstrap_seed: int = 0,
-                     **overrides) -> tuple[str, str, str] | None:
+                     extends: bool = False, **overrides) -> tuple[str, str, str] | None:
     """The first way in which :func:`sweep` with these arguments would differ from the finished
     sweep ``record`` (its ``sweep.json``): ``(what, there, now)``, or None when it would be the
     same sweep -- the same shared head settings, seeds, points, bootstrap and caches (compared
-    by identity without the path: the same files moved are the same caches).
+    by identity without the path: the same files moved are the same caches). ``extends``: more
+    seeds or points than the record's (all of its own among them) are no difference: such a
+    sweep reuses every finished run and adds the new ones.
 
     Examples:
         >>> record = SweepResult.from_dict(json.load(open("sweep/sweep.json")))  # doctest: +SKIP
@@ -286,9 +288,11 @@ def sweep_difference(record: SweepResult, train, val, points: str | Sequence[str
             return what, repr(then.get(key)), repr(now.get(key))
     for what, there, here in (("the seed list (`--seeds`, `--seed-list`)", list(record.seeds),
                                list(seeds)),
-                              ("the skip points (`--points`)", list(record.points), names),
-                              ("the bootstrap resamples (`--bootstrap`)", record.bootstrap,
-                               bootstrap),
+                              ("the skip point list (`--points`)", list(record.points), names)):
+        if there != here and not (extends and set(there) <= set(here)):
+            return what, repr(there), repr(here)
+    for what, there, here in (("the number of bootstrap resamples (`--bootstrap`)",
+                               record.bootstrap, bootstrap),
                               ("the bootstrap's confidence", record.confidence, confidence),
                               ("the bootstrap's seed", record.bootstrap_seed, bootstrap_seed)):
         if there != here:

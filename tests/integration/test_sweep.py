@@ -54,6 +54,14 @@ def test_sweep_cli_table_files_predictors_and_refusal(caches, capsys):
     assert main([*cmd[:-1], "--seed-list", "0", "5", "-q"]) == 2
     assert "the seed list (`--seeds`, `--seed-list`)" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == stamps
+    # one more seed extends the finished sweep: its 6 runs reused, 3 trained
+    assert main([*cmd[:-1], "--seeds", "3", "--no-properties", "-q"]) == 0
+    capsys.readouterr()
+    assert json.loads((folder / "sweep.json").read_text())["seeds"] == [0, 1, 2]
+    runs = {p: p.stat().st_mtime_ns for p in (folder / "runs").rglob("*") if p.is_file()}
+    assert len({p.parent for p in runs}) == 9
+    assert all(runs[p] == t for p, t in stamps.items() if p in runs)
+    assert not (folder / "predictors.json").exists()  # it measured the 2-seed sweep
     # --force trains again; --json prints the rows
     assert main([*cmd, "--force", "--json", "--no-properties"]) == 0
     data = json.loads(capsys.readouterr().out)
