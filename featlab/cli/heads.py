@@ -62,8 +62,9 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     from featlab.segment.train import HeadSettings, train_head
 
     settings = HeadSettings(skip=args.skip, seed=args.seed, **_head_overrides(args))
+    # the same command again on a finished run prints its result, as sweep and demo do
     result = train_head(args.train, args.val, settings, out=args.out, device=args.device,
-                        progress=not args.quiet, force=args.force,
+                        progress=not args.quiet, force=args.force, reuse=True,
                         preload=not args.no_preload)
     if not _is_main():
         return 0

@@ -37,7 +37,7 @@ def args(caches, *extra):
             "--batch-size", "8", "--lr", "0.01", "-q", *extra]
 
 
-def test_train_head_writes_a_run_folder_next_to_the_cache_and_refuses_to_overwrite(
+def test_train_head_writes_a_run_folder_next_to_the_cache_and_never_overwrites_it(
         caches, capsys):
     assert main(args(caches, "--skip", "layer1.0", "--fusion", "concat")) == 0
     out = capsys.readouterr().out
@@ -47,8 +47,15 @@ def test_train_head_writes_a_run_folder_next_to_the_cache_and_refuses_to_overwri
                                                   "checkpoint.pt", "val_confusion.npy"}
     record = json.loads((folder / "run.json").read_text())
     assert record["settings"]["fusion"] == "concat" and record["finished"]
-    assert main(args(caches, "--skip", "layer1.0", "--fusion", "concat")) == 2
-    assert "--force" in capsys.readouterr().err
+    stamp = (folder / "run.json").stat().st_mtime_ns
+    # the same command again: the finished run's result, nothing trained or written
+    assert main(args(caches, "--skip", "layer1.0", "--fusion", "concat")) == 0
+    assert capsys.readouterr().out == out and (folder / "run.json").stat().st_mtime_ns == stamp
+    # other settings into that folder: refused, naming the setting
+    assert main(args(caches, "--skip", "layer1.0", "--fusion", "concat", "--out", str(folder),
+                     "--lr", "0.1")) == 2
+    err = capsys.readouterr().err
+    assert "its lr is 0.01, not 0.1" in err and "--force" in err
     assert main(args(caches, "--skip", "layer1.0", "--fusion", "concat", "--force",
                      "--json")) == 0
     assert json.loads(capsys.readouterr().out)["miou"] == pytest.approx(record["miou"])
