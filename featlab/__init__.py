@@ -23,6 +23,8 @@ _LAZY = {
     "SkipPoint": "featlab.points",
     "capture": "featlab.capture",
     "Recorder": "featlab.capture",
+    "module_calls": "featlab.module_calls",
+    "ModuleCall": "featlab.module_calls",
     "load_dataset": "featlab.data",
     "list_datasets": "featlab.data",
     "extract": "featlab.cache.writer",

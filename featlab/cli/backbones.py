@@ -21,10 +21,15 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("model", help="backbone name, see `featlab models`")
     p.add_argument("--weights", default="none",
                    help="none | imagenet | shapes | PATH (default none)")
-    p.add_argument("--input-size", type=int, default=224, help="input side in pixels (default 224)")
+    p.add_argument("--input-size", type=int,
+                   help="input side in pixels (default: the weights' own, 224 for none)")
     p.add_argument("--select", default="all",
                    help="all | stages | glob (layer3.*) | re:REGEX | comma-separated names")
-    p.add_argument("--json", action="store_true", help="print a JSON list of SkipPoint records")
+    p.add_argument("--modules", action="store_true",
+                   help="every module of a forward instead: type, calls, output shape, and "
+                        "whether a later in-place op changes its output (R-1.4)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of SkipPoint (or --modules: ModuleCall) records")
     p.set_defaults(func=cmd_points)
 
     p = sub.add_parser("pretrain", parents=[common],
@@ -76,8 +81,11 @@ def cmd_points(args: argparse.Namespace) -> int:
     from featlab.models import get_backbone
     from featlab.points import skip_points
 
-    model, _ = get_backbone(args.model, weights=args.weights)
-    points = skip_points(model, input_size=args.input_size, select=args.select)
+    model, spec = get_backbone(args.model, weights=args.weights)
+    size = args.input_size or spec.input_size
+    if args.modules:
+        return _print_modules(model, args.model, size, args.json)
+    points = skip_points(model, input_size=size, select=args.select)
     if args.json:
         _print_json([{**p.to_dict(), "rf_status": p.rf_status} for p in points])
         return 0
@@ -88,8 +96,27 @@ def cmd_points(args: argparse.Namespace) -> int:
     ]
     print(_table(rows, ["#", "name", "C", "HxW", "stride", "rf", "rf_stride", "rf_pad",
                         "rf status"]))
-    print(f"\n{len(points)} skip points of {args.model} at input {args.input_size} px "
+    print(f"\n{len(points)} skip points of {args.model} at input {size} px "
           f"(selection {args.select!r}).")
+    return 0
+
+
+def _print_modules(model, name: str, size: int, as_json: bool) -> int:
+    from featlab.module_calls import module_calls
+
+    calls = module_calls(model, size)
+    if as_json:
+        _print_json([c.to_dict() for c in calls])
+        return 0
+    print(_table([[i, c.name, c.type, c.calls, "-" if c.shape is None else
+                   "x".join(map(str, c.shape[1:])), "yes" if c.changed_in_place else ""]
+                  for i, c in enumerate(calls)],
+                 ["#", "module", "type", "calls", "output", "changed in place after"]))
+    reused = sum(c.calls > 1 for c in calls)
+    changed = sum(c.changed_in_place for c in calls)
+    print(f"\n{len(calls)} modules of {name} ran at input {size} px; {reused} more than once "
+          f"(capture them with on_reuse='all'), {changed} with an output a later in-place op "
+          "changes (featlab's hooks copy it before that).")
     return 0
 
 

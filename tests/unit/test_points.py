@@ -298,3 +298,37 @@ def test_cli_points_json_carries_the_receptive_field_status(capsys, cli_state):
     assert [SkipPoint.from_dict(r).rf_status for r in records] == [r["rf_status"] for r in records]
     assert records[0]["rf_status"] == "exact"
     assert any(r["rf_status"].startswith("exact; global context via SE") for r in records)
+
+
+def test_module_calls_count_calls_and_find_outputs_changed_in_place(capsys, cli_state):
+    import torchvision
+
+    from featlab import cli
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    calls = {c.name: c for c in featlab.module_calls(model, 64)}
+    assert calls["layer1.0.relu"].calls == 2 and calls["layer1.0.conv1"].calls == 1
+    assert calls["layer1.0.bn2"].changed_in_place  # `out += identity` (R-1.1's example)
+    assert calls["bn1"].changed_in_place and not calls["conv1"].changed_in_place
+    assert calls["layer4"].shape == (1, 512, 2, 2) and "fc" in calls
+    # independently: hooks keeping references against hooks keeping copies, on random input
+    refs, copies = {}, {}
+
+    def keep(name):
+        def hook(module, args, out):  # returns None: the output is left as it is
+            refs.setdefault(name, out)
+            copies.setdefault(name, out.clone())
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    for h in hooks:
+        h.remove()
+    differ = {n for n in refs if not torch.equal(refs[n], copies[n])}
+    assert differ and differ <= {n for n, c in calls.items() if c.changed_in_place}
+    assert all(not m.training for m in model.modules())  # modes restored
+    assert cli.main(["points", "resnet18", "--modules", "--input-size", "64", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in records] == list(calls)
+    assert records[list(calls).index("layer1.0.bn2")]["changed_in_place"] is True
