@@ -10,6 +10,7 @@ selected element out of a module's output inside the hook.
 from __future__ import annotations
 
 import copy as _copy
+import fnmatch
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -93,9 +94,7 @@ def resolve(root: nn.Module, modules: dict[str, nn.Module], points: Any, prefix:
             if parsed is not None:
                 found.append(Target(item, *parsed))
             elif _is_selection(item) and not _SELECTOR.match(item):
-                from featlab.points import select_points
-                found += [Target(p.name, *_module_of(p, modules, root))
-                          for p in select_points(skip_points(), item)]
+                found += _select(item, skip_points, modules, root)
             else:
                 raise _unknown(item, root, modules)
         else:
@@ -114,6 +113,26 @@ def resolve(root: nn.Module, modules: dict[str, nn.Module], points: Any, prefix:
         raise ConfigError("`points` of capture must select at least one module; got an empty "
                           "selection. Fix: pass None for all skip points.")
     return list(unique.values())
+
+
+def _select(pattern: str, skip_points: Any, modules: Mapping[str, nn.Module], root: nn.Module
+            ) -> list[Target]:
+    """A preset, glob or ``re:`` pattern: the skip points it selects, or, when it matches none,
+    every module whose name it matches (``layer*.?.bn2``: capture hooks any module)."""
+    from featlab.points import select_points
+
+    try:
+        return [Target(p.name, *_module_of(p, modules, root))
+                for p in select_points(skip_points(), pattern)]
+    except SkipPointNotFoundError:
+        if pattern.startswith("re:"):
+            regex = re.compile(pattern[3:])  # it compiled in select_points
+            names = [n for n in modules if n and regex.fullmatch(n)]
+        else:
+            names = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
+        if not names:
+            raise
+        return [Target(n, n, None) for n in names]
 
 
 def _discover(root: nn.Module) -> list[Any]:

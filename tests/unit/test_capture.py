@@ -477,3 +477,23 @@ def test_a_hundred_captures_leave_no_hooks_and_no_recorders():
         del acts
     assert hooks_left(net) == []
     assert sum(r() is not None for r in refs) == 0  # freed by reference counting: no cycles
+
+
+def test_a_pattern_matching_no_skip_point_selects_modules_by_name():
+    # R-6.1's own example: `layer*.?.bn2` names no skip point, but capture hooks any module
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with featlab.capture(model, "layer*.?.bn2") as acts:
+        model(x)
+    assert list(acts) == [f"layer{s}.{b}.bn2" for s in (1, 2, 3, 4) for b in (0, 1)]
+    with featlab.capture(model, ["layer2.1.bn2"]) as exact:
+        model(x)
+    assert torch.equal(acts["layer2.1.bn2"], exact["layer2.1.bn2"])
+    with featlab.capture(model, r"re:layer1\.\d\.conv\d") as acts:
+        model(x)
+    assert list(acts) == ["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"]
+    with featlab.capture(model, "layer3.*") as acts:  # skip points match first, as before
+        model(x)
+    assert list(acts) == ["layer3.0", "layer3.1"]
+    with pytest.raises(featlab.errors.SkipPointNotFoundError, match="matches none"):
+        featlab.capture(model, "layerz*")
