@@ -28,7 +28,7 @@ import torch
 
 from featlab.errors import ConfigError
 
-__all__ = ["ConfusionMatrix"]
+__all__ = ["ConfusionMatrix", "miou_per_image_mean"]
 
 
 def _as_int64_tensor(x: Any, what: str) -> torch.Tensor:
@@ -183,3 +183,26 @@ class ConfusionMatrix:
     def __repr__(self) -> str:
         return (f"ConfusionMatrix(num_classes={self.num_classes}, pixels={int(self.counts.sum())}"
                 f", miou={self.miou():.4f})")
+
+
+def miou_per_image_mean(matrices: Any) -> float:
+    """The mean over images of each image's mIoU (over the classes with a non-empty union in
+    that image; images without a labelled pixel are left out), from ``[N, C, C]`` per-image
+    confusion matrices. Not the data-set mIoU (``miou_dataset``, R-2.1): it weighs every image
+    alike and every class an image happens to show; named so that nobody takes one for the other
+    (R-2.4). NaN when no image has a labelled pixel.
+
+    Examples:
+        >>> one = [[2, 0], [0, 0]]                      # class 0 only, all right: IoU 1
+        >>> two = [[1, 1], [0, 2]]                      # IoU 1/2 and 2/3
+        >>> round(miou_per_image_mean([one, two]), 4)  # (1 + 7/12) / 2
+        0.7917
+    """
+    m = np.asarray(matrices, dtype=np.float64)
+    tp = np.diagonal(m, axis1=1, axis2=2)
+    union = m.sum(1) + m.sum(2) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    per_image = [float(np.nanmean(row)) for row in iou if np.isfinite(row).any()]
+    return float(np.mean(per_image)) if per_image else math.nan
+

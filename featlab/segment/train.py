@@ -34,7 +34,7 @@ from featlab._records import check_record
 from featlab.errors import CheckpointError, ConfigError, did_you_mean
 from featlab.segment import runs
 from featlab.segment.heads import FUSIONS, FrozenBackbone, SegHead, finetune_features
-from featlab.segment.metrics import ConfusionMatrix
+from featlab.segment.metrics import ConfusionMatrix, miou_per_image_mean
 
 log = logging.getLogger("featlab")
 
@@ -412,6 +412,8 @@ def _fit(head, train_src, val_src, settings, folder, *, device, progress, backbo
         fdist.barrier()
     cm, per_image = loop.evaluate(per_image=True)
     metrics = cm.to_dict(list(classes) if classes else None)
+    per_image_miou = miou_per_image_mean(per_image)  # a separate number, named so
+    metrics["miou_per_image_mean"] = None if math.isnan(per_image_miou) else per_image_miou
     result = HeadResult(
         folder=str(folder), settings=settings.to_dict(), miou=metrics["miou_dataset"],
         pixel_accuracy=metrics["pixel_accuracy"], mean_accuracy=metrics["mean_accuracy"],

@@ -100,6 +100,11 @@ def test_run_folder_records_and_refusals(caches, tmp_path):
     per_image = np.load(out / runs.VAL_CONFUSION)
     assert per_image.shape == (16, 9, 9)
     np.testing.assert_array_equal(per_image.sum(0), matrix(r))
+    # R-2.4: the mean of the images' own mIoUs, named apart from the data-set mIoU
+    alone = [ConfusionMatrix.from_dict({"num_classes": 9, "ignore_index": 255,
+                                        "matrix": m.tolist()}).miou() for m in per_image]
+    assert r.metrics["miou_per_image_mean"] == pytest.approx(np.nanmean(alone), abs=1e-12)
+    assert r.metrics["miou_dataset"] == r.miou != r.metrics["miou_per_image_mean"]
     with pytest.raises(ConfigError, match="finished run"):
         train_head(*caches, out=out, progress=False, **FAST)
     assert train_head(*caches, out=out, progress=False, reuse=True, **FAST).miou == r.miou
