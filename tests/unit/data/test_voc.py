@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import numpy as np
@@ -58,9 +59,15 @@ def test_image_values_match_the_jpeg(voc):
         assert torch.equal(ds[i]["image"], ref)
 
 
-def test_resized_masks_keep_labels_and_border(voc):
+def test_resized_masks_keep_labels_and_border(voc, caplog):
     root, masks = voc
-    ds = load_dataset("voc", "val", root=root, size=16)
+    with caplog.at_level(logging.INFO, logger="featlab"):
+        ds = load_dataset("voc", "val", root=root, size=16)
+    assert "masks by nearest neighbour): metrics score these labels" in caplog.text
+    with caplog.at_level(logging.INFO, logger="featlab"):
+        caplog.clear()
+        load_dataset("voc", "val", root=root)  # native size: nothing resized, nothing said
+    assert "resized" not in caplog.text
     for i, sample_id in enumerate(ds.ids):
         s = ds[i]
         assert s["image"].shape == (3, 16, 16) and s["mask"].shape == (16, 16)
