@@ -229,14 +229,24 @@ def _check_dataset(dataset: Any) -> list[str]:
 
 def _resolve_points(root: nn.Module, points: Any, input_size: tuple[int, int]
                     ) -> tuple[list[Any], list[Any]]:
-    """The selected points, and every skip point up to the deepest of them (execution order)."""
-    from featlab.points import select_points, skip_points
+    """The selected points, and every skip point up to the deepest of them (execution order).
+    A model torch.fx cannot trace is measured by hooks when the points are module names."""
+    from featlab.errors import GraphTraceError
+    from featlab.points import hooked_points, select_points, skip_points
 
-    found = skip_points(root, input_size=input_size)
     if points is None:
         points = "all"
     if not isinstance(points, str) and isinstance(points, Sequence):
         points = [p if isinstance(p, str) else getattr(p, "name", p) for p in points]
+    try:
+        found = skip_points(root, input_size=input_size)
+    except GraphTraceError:
+        names = [n.strip() for n in points.split(",")] if isinstance(points, str) else points
+        modules = dict(root.named_modules())
+        if not all(isinstance(n, str) and n and n in modules for n in names):
+            raise  # a preset or pattern needs the traced graph
+        selected = hooked_points(root, names, input_size)
+        return selected, selected
     selected = select_points(found, points)
     names = [p.name for p in found]
     deepest = max((names.index(p.name) for p in selected if p.name in names), default=-1)

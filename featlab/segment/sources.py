@@ -104,7 +104,8 @@ class TensorSource:
 
     def get(self, positions, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         idx = torch.as_tensor(np.asarray(positions, dtype=np.int64))
-        feats = {k: v[idx].to(device, torch.float32) for k, v in self.features.items()}
+        # moved as stored (float16 caches: half the bytes), cast where the head runs
+        feats = {k: v[idx].to(device).float() for k, v in self.features.items()}
         return feats, self.labels[idx].to(device, torch.int64)
 
     def stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -127,7 +128,7 @@ class CacheSource(TensorSource):
         if self.preload:
             return super().get(positions, device)
         pos = np.asarray(positions, dtype=np.int64)
-        feats = {p: torch.from_numpy(self.cache[p][pos]).to(device, torch.float32)
+        feats = {p: torch.from_numpy(self.cache[p][pos]).to(device).float()
                  for p in self.points}
         return feats, torch.from_numpy(self.cache.labels[pos]).to(device, torch.int64)
 

@@ -223,8 +223,6 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
                                  [per_image[(None, s)] for s in seeds], n=bootstrap,
                                  confidence=confidence, seed=bootstrap_seed)) for p in names}
     records = {p.name: p for p in train.points}
-    import torch
-
     return SweepResult(
         last=last, points=tuple(names), seeds=seeds,
         baseline=tuple(results[(None, s)].miou for s in seeds),
@@ -233,7 +231,7 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
         stride={p: records[p].stride for p in names},
         rf_size={p: records[p].rf_size for p in names}, bootstrap=bootstrap,
         confidence=confidence, bootstrap_seed=bootstrap_seed, train=train.identity(),
-        val=val.identity(), versions=run_versions(torch.device("cpu")),
+        val=val.identity(), versions=run_versions(fdist.resolve_device(device)),  # its runs
         seconds=round(time.perf_counter() - started, 1), folder=str(folder))
 
 

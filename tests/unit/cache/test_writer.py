@@ -171,6 +171,41 @@ def test_batch_size_changes_values_only_within_float32_tolerance(tmp_path):
             np.testing.assert_allclose(one[p.name][:], many[p.name][:], rtol=1e-3, atol=1e-4)
 
 
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, hooks do not mind (R-14.1)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.mid = nn.Conv2d(8, 16, 3, 2, 1)
+        self.flip = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        x = self.mid(self.stem(x).relu())
+        return self.flip(x) if x.mean() > 0 else x
+
+
+def test_a_model_torch_fx_cannot_trace_is_extracted_at_named_modules(tmp_path):
+    model = Branchy()
+    with pytest.raises(featlab.errors.GraphTraceError, match="or extract named modules"):
+        featlab.skip_points(model, 32)
+    ds = load_dataset("shapes", "val", size=32, length=5)
+    extract(model, ds, ["mid", "stem"], tmp_path / "c.h5", spec=SPEC, batch_size=2,
+            dtype="float32", num_workers=0, progress=False, device="cpu")
+    with featlab.open_cache(tmp_path / "c.h5") as cache:
+        # in execution order, strides measured, the receptive field said to be unknown
+        assert [(p.name, p.stride, p.size, p.rf_size) for p in cache.points] == [
+            ("stem", 2, (16, 16), None), ("mid", 4, (8, 8), None)]
+        assert cache.point("mid").rf_status.startswith("unknown: the model could not be traced")
+        ref = reference(model, ds, ["stem", "mid"], batch_size=2)
+        for name in ("stem", "mid"):
+            np.testing.assert_array_equal(cache[name][:], ref[name].numpy())
+    with pytest.raises(featlab.errors.GraphTraceError):  # a pattern needs the traced graph
+        extract(model, ds, "stages", tmp_path / "d.h5", spec=SPEC, num_workers=0,
+                progress=False, device="cpu")
+
+
 def test_an_outer_module_reads_as_the_point_it_returns(tmp_path):
     model = ft.TinyResNet()
     ds = load_dataset("shapes", "val", size=32, length=3)
