@@ -18,13 +18,15 @@ Examples:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from featlab.errors import CacheError
+from featlab import distributed as fdist
+from featlab.errors import CacheError, FeatlabWarning
 
 log = logging.getLogger("featlab")
 
@@ -117,8 +119,9 @@ class CacheSource(TensorSource):
     """Points of a cache, read per batch (or all at once with ``preload``, as stored dtype)."""
 
     def __init__(self, cache, points: Sequence[str], preload: bool = True):
-        self.cache, self.points, self.preload = cache, list(points), preload
-        if preload:
+        self.cache, self.points = cache, list(points)
+        self.preload = preload and _fits_in_memory(cache, self.points)
+        if self.preload:
             super().__init__({p: cache[p].torch() for p in self.points}, cache.labels.torch())
 
     def __len__(self) -> int:
@@ -131,6 +134,35 @@ class CacheSource(TensorSource):
         feats = {p: torch.from_numpy(self.cache[p][pos]).to(device).float()
                  for p in self.points}
         return feats, torch.from_numpy(self.cache.labels[pos]).to(device, torch.int64)
+
+
+def _fits_in_memory(cache, points: Sequence[str]) -> bool:
+    """Whether every process of this node can hold its copy of the points and labels in RAM
+    (with a fifth to spare); else a warning, and the source reads per batch."""
+    from featlab.cache.plan import format_bytes
+
+    need = sum(cache[p].nbytes for p in points) + cache.labels.nbytes
+    ranks = fdist.info_from_env().local_world_size
+    free = _available_memory()
+    if free is None or need * ranks <= 0.8 * free:
+        return True
+    warnings.warn(f"preloading must fit in memory; {cache.path} needs {format_bytes(need)} per "
+                  f"process x {ranks} on this node, and {format_bytes(free)} is available: "
+                  "reading per batch instead (slower). Fix: --no-preload says so up front, or "
+                  "store fewer points.", FeatlabWarning, stacklevel=4)
+    return False
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class ImageSource:

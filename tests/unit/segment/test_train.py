@@ -307,3 +307,25 @@ def test_files_of_the_users_in_the_run_folder_are_not_overwritten_without_force(
     assert sorted(p.name for p in mine.iterdir()) == ["log.csv", "predictors.json"]
     result = train_head(*caches, epochs=1, out=mine, progress=False, force=True)
     assert result.epochs_done == 1 and (mine / "log.csv").read_text().startswith("epoch,")
+
+
+def test_a_preload_that_would_not_fit_in_memory_reads_per_batch(caches, monkeypatch):
+    from featlab.segment import sources
+
+    cache = featlab.open_cache(caches[0])
+    need = cache["layer1.1"].nbytes + cache.labels.nbytes
+    monkeypatch.setattr(sources, "_available_memory", lambda: need)  # 0.8 x: too little
+    with pytest.warns(featlab.errors.FeatlabWarning, match="reading per batch instead"):
+        src = sources.CacheSource(cache, ["layer1.1"])
+    assert not src.preload
+    monkeypatch.setattr(sources, "_available_memory", lambda: 2 * need)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # three ranks on this node: 3 copies
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.warns(featlab.errors.FeatlabWarning, match="per process x 3 on this node"):
+        assert not sources.CacheSource(cache, ["layer1.1"]).preload
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    loaded = sources.CacheSource(cache, ["layer1.1"])
+    assert loaded.preload and torch.equal(loaded.get([3], "cpu")[0]["layer1.1"],
+                                          src.get([3], "cpu")[0]["layer1.1"])
