@@ -103,6 +103,13 @@ class ProbeResult:
     random_train: dict = field(default_factory=dict)
     random_val: dict = field(default_factory=dict)
 
+
+    def __repr__(self) -> str:  # one line: the table is rows()
+        scored = [s for s in self.scores if s.miou is not None]
+        best = max(scored, key=lambda s: s.miou) if scored else None
+        top = f": best val mIoU {best.miou:.4f} at {best.point}" if best else ""
+        return f"ProbeResult({len(self.scores)} points, {len(self.classes)} classes{top})"
+
     def rows(self) -> list[dict]:
         """One flat dict per point (``point`` first; per-class IoU as ``iou_<class>``)."""
         out = []

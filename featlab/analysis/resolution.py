@@ -183,6 +183,12 @@ class ResolutionResult:
     versions: dict = field(default_factory=dict)
     stored: dict = field(default_factory=dict)
 
+
+    def __repr__(self) -> str:  # one line: the table is rows()
+        erf = next(iter(self.erf.values())).num_images if self.erf else 0
+        return (f"ResolutionResult({len(self.points)} points, {self.num_images} label maps, "
+                f"ERF on {erf} images)")
+
     def rows(self) -> list[dict]:
         """One dict per point: ``point, index, channels, size`` (cells along H; ``width``
         along W), ``stride, rf_size, rf_stride, rf_padding, rf_status``, ``stored_size`` and

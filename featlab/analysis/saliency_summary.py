@@ -84,6 +84,10 @@ class SaliencyResult:
     data: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
 
+
+    def __repr__(self) -> str:  # one line: the table is rows()
+        return f"SaliencyResult({self.method}, {len(self.points)} points)"
+
     def rows(self) -> list[dict]:
         return [dict(p) for p in self.points]
 

@@ -248,6 +248,11 @@ class CKAResult:
     cache2: dict | None = None
     versions: dict = field(default_factory=dict)
 
+
+    def __repr__(self) -> str:  # one line: the numbers are .matrix
+        return (f"CKAResult({self.kind} {self.estimator}, {self.spatial}: "
+                f"{len(self.names)} x {len(self.columns)} over {self.num_samples} samples)")
+
     def value(self, a: str, b: str) -> float:
         """CKA between row point ``a`` and column point ``b``."""
         return float(self.matrix[self.names.index(a), self.columns.index(b)])

@@ -98,7 +98,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--show", type=int, default=4, help="samples drawn in the grid (default 4)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="SmoothGrad noise seed")
-    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cpu, where the model is)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="overwrite existing results")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -214,19 +214,21 @@ def cmd_saliency(args: argparse.Namespace) -> int:
     from featlab.analysis.saliency_summary import (plot_saliency_grid, saliency_examples,
                                                    saliency_summary, write_summary)
     from featlab.data import load_dataset
+    from featlab.distributed import default_device
     from featlab.errors import ConfigError
     from featlab.models import get_backbone
 
     out = Path(args.out)
     grid = out / f"saliency_{args.method}.png"
-    if not args.force and any(p.exists() for p in (grid, out / "saliency.json")):
-        raise ConfigError(f"saliency results must not overwrite files in {str(out)!r} without "
-                          "--force; they exist. Fix: pass --force or another --out.")
+    there = [str(p) for p in (grid, out / "saliency.json", out / "saliency.csv") if p.exists()]
+    if there and not args.force:
+        raise ConfigError(f"saliency results must not overwrite existing files; "
+                          f"{', '.join(there)} exist. Fix: pass --force or another --out.")
     model, spec = get_backbone(args.model, weights=args.weights)
     ds = load_dataset(args.data, split=args.split, root=args.root, size=args.size or
                       spec.input_size)
     kwargs = dict(method=args.method, spec=spec, relu=not args.no_relu, seed=args.seed,
-                  device=args.device)
+                  device=args.device or default_device())  # as every command: the GPU if any
     result = saliency_summary(model, ds, args.points, limit=args.limit,
                               batch_size=args.batch_size, progress=not args.quiet, **kwargs)
     examples = saliency_examples(model, ds, args.points, count=min(args.show, len(ds)),

@@ -82,6 +82,15 @@ class SweepResult:
     seconds: float
     folder: str
 
+
+    def __repr__(self) -> str:  # one line: the whole record is to_dict(), the table rows()
+        gains = self.gains()
+        best = max(gains, key=gains.get) if gains else None
+        top = f"; best {best} {gains[best]:+.4f}" if best else ""
+        p, k = len(self.points), len(self.seeds)
+        return (f"SweepResult({p} point{'s' * (p != 1)} x {k} seed{'s' * (k != 1)}: baseline "
+                f"mIoU {np.mean(self.baseline):.4f}{top}; folder={self.folder!r})")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

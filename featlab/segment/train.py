@@ -146,6 +146,13 @@ class HeadResult:
     resumed_from_epoch: int = 0
     finished: bool = True
 
+
+    def __repr__(self) -> str:  # one line: the whole record is to_dict()
+        return (f"HeadResult({run_name(HeadSettings.from_dict(self.settings))}: val mIoU "
+                f"{self.miou:.4f}, pixel accuracy {self.pixel_accuracy:.4f}, "
+                f"{self.epochs_done} epoch{'s' * (self.epochs_done != 1)}, "
+                f"folder={self.folder!r})")
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["history"] = [dict(h) for h in self.history]

@@ -101,6 +101,8 @@ def test_predictors_say_why_a_correlation_is_undefined():
 def test_sweep_table_files_and_resume(caches, tmp_path):
     out = tmp_path / "sweep"
     r = sweep(*caches, points="stages", seeds=2, out=out, progress=False, bootstrap=200, **FAST)
+    assert repr(r).startswith("SweepResult(1 point x 2 seeds: baseline mIoU ") and (
+        f"folder={str(out)!r})" in repr(r))
     assert r.points == ("layer1.0",) and r.seeds == (0, 1) and len(r.baseline) == 2
     rows = r.rows()
     assert [row["point"] for row in rows] == ["baseline", "layer1.0"]

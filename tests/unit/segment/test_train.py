@@ -105,6 +105,8 @@ def test_run_folder_records_and_refusals(caches, tmp_path):
                                         "matrix": m.tolist()}).miou() for m in per_image]
     assert r.metrics["miou_per_image_mean"] == pytest.approx(np.nanmean(alone), abs=1e-12)
     assert r.metrics["miou_dataset"] == r.miou != r.metrics["miou_per_image_mean"]
+    assert repr(r) == (f"HeadResult(baseline-seed0: val mIoU {r.miou:.4f}, pixel accuracy "
+                       f"{r.pixel_accuracy:.4f}, 2 epochs, folder={str(out)!r})")  # one line
     with pytest.raises(ConfigError, match="finished run"):
         train_head(*caches, out=out, progress=False, **FAST)
     assert train_head(*caches, out=out, progress=False, reuse=True, **FAST).miou == r.miou
