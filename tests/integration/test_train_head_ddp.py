@@ -125,7 +125,7 @@ out = Path(base) / f"node{os.environ['RANK']}"
 r = train_head(train, val, skip="layer1.0", epochs=1, batch_size=4, lr=0.01, out=out,
                progress=False)
 # one write per rank: the two ranks share the pipe, and print() writes piece by piece
-os.write(1, f"RESUMED {os.environ['RANK']} {r.resumed_from_epoch}\n".encode())
+os.write(1, f"RESUMED {os.environ['RANK']} {r.resumed_from_epoch}\\n".encode())
 """
 
 
