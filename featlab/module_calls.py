@@ -81,7 +81,9 @@ def module_calls(model: nn.Module, input_size: int | Sequence[int] = 224, *,
             if name:
                 handles.append(module.register_forward_hook(hook(name)))
         root.eval()
-        with torch.no_grad():  # not inference_mode: its tensors have no version counter
+        # not in inference mode, even inside a caller's: its tensors have no version counter
+        with torch.inference_mode(False), torch.no_grad():
+            x = x.clone()  # a normal tensor, also when made under the caller's inference mode
             root(x)
     finally:
         for handle in handles:

@@ -322,12 +322,15 @@ def test_module_calls_count_calls_and_find_outputs_changed_in_place(capsys, cli_
 
     hooks = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
     with torch.no_grad():
-        model(torch.randn(1, 3, 64, 64))
+        model(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
     for h in hooks:
         h.remove()
     differ = {n for n in refs if not torch.equal(refs[n], copies[n])}
     assert differ and differ <= {n for n, c in calls.items() if c.changed_in_place}
     assert all(not m.training for m in model.modules())  # modes restored
+    with torch.inference_mode():  # a caller's inference mode: version counters still read
+        assert [c.changed_in_place for c in featlab.module_calls(model, 64)] == [
+            c.changed_in_place for c in calls.values()]
     assert cli.main(["points", "resnet18", "--modules", "--input-size", "64", "--json"]) == 0
     records = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in records] == list(calls)
