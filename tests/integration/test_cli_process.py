@@ -76,3 +76,26 @@ def test_every_option_says_what_it_does_and_its_default():
         if action.default is not None and action.default is not False:  # 0 counts
             assert "default" in action.help, f"{flag} hides its default {action.default!r}"
     assert seen > 100
+
+
+def test_the_readme_shows_every_option():
+    import argparse
+
+    from featlab.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme[readme.index("## Command line"):readme.index("## Python")]
+    missing = []
+
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, command in action.choices.items():
+                    walk(command, f"{name} {sub}")
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag not in ("--help", "--version", "--quiet",
+                                                          "--verbose") and flag not in block:
+                    missing.append(f"{name} {flag}")
+
+    walk(build_parser(), "featlab")
+    assert not missing, missing
