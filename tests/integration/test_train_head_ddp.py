@@ -28,13 +28,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def caches_of(folder, n_train, n_val, model=None, spec=SPEC, points="all"):
+    """``train.h5`` and ``val.h5`` of ``model`` (default TinyResNet) on shapes at 32 px."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        ds = featlab.load_dataset("shapes", split=split, size=32, length=n)
+        featlab.extract(model or ft.TinyResNet(), ds, points, folder / f"{split}.h5", spec=spec,
+                        batch_size=16, dtype="float32", num_workers=0, progress=False)
+    return folder / "train.h5", folder / "val.h5"
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_match_the_single_process_val_miou(tmp_path):
-    for split, n in (("train", 48), ("val", 17)):  # 17: uneven val shards (8 + 9)
-        ds = featlab.load_dataset("shapes", split=split, size=32, length=n)
-        featlab.extract(ft.TinyResNet(), ds, "all", tmp_path / f"{split}.h5", spec=SPEC,
-                        batch_size=16, dtype="float32", num_workers=0, progress=False)
-    train, val = tmp_path / "train.h5", tmp_path / "val.h5"
+    train, val = caches_of(tmp_path, 48, 17)  # 17: uneven val shards (8 + 9)
     with h5py.File(train, "r+") as f:  # ranks keep different numbers of pixels per batch
         labels = f["labels"][:]
         labels[::3, :20] = 255
@@ -72,10 +77,7 @@ def test_two_gloo_processes_fine_tune_a_backbone_whose_classifier_gets_no_gradie
     # resnet18's avgpool and fc run after the deepest point and give the loss nothing; DDP
     # used to stop on the second step ("parameters that were not used in producing loss")
     model, spec = featlab.get_backbone("resnet18")
-    for split, n in (("train", 16), ("val", 5)):
-        ds = featlab.load_dataset("shapes", split=split, size=32, length=n)
-        featlab.extract(model, ds, "stages", tmp_path / f"{split}.h5", spec=spec,
-                        batch_size=8, dtype="float32", num_workers=0, progress=False)
+    caches_of(tmp_path, 16, 5, model, spec, "stages")
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "featlab",
            "train-head", "--train", str(tmp_path / "train.h5"), "--val",
@@ -96,10 +98,7 @@ def test_two_gloo_processes_fine_tune_a_backbone_whose_classifier_gets_no_gradie
 
 @pytest.mark.slow
 def test_a_torchrun_sweep_writes_and_prints_once(tmp_path):
-    for split, n in (("train", 16), ("val", 6)):
-        ds = featlab.load_dataset("shapes", split=split, size=32, length=n)
-        featlab.extract(ft.TinyResNet(), ds, "all", tmp_path / f"{split}.h5", spec=SPEC,
-                        batch_size=8, dtype="float32", num_workers=0, progress=False)
+    caches_of(tmp_path, 16, 6)
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "featlab",
            "sweep", "--train", str(tmp_path / "train.h5"), "--val", str(tmp_path / "val.h5"),
@@ -131,10 +130,7 @@ os.write(1, f"RESUMED {os.environ['RANK']} {r.resumed_from_epoch}\\n".encode())
 
 @pytest.mark.slow
 def test_every_rank_resumes_as_rank_0_decides_when_folders_are_node_local(tmp_path):
-    for split, n in (("train", 8), ("val", 4)):
-        ds = featlab.load_dataset("shapes", split=split, size=32, length=n)
-        featlab.extract(ft.TinyResNet(), ds, "all", tmp_path / f"{split}.h5", spec=SPEC,
-                        batch_size=8, dtype="float32", num_workers=0, progress=False)
+    caches_of(tmp_path, 8, 4)
     script = tmp_path / "node_local.py"
     script.write_text(NODE_LOCAL)
     torchrun = Path(sys.executable).with_name("torchrun")
