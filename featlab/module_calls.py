@@ -7,17 +7,26 @@ it first: how often it runs per forward (a reused ``relu`` raises ``ReusedModule
 ``ReLU(inplace=True)``, ``bn2`` before ``out += identity``): a hook that kept a reference would
 see the changed tensor, which is why featlab's hooks copy. The second is read from the output
 tensor's version counter, which every in-place op bumps.
+
+:func:`hooked_points` measures named modules the same way, as :class:`~featlab.points.SkipPoint`
+records, for models ``torch.fx`` cannot trace (extraction at explicit names uses it then).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-__all__ = ["ModuleCall", "module_calls"]
+from featlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from featlab.points import SkipPoint
+
+__all__ = ["ModuleCall", "module_calls", "hooked_points"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +102,53 @@ def module_calls(model: nn.Module, input_size: int | Sequence[int] = 224, *,
     return [ModuleCall(name, kind, calls, None if out is None else tuple(out.shape),
                        out is not None and out._version != version)
             for name, (kind, calls, out, version) in seen.items()]
+
+
+UNTRACED = "unknown: the model could not be traced (measured by hooks)"
+
+
+def hooked_points(model: nn.Module, names: Sequence[str], input_size: int | tuple[int, int],
+                  *, in_channels: int = 3) -> list[SkipPoint]:
+    """:class:`SkipPoint` records of named modules, measured with hooks only, for models that
+    ``torch.fx`` cannot trace (data-dependent control flow): the output of each module at the
+    input size and at a larger one gives channels, size and stride; the receptive field is
+    unknown (``rf_status`` says why). Each module must run once per forward and return a 4-D map.
+
+    Examples:
+        >>> import featlab.testing as ft
+        >>> p = hooked_points(ft.TinyResNet(), ["layer1.1"], 32)[0]
+        >>> p.channels, p.size, p.stride, p.rf_size
+        (16, (8, 8), 4, None)
+    """
+    from featlab.capture import capture
+    from featlab.points import SkipPoint, _pair, unwrap_model
+
+    root = unwrap_model(model)
+    size = _pair(input_size)
+    param = next(root.parameters(), torch.zeros(()))
+    delta = 64  # a multiple of every usual stride (up to 64), so the growth is exact
+    shapes, ran = [], []
+    for h, w in (size, (size[0] + delta, size[1] + delta)):
+        x = torch.zeros(1, in_channels, h, w, device=param.device, dtype=param.dtype)
+        with capture(root, list(names)) as acts:  # eval mode, no graph, hooks always removed
+            order = [root.get_submodule(n).register_forward_hook(
+                lambda *_, n=n: ran.append(n)) for n in names]
+            try:
+                root(x)
+            finally:
+                for handle in order:
+                    handle.remove()
+        shapes.append({n: tuple(acts[n].shape) for n in names})
+    points = []
+    for name in sorted(names, key=ran.index):  # execution order, as skip_points gives
+        # (extraction ends each forward after the last)
+        first, second = shapes[0][name], shapes[1][name]
+        grown = second[2] - first[2] if len(first) == len(second) == 4 else 0
+        if grown <= 0 or delta % grown:
+            raise ConfigError(f"`points` of an untraced model must be modules returning a "
+                              f"feature map whose size follows the input; {name!r} returned "
+                              f"{list(first)} at {size[0]} px and {list(second)} at "
+                              f"{size[0] + delta} px. Fix: name a convolutional stage.")
+        points.append(SkipPoint(name, len(points), name, first[1], first[2:], delta // grown,
+                                None, None, None, UNTRACED))
+    return points

@@ -39,7 +39,7 @@ from featlab.selection import _select, select_points
 
 logger = logging.getLogger("featlab")
 
-__all__ = ["SkipPoint", "skip_points", "select_points", "hooked_points"]
+__all__ = ["SkipPoint", "skip_points", "select_points"]
 
 _KEYS = ("name", "index", "module", "channels", "size", "stride", "rf_size", "rf_stride",
          "rf_padding")
@@ -203,55 +203,6 @@ def skip_points(model: nn.Module, input_size: int | tuple[int, int] = 224, *,
             "end?). Fix: pass the part that is one chain (e.g. model.backbone), or capture named "
             "modules with featlab.capture(model, ['layer3', ...]).")
     return _select(points, select, root)
-
-
-UNTRACED = "unknown: the model could not be traced (measured by hooks)"
-
-
-def hooked_points(model: nn.Module, names: Sequence[str], input_size: int | tuple[int, int],
-                  *, in_channels: int = 3) -> list[SkipPoint]:
-    """:class:`SkipPoint` records of named modules, measured with hooks only, for models that
-    ``torch.fx`` cannot trace (data-dependent control flow): the output of each module at the
-    input size and at a larger one gives channels, size and stride; the receptive field is
-    unknown (``rf_status`` says why). Each module must run once per forward and return a 4-D map.
-
-    Examples:
-        >>> import featlab.testing as ft
-        >>> p = hooked_points(ft.TinyResNet(), ["layer1.1"], 32)[0]
-        >>> p.channels, p.size, p.stride, p.rf_size
-        (16, (8, 8), 4, None)
-    """
-    from featlab.capture import capture
-
-    root = unwrap_model(model)
-    size = _pair(input_size)
-    param = next(root.parameters(), torch.zeros(()))
-    delta = 64  # a multiple of every usual stride (up to 64), so the growth is exact
-    shapes, ran = [], []
-    for h, w in (size, (size[0] + delta, size[1] + delta)):
-        x = torch.zeros(1, in_channels, h, w, device=param.device, dtype=param.dtype)
-        with capture(root, list(names)) as acts:  # eval mode, no graph, hooks always removed
-            order = [root.get_submodule(n).register_forward_hook(
-                lambda *_, n=n: ran.append(n)) for n in names]
-            try:
-                root(x)
-            finally:
-                for handle in order:
-                    handle.remove()
-        shapes.append({n: tuple(acts[n].shape) for n in names})
-    points = []
-    for name in sorted(names, key=ran.index):  # execution order, as skip_points gives
-        # (extraction ends each forward after the last)
-        first, second = shapes[0][name], shapes[1][name]
-        grown = second[2] - first[2]
-        if len(first) != 4 or grown <= 0 or delta % grown:
-            raise ConfigError(f"`points` of an untraced model must be modules returning a "
-                              f"feature map whose size follows the input; {name!r} returned "
-                              f"{list(first)} at {size[0]} px and {list(second)} at "
-                              f"{size[0] + delta} px. Fix: name a convolutional stage.")
-        points.append(SkipPoint(name, len(points), name, first[1], first[2:], delta // grown,
-                                None, None, None, UNTRACED))
-    return points
 
 
 def _discover(root: nn.Module, size: tuple[int, int], in_channels: int | None

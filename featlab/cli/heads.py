@@ -104,20 +104,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     init(device=resolve_device(args.device))  # under torchrun: rank 0 decides for every node
     if from_main(lambda: (out / "sweep.json").exists()) and not args.force:
         record = from_main(lambda: read_sweep(out))
-        same = dict(bootstrap=args.bootstrap)
-        diff = sweep_difference(record, args.train, args.val, args.points, seeds, settings,
-                                extends=True, **same)
+
+        def difference(extends: bool):
+            return sweep_difference(record, args.train, args.val, args.points, seeds, settings,
+                                    bootstrap=args.bootstrap, extends=extends)
+
+        if difference(extends=False) is None:
+            if not _is_main():
+                return 0
+            log.info("%s holds this sweep, finished: printing its results", out)
+            return show_sweep(out, args.json)
+        diff = difference(extends=True)
         if diff is not None:
             what, there, now = diff
             raise ConfigError(f"{what} differs from the finished sweep in {out}: {there} "
                               f"there, {now} now; a finished sweep is not replaced. Fix: pass "
                               "--force to train every run again, or choose another --out.")
-        if sweep_difference(record, args.train, args.val, args.points, seeds, settings,
-                            **same) is None:
-            if not _is_main():
-                return 0
-            log.info("%s holds this sweep, finished: printing its results", out)
-            return show_sweep(out, args.json)
         log.info("extending the finished sweep in %s (seeds %s, %d points): its runs are reused",
                  out, list(record.seeds), len(record.points))
     result = sweep(args.train, args.val, args.points, seeds, settings, out=out,
