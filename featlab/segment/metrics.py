@@ -116,11 +116,7 @@ class ConfusionMatrix:
 
     def iou(self) -> np.ndarray:
         """Per-class IoU, NaN for classes with an empty union (absent from labels and preds)."""
-        m = self.matrix.astype(np.float64)
-        tp = np.diag(m)
-        union = m.sum(0) + m.sum(1) - tp
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(union > 0, tp / union, np.nan)
+        return _iou(self.matrix)
 
     def miou(self) -> float:
         """Data-set-level mean IoU over the classes with a non-empty union (NaN if none)."""
@@ -198,11 +194,15 @@ def miou_per_image_mean(matrices: Any) -> float:
         >>> round(miou_per_image_mean([one, two]), 4)  # (1 + 7/12) / 2
         0.7917
     """
-    m = np.asarray(matrices, dtype=np.float64)
-    tp = np.diagonal(m, axis1=1, axis2=2)
-    union = m.sum(1) + m.sum(2) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-    per_image = [float(np.nanmean(row)) for row in iou if np.isfinite(row).any()]
+    per_image = [float(np.nanmean(row)) for row in _iou(matrices) if np.isfinite(row).any()]
     return float(np.mean(per_image)) if per_image else math.nan
+
+
+def _iou(counts: Any) -> np.ndarray:
+    """IoU per class of ``[..., C, C]`` counts (rows: label), NaN where the union is empty."""
+    m = np.asarray(counts, dtype=np.float64)
+    tp = np.diagonal(m, axis1=-2, axis2=-1)
+    union = m.sum(-2) + m.sum(-1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
 
