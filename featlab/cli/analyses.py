@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 
 from featlab.cli._output import _count, _fmt, _print_json, _table
+from featlab.errors import FeatlabWarning
 
 log = logging.getLogger("featlab")
 
@@ -43,10 +45,13 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--points2", help="selection in CACHE2 (default: as --points)")
     p.add_argument("--estimator", choices=["biased", "debiased"],
                    help="HSIC estimator (default biased; minibatch is always debiased)")
-    p.add_argument("--bandwidth", type=float, default=1.0,
+    # None when not given, so that an option the chosen kind does not use can be named
+    p.add_argument("--bandwidth", type=float,
                    help="rbf: sigma as a fraction of the median distance (default 1.0)")
-    p.add_argument("--batch-size", type=int, default=256, help="minibatch: images per batch")
-    p.add_argument("--positions", type=int, default=16, help="pixels: positions per image")
+    p.add_argument("--batch-size", type=int,
+                   help="minibatch: images per batch (default 256)")
+    p.add_argument("--positions", type=int,
+                   help="pixels: positions per image (default 16)")
     p.add_argument("--seed", type=int, default=0, help="batches and positions seed")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     _result_options(p, "next to the cache, CACHE.cka-KIND-SPATIAL.json/.csv")
@@ -153,11 +158,19 @@ def cmd_analyze_cka(args: argparse.Namespace) -> int:
         tag += f"-vs-{Path(str(cache2.path).removesuffix('.partial')).stem}"
     stem = output_stem(cache.path, tag, args.out)
     check_writable(stem, force=args.force)
+    used = {"bandwidth": args.kind == "rbf", "batch_size": args.kind == "minibatch",
+            "positions": args.spatial == "pixels"}
+    unused = [f"--{k.replace('_', '-')}" for k, ok in used.items()
+              if getattr(args, k) is not None and not ok]
+    if unused:
+        warnings.warn(f"{', '.join(unused)} must go with the kind or spatial policy that uses "
+                      f"it (--bandwidth: rbf, --batch-size: minibatch, --positions: pixels); "
+                      f"ignored with --kind {args.kind} --spatial {args.spatial}.",
+                      FeatlabWarning, stacklevel=2)
+    given = {k: getattr(args, k) for k in used if getattr(args, k) is not None}
     result = cka_matrix(cache, cache2, args.kind, points=args.points, points2=args.points2,
-                        spatial=args.spatial, estimator=args.estimator,
-                        bandwidth=args.bandwidth, batch_size=args.batch_size,
-                        positions=args.positions, seed=args.seed, device=args.device,
-                        progress=not args.quiet)
+                        spatial=args.spatial, estimator=args.estimator, seed=args.seed,
+                        device=args.device, progress=not args.quiet, **given)
     paths = write_result(result, stem, force=args.force)
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     if args.json:

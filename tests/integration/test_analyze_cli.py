@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -57,6 +58,15 @@ def test_cka_kinds_and_cross_model(caches, capsys, tmp_path):
                  "cpu"]) == 0
     assert json.loads((caches / "a.cka-linear-gap-debiased.json").read_text())["estimator"] == (
         "debiased")
+    capsys.readouterr()  # options the kind does not use are named, on one line
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", featlab.errors.FeatlabWarning)  # shown, as for users
+        assert main(["analyze", "cka", str(a), "--bandwidth", "0.3", "--positions", "4",
+                     "--out", str(tmp_path / "ignored"), "-q", "--device", "cpu"]) == 0
+    assert capsys.readouterr().err == (
+        "featlab analyze cka: warning: --bandwidth, --positions must go with the kind or spatial "
+        "policy that uses it (--bandwidth: rbf, --batch-size: minibatch, --positions: pixels); "
+        "ignored with --kind linear --spatial gap.\n")
     (tmp_path / "results").mkdir()
     assert main(["analyze", "cka", str(a), "--out", str(tmp_path / "results"), "-q",
                  "--device", "cpu"]) == 0
