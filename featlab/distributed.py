@@ -17,6 +17,7 @@ Examples:
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -245,6 +246,10 @@ def init(backend: str | None = None, *, device: Any = None, timeout_s: float | N
         torch.cuda.set_device(device)
     timeout_s = timeout_seconds() if timeout_s is None else timeout_s
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    # the group featlab made is left before the interpreter exits: a script that never calls
+    # destroy() (featlab.extract under torchrun) otherwise dies at exit, now and then, with
+    # "terminate called without an active exception" from gloo's threads (SIGABRT)
+    atexit.register(destroy)
     log.debug("joined process group: rank %d of %d (%s)", info.rank, info.world_size, backend)
     return info
 
