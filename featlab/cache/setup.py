@@ -232,7 +232,7 @@ def _resolve_points(root: nn.Module, points: Any, input_size: tuple[int, int]
     """The selected points, and every skip point up to the deepest of them (execution order).
     A model torch.fx cannot trace is measured by hooks when the points are module names."""
     from featlab.errors import GraphTraceError
-    from featlab.module_calls import hooked_points
+    from featlab.hooked import hooked_points
     from featlab.points import select_points, skip_points
 
     if points is None:

@@ -102,7 +102,7 @@ def cmd_points(args: argparse.Namespace) -> int:
 
 
 def _print_modules(model, name: str, size: int, as_json: bool) -> int:
-    from featlab.module_calls import module_calls
+    from featlab.hooked import module_calls
 
     calls = module_calls(model, size)
     if as_json:

@@ -1,4 +1,5 @@
-"""Every module of one forward, with what a hook on it would meet (field notes R-1.4).
+"""What hooks alone measure: every module of one forward (field notes R-1.4), and skip-point
+records of named modules where ``torch.fx`` cannot trace.
 
 :func:`featlab.skip_points` lists the places worth a decoder's skip connection; a user capturing
 any other module (``featlab.capture(model, ["layer1.0.bn2"])``) needs to know two things about
