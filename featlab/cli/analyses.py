@@ -90,7 +90,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--data", default="shapes", help="data set name, see `featlab datasets`")
     p.add_argument("--root", help="folder of the data set (not for shapes)")
     p.add_argument("--split", default="val")
-    p.add_argument("--size", type=int, help="input side in pixels (default: the weights' size)")
+    p.add_argument("--input-size", "--size", dest="size", type=int,
+                   help="input side in pixels, as in extract (default: the weights' size)")
     p.add_argument("--points", default="stages",
                    help="stages | all | glob | names, and/or 'input' (comma-separated)")
     p.add_argument("--method", default="gradcam", choices=["gradcam", "layercam", "saliency",

@@ -47,7 +47,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                         "(a pass over the cache at the end; default none)")
     p.add_argument("--out", required=True, help="the cache file (.h5)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda:LOCAL_RANK when available)")
-    p.add_argument("--workers", type=int, help="data loader workers (default: by CPU count)")
+    p.add_argument("--workers", "--num-workers", dest="workers", type=int,
+                   help="data loader workers (Python: num_workers; default: by CPU count)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the stored shapes, sizes, free disk and memory; write nothing")
     p.add_argument("--no-disk-check", action="store_true",

@@ -34,7 +34,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p = sub.add_parser("demo", parents=[common],
                        help="the whole study on shapes: pretrain, skip points, caches, sweep")
     p.add_argument("--model", default="resnet18")
-    p.add_argument("--size", type=int, default=128, help="input side in pixels (default 128)")
+    p.add_argument("--input-size", "--size", dest="size", type=int, default=128,
+                   help="input side in pixels (default 128)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="featlab-demo",
                    help="folder for the caches and the sweep (default ./featlab-demo)")

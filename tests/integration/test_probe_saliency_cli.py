@@ -85,7 +85,7 @@ def test_probe_cli_errors_are_one_line(caches, capsys):
 def test_saliency_cli_writes_grid_and_summary(tmp_path, capsys):
     out = tmp_path / "sal"
     args = ["saliency", "--model", "resnet18", "--weights", "none", "--data", "shapes",
-            "--size", "32", "--points", "layer1.1,layer3.1", "--limit", "4", "--show",
+            "--input-size", "32", "--points", "layer1.1,layer3.1", "--limit", "4", "--show",
             "2", "--batch-size", "4", "--out", str(out), "-q"]
     assert main(args) == 0
     printed = capsys.readouterr().out

@@ -211,7 +211,8 @@ def test_cli_refuses_an_existing_cache_with_exit_code_2_and_one_line(tmp_path, c
     out = tmp_path / "c.h5"
     argv = ["extract", "--model", "resnet18", "--weights", "none",
             "--data", "shapes", "--input-size", "32",
-            "--limit", "2", "--batch-size", "2", "--out", str(out), "--quiet", "--workers", "0"]
+            "--limit", "2", "--batch-size", "2", "--out", str(out), "--quiet", "--num-workers",
+            "0"]  # --workers, as Python's num_workers
     assert cli.main(argv) == 0 and out.exists()
     # quiet: no bars, no log, but the result on stdout
     assert capsys.readouterr().out == f"{out}: 5 points x 2 samples, " + (
