@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 
 
@@ -41,3 +42,9 @@ def _print_json(obj: object) -> None:
 
 def _fmt(value: object, digits: int = 4) -> object:
     return f"{value:.{digits}f}" if isinstance(value, float) else value
+
+
+def _is_main() -> bool:
+    """Whether this process prints and writes the results (rank 0 under torchrun)."""
+    return os.environ.get("RANK", "0") == "0"
+

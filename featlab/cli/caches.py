@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from featlab.cli._output import _print_json, _table
+from featlab.cli._output import _is_main, _print_json, _table
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -158,7 +158,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     result = extract(model, ds, args.points, args.out, force=args.force,
                      error_stat=args.error_stat, disk_check=not args.no_disk_check,
                      progress=not args.quiet, **kwargs)
-    if os.environ.get("RANK", "0") != "0":
+    if not _is_main():
         return 0
     if args.json:
         _print_json(result.to_dict())

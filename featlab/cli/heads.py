@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from featlab.cli._output import _count, _print_json, _table
+from featlab.cli._output import _count, _is_main, _print_json, _table
 
 log = logging.getLogger("featlab")
 
@@ -50,11 +50,6 @@ def _head_overrides(args: argparse.Namespace) -> dict:
 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
     return out
-
-
-def _is_main() -> bool:
-    """Whether this process prints and writes the results (rank 0 under torchrun)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_train_head(args: argparse.Namespace) -> int:
