@@ -46,12 +46,13 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
         0.1269
     """
     keep = labels != ignore_index
-    if not bool(keep.any()):
-        return logits.sum() * 0.0
+    kept = keep.sum().clamp_min(1)  # no host sync: a GPU keeps computing while the host queues
     if torch.are_deterministic_algorithms_enabled():
         picked = F.log_softmax(logits, 1).gather(1, torch.where(keep, labels, 0)[:, None])
-        return -(picked[:, 0] * keep).sum() / keep.sum()
-    return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+        return -(picked[:, 0] * keep).sum() / kept
+    # the sum over the kept pixels / their count: bit for bit cross_entropy's mean, and 0
+    # (not 0/0) when every pixel is ignored
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / kept
 
 
 def per_image_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -151,7 +152,11 @@ class Loop:
         self.sampler.set_epoch(epoch)
         order = list(self.sampler)
         self.model.train()
-        losses, t0 = [], time.perf_counter()
+        # the losses add up on the device: reading one back (.item()) would make the host wait
+        # for the GPU every step, so the bar shows the latest loss about once a second
+        total, steps, t0 = torch.zeros((), dtype=torch.float64, device=self.device), 0, \
+            time.perf_counter()
+        shown = -math.inf
         bar = tqdm(total=len(order) * self.info.world_size, unit="img", leave=False,
                    desc=f"epoch {epoch}/{self.settings.epochs}", disable=not self.progress)
         for start in range(0, len(order), self.local_batch):
@@ -165,14 +170,18 @@ class Loop:
             loss.backward()
             self.opt.step()
             self.sched.step()
-            losses.append(loss.item())
+            total += loss.detach()
+            steps += 1
             bar.update(len(labels) * self.info.world_size)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+            if self.progress and time.perf_counter() - shown >= 1.0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                shown = time.perf_counter()
         bar.close()
+        mean = total.item() / max(steps, 1)  # waits for the device: the epoch's time is all in
         self.train_seconds += time.perf_counter() - t0
         self.train_images += len(order) * self.info.world_size
         # gathered: every rank sees a diverged step of any rank and stops with the others
-        loss = float(np.mean(fdist.all_gather_object(float(np.mean(losses)))))
+        loss = float(np.mean(fdist.all_gather_object(mean)))
         if not math.isfinite(loss):
             s = self.settings
             raise TrainingDivergedError(

@@ -236,8 +236,43 @@ def test_deterministic_formulations_equal_the_usual_ones():
         torch.testing.assert_close(ours, usual, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loss, usual_loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, usual_grad, rtol=1e-4, atol=1e-6)
-    ignored = torch.full((1, 3, 3), 255)
-    assert segmentation_loss(torch.randn(1, 2, 3, 3), ignored).item() == 0.0
+
+
+def test_the_loss_is_cross_entropy_bit_for_bit_and_zero_when_all_is_ignored():
+    """The loss divides the summed cross-entropy by the kept pixels on the device (no host
+    sync per step): the same value and gradient as ``cross_entropy``'s mean, to the bit."""
+    import torch.nn.functional as F
+
+    from featlab.segment.loop import segmentation_loss
+
+    g = torch.Generator().manual_seed(1)
+    for ignored in (0.0, 0.3, 0.9):
+        x = torch.randn(3, 5, 11, 13, generator=g) * 4
+        labels = torch.randint(0, 5, (3, 11, 13), generator=g)
+        labels[torch.rand(3, 11, 13, generator=g) < ignored] = 255
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        usual = F.cross_entropy(a, labels, ignore_index=255)
+        ours = segmentation_loss(b, labels)
+        usual.backward()
+        ours.backward()
+        assert torch.equal(ours, usual) and torch.equal(b.grad, a.grad)
+    x = torch.randn(1, 2, 3, 3, requires_grad=True)
+    loss = segmentation_loss(x, torch.full((1, 3, 3), 255))
+    loss.backward()  # connected to the graph: DDP's ranks still meet every step
+    assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_loss_does_not_wait_for_the_gpu():
+    from featlab.segment.loop import segmentation_loss
+
+    x = torch.randn(2, 4, 8, 8, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 4, (2, 8, 8), device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        segmentation_loss(x, labels).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_deterministic_training_is_a_recorded_setting_and_restores_torch(caches, tmp_path):
