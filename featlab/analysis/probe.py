@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from featlab.analysis._io import write_json_csv
 from featlab.analysis.pixel_probe import PixelProbe
 from featlab._records import check_record
 from featlab.distributed import resolve_device
-from featlab.errors import CacheError
+from featlab.errors import CacheError, FeatlabWarning
 
 __all__ = ["PixelProbe", "PointScore", "ProbeResult", "probe_points", "write_result",
            "read_result"]
@@ -212,6 +213,7 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
                   seed=seed)
     PixelProbe(**params)._check_params()
     dev = resolve_device(device)  # a device this machine lacks fails before the first fit
+    _warn_caveats(train, val, random)  # after every check: a refused call only errs
     show = progress_enabled(progress)
     scores = []
     for name in tqdm(names, desc="probe", unit="point", disable=not show):
@@ -262,9 +264,6 @@ def _check_pair(train, val) -> None:
     if not train.classes:
         raise CacheError(f"the train cache must record its classes; {str(train.path)!r} has "
                          "none. Fix: re-extract it with featlab extract.")
-    if train.ids_sha256 is not None and train.ids_sha256 == val.ids_sha256:
-        log.warning("probe: train and val caches hold the same samples (%s); scores are not "
-                    "held out", train.path)
 
 
 def _check_random(train, val, rtrain, rval) -> None:
@@ -288,9 +287,19 @@ def _check_random(train, val, rtrain, rval) -> None:
         raise CacheError(f"the random train and val caches must share one model; got "
                          f"{rtrain.model!r} and {rval.model!r}. Fix: extract both with the "
                          "same --weights none --seed S.")
-    if (rtrain.model or {}).get("weights") != "none":
-        log.warning("probe: the random-backbone caches hold weights %r, not a random "
-                    "initialisation", rtrain.model.get("weights"))
+
+
+def _warn_caveats(train, val, random) -> None:
+    """Scores a call computes but that do not mean what the result's names say."""
+    if train.ids_sha256 is not None and train.ids_sha256 == val.ids_sha256:
+        warnings.warn(f"the probe's scores must be held out; the train and val caches hold "
+                      f"the same samples ({train.path}). Fix: extract the val split into its "
+                      "own cache.", FeatlabWarning, stacklevel=3)
+    weights = None if random is None else (random[0].model or {}).get("weights")
+    if random is not None and weights != "none":
+        warnings.warn(f"the random-backbone baseline should come from a random "
+                      f"initialisation; its caches hold weights {weights!r}. Fix: extract them "
+                      "with --weights none.", FeatlabWarning, stacklevel=3)
 
 
 def write_result(result: ProbeResult, path: str | os.PathLike, *, force: bool = False

@@ -98,10 +98,23 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
                 "default %(default)s")
 
 
-def _setup_logging(quiet: bool, verbose: bool) -> None:
+class _LineFormatter(logging.Formatter):
+    """Log records as the CLI's other lines read: ``featlab extract: wrote ...``, and
+    ``featlab extract: warning: ...`` as :func:`_show_warning` prints warnings."""
+
+    def __init__(self, command: str):
+        super().__init__()
+        self.prefix = f"featlab {command}:"
+
+    def format(self, record: logging.LogRecord) -> str:
+        kind = " warning:" if record.levelno >= logging.WARNING else ""
+        return f"{self.prefix}{kind} {record.getMessage()}"
+
+
+def _setup_logging(quiet: bool, verbose: bool, command: str) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("featlab: %(message)s"))
+    handler.setFormatter(_LineFormatter(command))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
@@ -126,13 +139,13 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
     """Run one ``featlab`` command in this process; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.quiet, args.verbose)
+    command = " ".join(filter(None, (args.command, getattr(args, "analysis", None))))
+    _setup_logging(args.quiet, args.verbose, command)
     args.keeps_freed_memory = False
     if own_process and os.environ.get("FEATLAB_KEEP_MEMORY", "1") != "0":
         from featlab.allocator import keep_freed_memory
 
         args.keeps_freed_memory = keep_freed_memory()
-    command = " ".join(filter(None, (args.command, getattr(args, "analysis", None))))
     try:
         _import_torch_whole()
         with warnings.catch_warnings():  # one line per warning, like errors; restored after

@@ -20,7 +20,7 @@ from featlab.analysis._logreg import sklearn_C
 from featlab.analysis._pixels import bilinear_at
 from featlab.analysis.probe import (PixelProbe, ProbeResult, probe_points, read_result,
                                     write_result)
-from featlab.errors import CacheError, ConfigError
+from featlab.errors import CacheError, ConfigError, FeatlabWarning
 from featlab.models import BackboneSpec
 from featlab.segment.metrics import ConfusionMatrix
 
@@ -344,6 +344,21 @@ def test_random_backbone_caches_are_checked(caches, random_caches):
         probe_points(train, val, "all", random_caches=(rtrain, rval), progress=False)
 
 
+def test_a_trained_random_baseline_is_warned(caches, tmp_path):
+    """Other weights that are not a random init (say another checkpoint) still make a baseline,
+    but not the one the README's null recipe means."""
+    spec = dataclasses.replace(SPEC, weights="imagenet")
+    for split, n in (("train", 12), ("val", 8)):
+        ds = featlab.load_dataset("shapes", split=split, size=32, length=n)
+        featlab.extract(ft.TinyResNet(seed=5), ds, "stages", tmp_path / f"{split}.h5", spec=spec,
+                        batch_size=8, dtype="float32", num_workers=0, progress=False)
+    with pytest.warns(FeatlabWarning, match="random initialisation; its caches hold weights "
+                                            "'imagenet'. Fix: .*--weights none"):
+        probe_points(caches["train"], caches["val"], "stages", alpha=1e-3, device="cpu",
+                     random_caches=(tmp_path / "train.h5", tmp_path / "val.h5"),
+                     progress=False)
+
+
 def test_probe_points_refuses_mismatched_caches(caches, tmp_path):
     other = tmp_path / "other.h5"
     ds = featlab.load_dataset("shapes", split="val", size=32, length=2)
@@ -363,8 +378,10 @@ def test_probe_points_refuses_mismatched_caches(caches, tmp_path):
     with pytest.raises(CacheError, match="--max-channels and --channel-seed"):
         probe_points(tmp_path / "some.h5", tmp_path / "others.h5", progress=False)
     # the same subset on both sides is fine, and the probe reports the channels it saw
-    rows = probe_points(tmp_path / "some.h5", tmp_path / "some.h5", ["layer1.1"], alpha=1e-3,
-                        device="cpu", progress=False).rows()
+    with pytest.warns(FeatlabWarning, match="must be held out; the train and val caches hold "
+                                            "the same samples"):  # one cache on both sides
+        rows = probe_points(tmp_path / "some.h5", tmp_path / "some.h5", ["layer1.1"],
+                            alpha=1e-3, device="cpu", progress=False).rows()
     assert rows[0]["channels"] == 8
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 
 import h5py
@@ -221,6 +222,19 @@ def test_cli_refuses_an_existing_cache_with_exit_code_2_and_one_line(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith("featlab extract: error:") and "--force" in err
+
+
+def test_cli_log_lines_name_their_command_as_errors_and_warnings_do(tmp_path, capsys,
+                                                                     cli_state, monkeypatch):
+    monkeypatch.setenv("FEATLAB_PROGRESS", "0")  # no bar: every stderr line is a log line
+    out = tmp_path / "c.h5"
+    assert cli.main(["extract", "--model", "resnet18", "--weights", "none", "--data", "shapes",
+                     "--input-size", "32", "--limit", "2", "--out", str(out)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("featlab extract: ") for line in lines)
+    assert any(str(out) in line for line in lines)  # says what it wrote where
+    logging.getLogger("featlab").warning("resuming %s", out)  # as the resume's notices are
+    assert capsys.readouterr().err == f"featlab extract: warning: resuming {out}\n"
 
 
 def test_cli_extract_needs_weights_said_out_loud(tmp_path, capsys, cli_state):
