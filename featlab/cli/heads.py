@@ -178,11 +178,15 @@ def print_sweep(result, preds: list[dict], notes: list[str], paths: list) -> Non
     rows = [[r["point"], r["stride"], f"{r['miou_mean']:.4f}",
              "-" if r["miou_std"] is None else f"{r['miou_std']:.4f}",
              " ".join(f"{v:.4f}" for v in r["per_seed"]), f"{r['gain']:+.4f}",
-             ci(r["gain_ci_seeds"]), ci(r["gain_ci_images"]),
+             ci(r["gain_ci"]), ci(r["gain_ci_all_points"]),
              {True: "yes", False: "no", None: "-"}[r["beats_2std"]], r["rank"]]
             for r in result.rows()]
-    print(_table(rows, ["point", "stride", "mIoU", "std", "per seed", "gain", "CI seeds",
-                        "CI images", "> 2 std", "rank"]))
+    print(_table(rows, ["point", "stride", "mIoU", "std", "per seed", "gain", "CI",
+                        f"CI, all {len(result.points)} at once", "> 2 std", "rank"]))
+    m = len(result.points)
+    print(f"CI: {result.confidence:.0%} interval of the gain over seeds and val images together "
+          f"(sweep.csv: each alone too)\nCI, all {m} at once: every interval holds together "
+          f"(Bonferroni over the {m} points); > 2 std: descriptive, not a test")
     if preds:
         print("\nSpearman correlation of each property with the gain across points:")
         print(_table([[p["property"], p["spearman_rho"], p["p_value"], p.get("p_method"),

@@ -3,10 +3,12 @@
 :func:`property_table` gathers, per skip point, the properties featlab measures elsewhere:
 ``stride``, ``rf_size`` and ``channels`` (from the cache's skip-point records),
 ``resolution_ceiling`` (the best mIoU reachable at the point's stride,
-:mod:`featlab.analysis.resolution`), ``cka_to_last`` (linear CKA with the last point,
+:mod:`featlab.analysis.resolution`), ``cka_to_last`` (debiased linear CKA with the last point,
 :mod:`featlab.analysis.similarity`) and ``probe_miou`` (a per-pixel linear probe,
-:mod:`featlab.analysis.probe`). A property whose module is missing or fails is left out with a
-logged note, so a sweep never loses its result to an analysis. :func:`predictors` reports the
+:mod:`featlab.analysis.probe`), and ``depth``, the point's place in the forward: on one
+backbone most properties rise or fall with depth, and a property explains the gain better than
+depth alone only where its correlation is clearly stronger. A property whose module is missing
+or fails is left out with a logged note, so a sweep never loses its result to an analysis. :func:`predictors` reports the
 Spearman correlation of each property with the gain across points, with an exact permutation
 p-value for up to :data:`EXACT_MAX_POINTS` points (a sweep usually has 4).
 
@@ -37,7 +39,8 @@ log = logging.getLogger("featlab")
 
 __all__ = ["property_table", "predictors", "spearman_exact_p", "PROPERTIES", "EXACT_MAX_POINTS"]
 
-PROPERTIES = ("stride", "rf_size", "channels", "resolution_ceiling", "cka_to_last", "probe_miou")
+PROPERTIES = ("depth", "stride", "rf_size", "channels", "resolution_ceiling", "cka_to_last",
+              "probe_miou")
 
 #: Up to this many points :func:`predictors` enumerates all n! orderings for the p-value
 #: (9! = 362,880 takes ~0.2 s); above it, the asymptotic t-approximation of ``spearmanr``.
@@ -70,6 +73,10 @@ def property_table(train_cache, val_cache, points: str | Sequence[str] | None = 
     records = {p.name: p for p in val.points}
     table: dict[str, dict[str, float]] = {}
     measured: dict[str, dict] = {}
+    if "depth" in include:  # the forward's order: the cache stores its points in it
+        table["depth"] = {p: float(val.point_names.index(p)) for p in names}
+        measured["depth"] = {"from": "the point's place among the val cache's points, in "
+                                     "execution order"}
     for key in ("stride", "rf_size", "channels"):
         if key in include:
             table[key] = {p: float(getattr(records[p], key)) for p in names
@@ -112,7 +119,9 @@ def _ceiling(val, names: list[str]) -> tuple[dict[str, float], dict]:
 def _cka(val, names: list[str], last: str) -> tuple[dict[str, float], dict]:
     from featlab.analysis.similarity import cka_matrix
 
-    r = cka_matrix(val, kind="linear", progress=False)
+    # debiased: the biased estimator grows with a point's width at a fixed number of images,
+    # and width grows with depth, which would pass for a correlation with the gain
+    r = cka_matrix(val, kind="linear", estimator="debiased", progress=False)
     rows, cols = list(r.names), list(getattr(r, "columns", None) or r.names)
     j = cols.index(last)
     return ({p: float(np.asarray(r.matrix)[rows.index(p), j]) for p in names if p in rows},

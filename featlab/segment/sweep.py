@@ -2,10 +2,11 @@
 
 For every chosen skip point and every seed, a single-skip head is trained with the same schedule
 as the baseline (last point only) of the same seed; the table reports each point's mIoU over
-seeds (mean ± std and per-seed values), the gain over the baseline, two 95% confidence
-intervals for the gain — paired over seeds (Student t on the per-seed differences) and a seeded
-bootstrap over val images (per-image confusion matrices resampled, data-set mIoU recomputed) —
-whether the gain exceeds twice the seed-to-seed std, and a rank. Runs live in
+seeds (mean ± std and per-seed values), the gain over the baseline, 95% confidence intervals
+for the gain — paired over seeds (Student t on the per-seed differences), a seeded bootstrap
+over val images (per-image confusion matrices resampled, data-set mIoU recomputed), both sources
+together (:func:`gain_interval`), and that widened to hold for all points at once — whether the
+gain exceeds twice the seed-to-seed std (descriptive), and a rank. Runs live in
 ``<out>/runs/<run name>/``; a killed sweep re-run with the same command skips finished runs and
 resumes the unfinished one from its checkpoint. :func:`property_table` and :func:`predictors`
 (in :mod:`featlab.segment.predict`) join the gains with cheap per-point properties.
@@ -41,7 +42,7 @@ from featlab.segment.train import FLAG_FIELDS, HeadSettings, run_name, train_hea
 log = logging.getLogger("featlab")
 
 __all__ = ["SweepResult", "sweep", "sweep_difference", "read_sweep", "write_sweep", "gain_stats",
-           "property_table", "predictors"]
+           "gain_interval", "property_table", "predictors"]
 
 BASELINE = "baseline"
 SWEEP_FILES = ("sweep.json", "sweep.csv", "predictors.json")  # what a sweep writes at its end
@@ -108,13 +109,16 @@ class SweepResult:
         base = np.asarray(self.baseline, dtype=np.float64)
         out = [{"point": BASELINE, "stride": None, "rf_size": None, **_spread(base),
                 "per_seed": [float(v) for v in base], "gain": 0.0, "gain_std": None,
-                "gain_ci_seeds": None, "gain_ci_images": None, "beats_2std": None,
-                "rank": None}]
+                "gain_ci_seeds": None, "gain_ci_images": None, "gain_ci": None,
+                "gain_ci_all_points": None, "beats_2std": None, "rank": None}]
         gains = self.gains()
         order = sorted(self.points, key=lambda p: -gains[p])
         for p in self.points:
             vals = np.asarray(self.skips[p], dtype=np.float64)
             g = gain_stats(vals, base, self.confidence)
+            images = self.gain_ci_images.get(p)
+            both = [gain_interval(vals - base, images, self.confidence, tests)
+                    for tests in (1, len(self.points))]
             noise = max(np.std(vals, ddof=1) if len(vals) > 1 else 0.0,
                         np.std(base, ddof=1) if len(base) > 1 else 0.0)
             out.append({"point": p, "stride": self.stride.get(p), "rf_size": self.rf_size.get(p),
@@ -122,8 +126,10 @@ class SweepResult:
                         "gain": float(g["gain"]), "gain_std": _r(g["std"]),
                         "gain_ci_seeds": ([_r(g["lo"]), _r(g["hi"])] if len(vals) > 1
                                           else None),  # undefined with one seed
-                        "gain_ci_images": [_r(v) for v in self.gain_ci_images.get(p, (None,
-                                                                                      None))],
+                        "gain_ci_images": [_r(v) for v in images or (None, None)],
+                        "gain_ci": None if both[0] is None else [_r(v) for v in both[0]],
+                        "gain_ci_all_points": (None if both[1] is None
+                                               else [_r(v) for v in both[1]]),
                         "beats_2std": bool(g["gain"] > 2 * noise) if len(vals) > 1 else None,
                         "rank": order.index(p) + 1})
         return out
@@ -156,6 +162,38 @@ def gain_stats(skip: Sequence[float], base: Sequence[float], confidence: float =
     sd = float(d.std(ddof=1))
     half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1)) * sd / math.sqrt(len(d))
     return {"gain": mean, "std": sd, "lo": mean - half, "hi": mean + half}
+
+
+def gain_interval(per_seed_gain: Sequence[float], images_ci: Sequence[float] | None,
+                  confidence: float = 0.95, tests: int = 1) -> tuple[float, float] | None:
+    """Interval for the mean gain that counts both sources of noise (None with one seed).
+
+    The seed interval holds the val images fixed and the image bootstrap holds the trained
+    heads fixed; each alone is too narrow when the other varies (with a realistic seed-to-seed
+    spread the image interval alone excludes 0 for most null points). Their half-widths add in
+    quadrature: ``t * s / sqrt(k)`` of the per-seed gains (``k - 1`` degrees of freedom) and
+    half the bootstrap interval's width, so the interval is never narrower than either.
+    ``tests`` > 1 widens it for that many points read together (Bonferroni: the t and the normal
+    quantiles at ``1 - (1 - confidence) / (2 tests)``; the image half-width is scaled by the
+    ratio of normal quantiles), so that every interval of a sweep holds at once.
+
+    Examples:
+        >>> lo, hi = gain_interval([0.012, 0.015, 0.013], [0.008, 0.019])
+        >>> round(lo, 4), round(hi, 4)
+        (0.0067, 0.02)
+    """
+    from scipy import stats
+
+    d = np.asarray(per_seed_gain, dtype=np.float64)
+    k = len(d)
+    if k < 2 or images_ci is None or any(v is None for v in images_ci):
+        return None
+    level = 1 - (1 - confidence) / (2 * tests)
+    seeds = float(stats.t.ppf(level, k - 1)) * float(d.std(ddof=1)) / math.sqrt(k)
+    images = (images_ci[1] - images_ci[0]) / 2 * float(
+        stats.norm.ppf(level) / stats.norm.ppf(0.5 + confidence / 2))
+    half, mean = math.hypot(seeds, images), float(d.mean())
+    return mean - half, mean + half
 
 
 def _miou(m: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ def test_sweep_cli_table_files_predictors_and_refusal(caches, capsys):
            "--bootstrap", "100", "-q"]
     assert main(cmd) == 0
     out = capsys.readouterr().out
-    assert "baseline" in out and "CI images" in out and "Spearman" in out
+    assert "baseline" in out and "CI, all 2 at once" in out and "Spearman" in out
     folder = caches[0].parent / "sweep"
     record = json.loads((folder / "sweep.json").read_text())
     assert record["points"] == ["relu", "layer1.0"] and record["seeds"] == [0, 1]

@@ -12,14 +12,15 @@ from scipy import stats
 import featlab
 import featlab.testing as ft
 from featlab.analysis.probe import probe_points
+from featlab.analysis.similarity import cka_matrix
 from featlab.cache.reader import open_cache
 from featlab.errors import CacheError, ConfigError
 from featlab.segment import runs
 from featlab.segment.metrics import ConfusionMatrix
 from featlab.segment.predict import (EXACT_MAX_POINTS, predictors, property_table,
                                      spearman_exact_p)
-from featlab.segment.sweep import (SweepResult, _miou, bootstrap_gain, gain_stats, sweep,
-                                   write_sweep)
+from featlab.segment.sweep import (SweepResult, _miou, bootstrap_gain, gain_interval,
+                                   gain_stats, sweep, write_sweep)
 
 from .conftest import SPEC
 
@@ -58,6 +59,54 @@ def test_bootstrap_over_images_is_seeded_paired_and_brackets_the_gain():
     assert bootstrap_gain(base, base, n=50) == (0.0, 0.0)
 
 
+def test_gain_interval_adds_the_seed_and_image_half_widths_in_quadrature():
+    d, images = [0.012, 0.015, 0.013, 0.02], (0.004, 0.022)
+    lo, hi = gain_interval(d, images)
+    seeds = stats.t.ppf(0.975, 3) * np.std(d, ddof=1) / 2
+    half = np.sqrt(seeds ** 2 + 0.009 ** 2)
+    assert (lo, hi) == (pytest.approx(np.mean(d) - half), pytest.approx(np.mean(d) + half))
+    assert hi - lo > max(2 * seeds, images[1] - images[0])  # wider than either alone
+    # five points read together: each at 1 - 0.05/5, the image part by the normal quantiles
+    lo5, hi5 = gain_interval(d, images, tests=5)
+    seeds5 = stats.t.ppf(1 - 0.005, 3) * np.std(d, ddof=1) / 2
+    images5 = 0.009 * stats.norm.ppf(1 - 0.005) / stats.norm.ppf(0.975)
+    assert hi5 - lo5 == pytest.approx(2 * np.hypot(seeds5, images5))
+    assert gain_interval([0.01], images) is None and gain_interval(d, None) is None
+
+
+def _confusions(rng, counts, hard, logits):
+    """Per-image confusion matrices ``[N, C, C]`` of a model whose per-class accuracy has the
+    logits ``logits`` (+ each image's own difficulty ``hard``); errors go to the next class."""
+    n, c = counts.shape
+    right = rng.binomial(counts, 1 / (1 + np.exp(-(logits + hard))))
+    m = np.zeros((n, c, c), np.int64)
+    idx = np.arange(c)
+    m[:, idx, idx] = right
+    m[:, idx, (idx + 1) % c] = counts - right
+    return m
+
+
+def test_the_combined_interval_keeps_its_level_where_the_image_interval_does_not():
+    """Null sweeps (skip and baseline heads drawn alike; each seed shifts the per-class accuracy
+    as training seeds do): how often each interval excludes a gain of 0."""
+    rng = np.random.default_rng(0)
+    n, c, k, reps = 120, 5, 3, 80
+    mean = np.r_[2.0, np.full(c - 1, -0.3)]
+    excluded = {"images": 0, "both": 0}
+    for _ in range(reps):
+        counts = np.c_[rng.integers(400, 800, n), rng.integers(0, 150, (n, c - 1))]
+        hard = rng.normal(0, 0.7, (n, c))  # shared by every head: the pairing over images
+        skip, base = ([_confusions(rng, counts, hard, mean + 0.15 * rng.normal(size=c))
+                       for _ in range(k)] for _ in range(2))
+        images = bootstrap_gain(skip, base, n=200, seed=0)
+        lo, hi = gain_interval([_miou(s.sum(0)) - _miou(b.sum(0)) for s, b in zip(skip, base)],
+                               images)
+        excluded["images"] += not images[0] <= 0 <= images[1]
+        excluded["both"] += not lo <= 0 <= hi
+    assert excluded["images"] / reps > 0.3  # blind to the seeds' spread
+    assert excluded["both"] / reps <= 0.1  # nominal 0.05
+
+
 def test_sweep_refuses_caches_heads_cannot_use_before_any_run(tmp_path):
     # a pooled cache used to be found after the baseline had been trained and recorded, whose
     # run then blocked a later sweep of other caches into the same folder
@@ -76,6 +125,7 @@ def test_one_seed_leaves_the_seed_statistics_undefined_not_false(caches, tmp_pat
               bootstrap=50, **FAST)
     row = r.rows()[1]
     assert row["gain_ci_seeds"] is None and row["beats_2std"] is None and row["gain_std"] is None
+    assert row["gain_ci"] is None and row["gain_ci_all_points"] is None  # seeds' spread unknown
     import csv
 
     with open(write_sweep(r)[1], newline="") as f:
@@ -111,6 +161,9 @@ def test_sweep_table_files_and_resume(caches, tmp_path):
                                         abs=1e-4)
     assert row["rank"] == 1 and row["stride"] == 2 and len(row["per_seed"]) == 2
     assert isinstance(row["beats_2std"], bool) and len(row["gain_ci_images"]) == 2
+    d = np.subtract(r.skips["layer1.0"], r.baseline)
+    assert row["gain_ci"] == list(gain_interval(d, row["gain_ci_images"]))
+    assert row["gain_ci_all_points"] == list(gain_interval(d, row["gain_ci_images"], tests=1))
     paths = write_sweep(r)
     assert SweepResult.from_dict(__import__("json").loads(paths[0].read_text())) == r
     assert paths[1].read_text().splitlines()[0].startswith("point,stride,rf_size,miou_mean")
@@ -133,8 +186,9 @@ def test_property_table_skips_missing_modules_with_a_note(caches, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
     notes = []
     table = property_table(*caches, points="all", notes=notes)
-    assert set(table) == {"stride", "rf_size", "channels"}
+    assert set(table) == {"depth", "stride", "rf_size", "channels"}
     assert table["stride"] == {"conv1": 2.0, "bn1": 2.0, "relu": 2.0, "layer1.0": 2.0}
+    assert table["depth"] == {"conv1": 0.0, "bn1": 1.0, "relu": 2.0, "layer1.0": 3.0}
     assert len(notes) == 3 and all("skipped" in n for n in notes)
 
 
@@ -142,8 +196,8 @@ def test_property_table_joins_the_analyses_that_exist(caches):
     notes, how = [], {}
     table = property_table(*caches, points="all", notes=notes, provenance=how)
     assert not notes, notes
-    assert set(table) == {"stride", "rf_size", "channels", "resolution_ceiling", "cka_to_last",
-                          "probe_miou"}
+    assert set(table) == {"depth", "stride", "rf_size", "channels", "resolution_ceiling",
+                          "cka_to_last", "probe_miou"}
     assert set(table["probe_miou"]) == {"conv1", "bn1", "relu", "layer1.0"}
     assert all(0 <= v <= 1 for v in table["resolution_ceiling"].values())
     # what produced the values is recorded: the caches, and the probe's chosen strengths
@@ -151,6 +205,11 @@ def test_property_table_joins_the_analyses_that_exist(caches):
     assert how["val"]["ids_sha256"] == open_cache(caches[1]).identity()["ids_sha256"]
     assert set(how["measured"]) == set(table)
     assert how["measured"]["cka_to_last"]["to"] == "layer1.1"
+    assert how["measured"]["cka_to_last"]["estimator"] == "debiased"  # not inflated by width
+    debiased = cka_matrix(caches[1], kind="linear", estimator="debiased", progress=False)
+    names = list(debiased.names)
+    assert table["cka_to_last"]["bn1"] == pytest.approx(
+        np.asarray(debiased.matrix)[names.index("bn1"), names.index("layer1.1")])
     probed = probe_points(*caches, points=list(table["probe_miou"]), seed=0, progress=False)
     assert how["measured"]["probe_miou"]["alpha"] == {s.point: s.alpha for s in probed.scores}
     assert how["measured"]["probe_miou"]["settings"] == probed.settings
