@@ -163,7 +163,7 @@ class _DataTerm:
                 yield self._ce(logits[lo:lo + step], self.y[lo:lo + step])
             else:
                 idx, w = (t[lo:lo + step] for t in self.interp)
-                yield self._ce((logits[idx] * w[:, :, None]).sum(1), self.y[lo:lo + step])
+                yield self._ce(_interpolate_cells(logits, idx, w), self.y[lo:lo + step])
 
     def _ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, weight=self.weight, ignore_index=IGNORE,
@@ -237,5 +237,15 @@ def linear_logits(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
     logits = torch.addmm(b, X, W.t())
     if interp is None:
         return logits
-    idx, w = interp
-    return (logits[idx] * w[:, :, None]).sum(1)
+    return _interpolate_cells(logits, *interp)
+
+
+def _interpolate_cells(logits: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_j w[:, j] * logits[idx[:, j]]``: each pixel's logits from its cells'.
+
+    Gathered by ``index_select``, whose gradient (``index_add_``) is deterministic on the CPU;
+    ``logits[idx]``'s (an accumulating ``index_put_``) is not with several threads, which made
+    the same fit differ between runs by ~1e-3 in its coefficients.
+    """
+    picked = torch.index_select(logits, 0, idx.reshape(-1)).view(*idx.shape, logits.shape[1])
+    return (picked * w[:, :, None]).sum(1)

@@ -145,6 +145,32 @@ def test_image_fit_is_pixel_fit_on_bilinear_features(class_weight):
     np.testing.assert_allclose(img.predict_proba(feats).sum(1), 1.0, atol=1e-5)
 
 
+def test_interpolated_logits_have_the_same_gradient_every_run():
+    """A pixel's logits are its cells' interpolated. The gather's gradient must not depend on
+    how the CPU threads race: with ``logits[idx]`` (an accumulating ``index_put_``) the same
+    fit differed between runs by ~1e-3 in its coefficients."""
+    from featlab.analysis._logreg import _interpolate_cells
+
+    g = torch.Generator().manual_seed(0)
+    cells = torch.randn(2048, 9, generator=g)
+    idx = torch.randint(0, 2048, (100_000, 4), generator=g)
+    w = torch.rand(100_000, 4, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(3):
+            leaf = cells.clone().requires_grad_(True)
+            _interpolate_cells(leaf, idx, w).square().sum().backward()
+            grads.append(leaf.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
+    plain = cells.clone().requires_grad_(True)
+    (plain[idx] * w[:, :, None]).sum(1).square().sum().backward()
+    torch.testing.assert_close(grads[0], plain.grad, rtol=1e-4, atol=1e-4)  # to float rounding
+
+
 @pytest.mark.parametrize("hw,size", [((4, 5), (11, 16)), ((8, 8), (64, 64)), ((3, 3), (3, 3)),
                                      ((20, 20), (40, 40)), ((5, 7), (4, 6))])
 def test_logit_upsampling_equals_interpolate(hw, size):
