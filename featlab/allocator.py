@@ -1,4 +1,5 @@
-"""Keep freed CPU memory in the process instead of handing it back to the kernel (glibc).
+"""CPU memory of the process: keep freed memory instead of handing it back to the kernel (glibc),
+and how much more it may allocate (:func:`available_memory`).
 
 A CPU forward allocates and frees the same large activations batch after batch. glibc serves
 every request above its mmap threshold -- which it never raises beyond 32 MiB -- with a fresh
@@ -29,9 +30,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 
-__all__ = ["keep_freed_memory", "KEEP_BYTES"]
+__all__ = ["keep_freed_memory", "available_memory", "KEEP_BYTES"]
 
 log = logging.getLogger("featlab")
 
@@ -59,3 +61,83 @@ def keep_freed_memory() -> bool:
     ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES) == 1
     log.debug("keep freed memory (glibc mallopt): %s", "on" if ok else "refused")
     return ok
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the machine's ``MemAvailable``, or less where its
+    cgroup (a SLURM job, a container) has a memory limit; None where neither can be read.
+
+    On a cluster node ``/proc/meminfo`` describes the whole host: a 64 GB job on a 512 GB node
+    sees ~500 GB there. The cgroup's room is its limit minus what it uses, not counting the
+    inactive file cache the kernel reclaims before it kills anything (as ``docker stats``).
+    """
+    found = [v for v in (_meminfo_available(), _cgroup_room()) if v is not None]
+    return min(found) if found else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room(root: str = "/sys/fs/cgroup", proc: str = "/proc/self/cgroup") -> int | None:
+    """Limit minus usage of the tightest memory cgroup above this process (v2 or v1)."""
+    try:
+        with open(proc) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    rooms: list[int] = []
+    for line in lines:
+        _, controllers, rel = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: the unified hierarchy
+            rooms += _rooms(root, rel, "memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            rooms += _rooms(os.path.join(root, "memory"), rel, "memory.limit_in_bytes",
+                            "memory.usage_in_bytes", "total_inactive_file")
+    return min(rooms) if rooms else None
+
+
+def _rooms(mount: str, rel: str, limit: str, usage: str, inactive: str) -> list[int]:
+    """The room under each limit from the process's cgroup up to the hierarchy's root. Inside
+    a container the host's path is not mounted: there the root is the container's cgroup."""
+    mount = os.path.normpath(mount)
+    path = os.path.normpath(os.path.join(mount, rel.lstrip("/")))
+    if not os.path.isdir(path):
+        path = mount
+    out = []
+    while True:
+        cap, used = _read_int(os.path.join(path, limit)), _read_int(os.path.join(path, usage))
+        if cap is not None and used is not None and cap < 1 << 60:  # else: no limit
+            cache = _stat_value(os.path.join(path, "memory.stat"), inactive) or 0
+            out.append(max(0, cap - max(0, used - cache)))
+        if path == mount or not path.startswith(mount):
+            return out
+        path = os.path.dirname(path)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def _stat_value(path: str, key: str) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None

@@ -143,7 +143,9 @@ def _fits_in_memory(cache, points: Sequence[str]) -> bool:
 
     need = sum(cache[p].nbytes for p in points) + cache.labels.nbytes
     ranks = fdist.info_from_env().local_world_size
-    free = _available_memory()
+    from featlab.allocator import available_memory
+
+    free = available_memory()
     if free is None or need * ranks <= 0.8 * free:
         return True
     warnings.warn(f"preloading must fit in memory; {cache.path} needs {format_bytes(need)} per "
@@ -151,18 +153,6 @@ def _fits_in_memory(cache, points: Sequence[str]) -> bool:
                   "reading per batch instead (slower). Fix: --no-preload says so up front, or "
                   "store fewer points.", FeatlabWarning, stacklevel=4)
     return False
-
-
-def _available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 class ImageSource:

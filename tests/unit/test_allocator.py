@@ -83,3 +83,54 @@ def test_in_process_main_leaves_the_allocator_alone(capsys, caplog):
 
 def test_is_public():
     assert "keep_freed_memory" in dir(featlab)
+
+
+def _write(folder, **files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name.replace("__", ".")).write_text(text)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_available_memory_is_capped_by_the_jobs_cgroup(tmp_path, version):
+    """A SLURM job or container sees the whole host in /proc/meminfo; its cgroup's limit, less
+    what it uses but the reclaimable file cache, is what it may still allocate."""
+    from featlab.allocator import _cgroup_room
+
+    gib = 1 << 30
+    root, proc = tmp_path / "cgroup", tmp_path / "self-cgroup"
+    if version == 2:
+        proc.write_text("0::/slurm/job_7/step_0\n")
+        _write(root / "slurm" / "job_7", memory__max=str(64 * gib),
+               memory__current=str(40 * gib), memory__stat=f"anon 1\ninactive_file {8 * gib}\n")
+        _write(root / "slurm" / "job_7" / "step_0", memory__max="max",
+               memory__current=str(30 * gib), memory__stat="inactive_file 0\n")
+    else:
+        proc.write_text("5:cpu,cpuacct:/slurm/job_7\n4:memory:/slurm/job_7\n")
+        _write(root / "memory", memory__limit_in_bytes=str(2 ** 63 - 4096),  # the host: none
+               memory__usage_in_bytes=str(100 * gib), memory__stat="total_inactive_file 0\n")
+        _write(root / "memory" / "slurm" / "job_7", memory__limit_in_bytes=str(64 * gib),
+               memory__usage_in_bytes=str(40 * gib),
+               memory__stat=f"cache 9\ntotal_inactive_file {8 * gib}\n")
+    assert _cgroup_room(str(root), str(proc)) == 64 * gib - (40 - 8) * gib
+    # inside a container the host's path is not mounted: its own cgroup is the mount's root
+    inside = tmp_path / "inside"
+    mount = inside / "memory" if version == 1 else inside
+    limit = "memory.limit_in_bytes" if version == 1 else "memory.max"
+    usage = "memory.usage_in_bytes" if version == 1 else "memory.current"
+    _write(mount, **{limit.replace(".", "__"): str(8 * gib), usage.replace(".", "__"): str(gib)})
+    assert _cgroup_room(str(inside), str(proc)) == 7 * gib
+    assert _cgroup_room(str(tmp_path / "none"), str(proc)) is None  # no hierarchy: no cap
+    assert _cgroup_room(str(root), str(tmp_path / "missing")) is None
+
+
+def test_available_memory_is_the_smaller_of_host_and_cgroup(monkeypatch):
+    from featlab import allocator
+
+    monkeypatch.setattr(allocator, "_meminfo_available", lambda: 500 << 30)
+    monkeypatch.setattr(allocator, "_cgroup_room", lambda: 20 << 30)
+    assert allocator.available_memory() == 20 << 30
+    monkeypatch.setattr(allocator, "_cgroup_room", lambda: None)
+    assert allocator.available_memory() == 500 << 30
+    monkeypatch.setattr(allocator, "_meminfo_available", lambda: None)
+    assert allocator.available_memory() is None

@@ -347,15 +347,16 @@ def test_files_of_the_users_in_the_run_folder_are_not_overwritten_without_force(
 
 
 def test_a_preload_that_would_not_fit_in_memory_reads_per_batch(caches, monkeypatch):
+    from featlab import allocator
     from featlab.segment import sources
 
     cache = featlab.open_cache(caches[0])
     need = cache["layer1.1"].nbytes + cache.labels.nbytes
-    monkeypatch.setattr(sources, "_available_memory", lambda: need)  # 0.8 x: too little
+    monkeypatch.setattr(allocator, "available_memory", lambda: need)  # 0.8 x: too little
     with pytest.warns(featlab.errors.FeatlabWarning, match="reading per batch instead"):
         src = sources.CacheSource(cache, ["layer1.1"])
     assert not src.preload
-    monkeypatch.setattr(sources, "_available_memory", lambda: 2 * need)
+    monkeypatch.setattr(allocator, "available_memory", lambda: 2 * need)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # three ranks on this node: 3 copies
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
