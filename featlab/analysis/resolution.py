@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featlab.analysis._erf import ERFMap, effective_receptive_fields, mass_radius
+from featlab.analysis._erf import ERF_BATCH, ERFMap, effective_receptive_fields, mass_radius
 from featlab.analysis._io import check_keys, write_json_csv
 from featlab.runinfo import run_versions
 from featlab.errors import ConfigError
@@ -45,7 +45,7 @@ logger = logging.getLogger("featlab")
 
 __all__ = ["resolution_table", "resolution_ceiling", "reduce_labels", "ResolutionResult",
            "effective_receptive_fields", "ERFMap", "mass_radius", "erf_inputs_from_cache",
-           "write_result", "MODES"]
+           "write_result", "MODES", "ERF_BATCH"]
 
 MODES = ("nearest", "majority")
 _LABEL_BATCH = 16

@@ -114,6 +114,22 @@ def test_erf_lies_inside_the_theoretical_field_and_leaves_the_model_alone():
     assert erf["layer1.1"].radius90 > erf["conv1"].radius90
 
 
+def test_erf_of_many_images_runs_a_few_at_a_time():
+    """One tensor of images is run ERF_BATCH at a time (memory for the backward does not grow
+    with their number) and averages to what the whole batch gives."""
+    net = ft.TinyResNet()
+    points = featlab.skip_points(net, 32, select="stages")
+    images = ft.random_images(2 * res.ERF_BATCH + 3, 32)
+    sizes = []
+    net.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    erf = res.effective_receptive_fields(net, images, points)
+    assert sizes == [res.ERF_BATCH, res.ERF_BATCH, 3]
+    whole = res.effective_receptive_fields(net, [images], points)
+    for p in points:
+        assert erf[p.name].num_images == len(images)
+        np.testing.assert_allclose(erf[p.name].map, whole[p.name].map, rtol=1e-5, atol=1e-9)
+
+
 def reference_ceiling(labels, grid, num_classes, ignore=255):
     """Majority per cell with explicit loops; IoU per class from explicit counts."""
     n, hh, ww = labels.shape
