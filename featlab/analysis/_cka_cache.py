@@ -81,11 +81,26 @@ class _Side:
         return self.represent(rows, {n: self.cache[n][rows] for n in self.names})
 
 
+def default_max_bytes() -> int:
+    """What CKA may hold: 80 % of the memory this process may still allocate (the machine's,
+    or its job's cgroup limit), or 8 GiB where that cannot be read."""
+    from featlab.allocator import available_memory
+
+    free = available_memory()
+    return int(0.8 * free) if free else _MAX_BYTES
+
+
+def _check_memory(what: str, held: str, need: int, max_bytes: int, fix: str) -> None:
+    if need > max_bytes:
+        raise ConfigError(f"{what} (max_bytes={max_bytes:,}); {held} need about {need:,} "
+                          f"bytes. Fix: {fix}")
+
+
 def cka_matrix(cache: Any, cache2: Any = None, kind: str = "linear", *, points: Any = None,
                points2: Any = None, spatial: str = "gap", estimator: str | None = None,
                form: str = "auto", bandwidth: float = 1.0, batch_size: int = 256,
                positions: int = 16, seed: int = 0, device: Any = None, progress: bool = True,
-               max_bytes: int = _MAX_BYTES) -> CKAResult:
+               max_bytes: int | None = None) -> CKAResult:
     """See :func:`featlab.analysis.similarity.cka_matrix`."""
     from tqdm.auto import tqdm
 
@@ -95,6 +110,8 @@ def cka_matrix(cache: Any, cache2: Any = None, kind: str = "linear", *, points: 
 
     started = time.perf_counter()
     estimator = _check_settings(kind, spatial, estimator, bandwidth)
+    if max_bytes is None:
+        max_bytes = default_max_bytes()
     device = resolve_device(device)
     a = _open(cache)
     b = None if cache2 is None else _open(cache2)
@@ -113,8 +130,14 @@ def cka_matrix(cache: Any, cache2: Any = None, kind: str = "linear", *, points: 
                                           spatial, coords2)
     per_image = positions if spatial == "pixels" else 1
     show = progress_enabled(progress)
+    widths = side_a.widths() + ([] if side_b is None else side_b.widths())
     if kind == "minibatch":
         plan = batch_plan(n, batch_size, seed)
+        largest = max(len(rows) for rows in plan) * per_image
+        _check_memory("minibatch CKA must fit one batch's float64 representations in memory",
+                      f"a batch of {largest} samples x {len(widths)} points",
+                      8 * largest * sum(widths), max_bytes,
+                      "spatial='gap', a smaller batch_size, or fewer points.")
         acc = MinibatchAccumulator(device)
         for rows in tqdm(plan, desc="minibatch CKA", unit="batch", disable=not show):
             acc.update(side_a.read(rows), None if side_b is None else side_b.read(rows),
@@ -123,32 +146,33 @@ def cka_matrix(cache: Any, cache2: Any = None, kind: str = "linear", *, points: 
         used_form = acc.form
     else:
         samples = n * per_image
-        widths = side_a.widths() + ([] if side_b is None else side_b.widths())
-        need = 8 * samples * sum(widths)
         planned = form if form != "auto" else choose_form(
             samples, side_a.widths(), None if side_b is None else side_b.widths())
+        # each representation and its centred copy; the feature form also joins them in one
+        need = 8 * samples * sum(widths) * (3 if planned == "feature" and kind != "rbf" else 2)
         if kind == "rbf" or planned == "gram":   # one n x n float64 Gram matrix per point
             need += 8 * samples * samples * len(widths)
-        if need > max_bytes:
-            raise ConfigError(
-                f"{kind} CKA must fit its float64 matrices in memory (max_bytes={max_bytes:,}); "
-                f"{samples} samples x {len(widths)} points need about {need:,} bytes. Fix: use "
-                "kind='minibatch' (memory bounded by the batch), spatial='gap', fewer points, or "
-                "fewer positions.")
-        xs: list[list[np.ndarray]] = [[] for _ in side_a.names]
-        ys: list[list[np.ndarray]] = [[] for _ in (side_b.names if side_b else [])]
+        _check_memory(f"{kind} CKA must fit its float64 matrices in memory",
+                      f"{samples} samples x {len(widths)} points", need, max_bytes,
+                      "use kind='minibatch' (memory bounded by the batch), spatial='gap', fewer "
+                      "points, or fewer positions.")
+        # one float64 array per point, filled batch by batch: no second copy to concatenate
+        xs = [np.empty((samples, w)) for w in side_a.widths()]
+        ys = None if side_b is None else [np.empty((samples, w)) for w in side_b.widths()]
         total = -(-n // _READ_BATCH)
         for side, store in ((side_a, xs), (side_b, ys)):
             if side is None:
                 continue
+            done = 0
             for batch in tqdm(side.cache.batches(side.names, _READ_BATCH, labels=False),
                               total=total, desc=f"reading {os.path.basename(side.cache.path)}",
                               unit="batch", disable=not show):
-                for i, x in enumerate(side.represent(np.asarray(batch["rows"]), batch)):
-                    store[i].append(x)
+                reps = side.represent(np.asarray(batch["rows"]), batch)
+                for array, x in zip(store, reps):
+                    array[done:done + len(x)] = x
+                done += len(reps[0])
         matrix, reasons, used_form = cka_arrays(
-            [np.concatenate(x) for x in xs], None if side_b is None else
-            [np.concatenate(y) for y in ys], kernel="rbf" if kind == "rbf" else "linear",
+            xs, ys, kernel="rbf" if kind == "rbf" else "linear",
             estimator=estimator, form=form, bandwidth=bandwidth, device=device,
             names=side_a.names, names2=None if side_b is None else side_b.names)
     settings = {"seed": seed, "form_requested": form}

@@ -68,10 +68,21 @@ def choose_form(n: int, widths_a: list[int], widths_b: list[int] | None) -> str:
 
 
 def _centre(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    raw = float((x * x).sum())
+    raw = _squares(x)
     xc = x - x.mean(0, keepdim=True)
-    centred = float((xc * xc).sum())
+    centred = _squares(xc)
     return xc, centred <= _ZERO_VARIANCE * raw or centred == 0.0
+
+
+def _row_squares(x: torch.Tensor) -> torch.Tensor:
+    """``(x * x).sum(1)`` as ``n`` dot products: no temporary as large as ``x``."""
+    return torch.bmm(x[:, None, :], x[:, :, None]).reshape(-1)
+
+
+def _squares(x: torch.Tensor) -> float:
+    """Sum of squares without an ``x * x`` temporary as large as ``x``."""
+    flat = x.reshape(-1)
+    return float(torch.dot(flat, flat))
 
 
 def _segment_sums(m: torch.Tensor, widths: list[int]) -> torch.Tensor:
@@ -157,8 +168,8 @@ def pair_stats(xs: list[torch.Tensor], ys: list[torch.Tensor] | None = None, *,
         if form == "auto":
             form = choose_form(n, [x.shape[1] for x in xs_c],
                                None if ys_c is None else [y.shape[1] for y in ys_c])
-        r_a = torch.stack([(x * x).sum(1) for x in xs_c])          # [La, n] diag(K)
-        r_b = r_a if ys_c is None else torch.stack([(y * y).sum(1) for y in ys_c])
+        r_a = torch.stack([_row_squares(x) for x in xs_c])         # [La, n] diag(K)
+        r_b = r_a if ys_c is None else torch.stack([_row_squares(y) for y in ys_c])
         if form == "feature":
             dot, dot_a, dot_b = _feature_dots(xs_c, ys_c)
         else:

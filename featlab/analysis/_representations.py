@@ -80,7 +80,7 @@ def represent(feats: np.ndarray, spatial: str, *, point: SkipPoint | None = None
         raise ConfigError(f"features must be [b, C, h, w]; got shape {feats.shape}.")
     b, c, h, w = feats.shape
     if spatial == "gap":
-        return feats.astype(np.float64).mean((2, 3)), None
+        return feats.mean((2, 3), dtype=np.float64), None  # no float64 copy of the maps
     if spatial == "flatten":
         return feats.reshape(b, -1).astype(np.float64), None
     if spatial != "pixels":

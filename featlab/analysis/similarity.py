@@ -50,7 +50,7 @@ __all__ = ["linear_cka", "rbf_cka", "minibatch_cka", "cka_arrays", "cka_matrix",
            "write_result", "KINDS"]
 
 KINDS = ("linear", "rbf", "minibatch")
-_MAX_BYTES = 8 << 30   # float64 representations held at once by the full (non-minibatch) kinds
+_MAX_BYTES = 8 << 30   # CKA's memory cap where the available memory cannot be read
 
 
 def _as_matrix(x: Any, what: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -306,7 +306,9 @@ def cka_matrix(cache: Any, cache2: Any = None, kind: str = "linear", **kwargs: A
             (``"biased"`` default for linear / rbf; minibatch is always ``"debiased"``),
             ``form``, ``bandwidth`` (rbf, default 1.0), ``batch_size`` (minibatch, default
             256), ``positions`` (pixels per image, default 16), ``seed`` (0), ``device``,
-            ``progress``, ``max_bytes`` (memory allowed for the full kinds' float64 matrices).
+            ``progress``, ``max_bytes`` (memory allowed for the float64 representations: all
+            samples' and their centred copies for the full kinds, one batch's for minibatch;
+            default 80 % of the available memory, counting a cgroup limit).
 
     Returns:
         A :class:`CKAResult`.

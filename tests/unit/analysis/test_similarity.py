@@ -358,3 +358,35 @@ def test_minibatch_reads_one_batch_at_a_time(caches):
     direct = sim.cka_matrix(caches["a"], kind="minibatch", batch_size=6, progress=False,
                             device="cpu")
     np.testing.assert_array_equal(result.matrix, direct.matrix)
+
+
+def test_memory_guards_refuse_before_reading(caches):
+    """The full kinds hold every sample's float64 representation, minibatch one batch's: what
+    would not fit under max_bytes is refused with the bytes and the fix, before any read."""
+    cache = caches["a"]
+    widths = [len(cache.stored_channels(n)) * int(np.prod(cache.stored_size(n)))
+              for n in ("conv1", "layer1.1")]
+    need = 2 * 8 * 24 * sum(widths) + 8 * 24 * 24 * 2  # centred copies; one n x n Gram each
+    kwargs = dict(spatial="flatten", points=["conv1", "layer1.1"], progress=False, device="cpu")
+    spy = _Spy(cache)
+    with pytest.raises(ConfigError, match=f"24 samples x 2 points need about {need:,} bytes. "
+                                          "Fix: use kind='minibatch'"):
+        sim.cka_matrix(spy, max_bytes=need - 1, **kwargs)
+    assert spy.largest == 0
+    sim.cka_matrix(cache, max_bytes=need, **kwargs)
+    batch = 8 * 8 * sum(widths)  # minibatch: 8 images at a time
+    with pytest.raises(ConfigError, match=f"a batch of 8 samples x 2 points need about "
+                                          f"{batch:,} bytes. Fix: spatial='gap'"):
+        sim.cka_matrix(spy, kind="minibatch", batch_size=8, max_bytes=batch - 1, **kwargs)
+    assert spy.largest == 0
+    sim.cka_matrix(cache, kind="minibatch", batch_size=8, max_bytes=batch, **kwargs)
+
+
+def test_the_default_memory_cap_follows_the_available_memory(monkeypatch):
+    from featlab import allocator
+    from featlab.analysis._cka_cache import default_max_bytes
+
+    monkeypatch.setattr(allocator, "available_memory", lambda: 10 << 30)
+    assert default_max_bytes() == int(0.8 * (10 << 30))
+    monkeypatch.setattr(allocator, "available_memory", lambda: None)
+    assert default_max_bytes() == 8 << 30
