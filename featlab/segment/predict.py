@@ -8,9 +8,10 @@
 :mod:`featlab.analysis.probe`), and ``depth``, the point's place in the forward: on one
 backbone most properties rise or fall with depth, and a property explains the gain better than
 depth alone only where its correlation is clearly stronger. A property whose module is missing
-or fails is left out with a logged note, so a sweep never loses its result to an analysis. :func:`predictors` reports the
-Spearman correlation of each property with the gain across points, with an exact permutation
-p-value for up to :data:`EXACT_MAX_POINTS` points (a sweep usually has 4).
+or fails is left out with a logged note, so a sweep never loses its result to an analysis.
+:func:`predictors` reports the Spearman correlation of each property with the gain across
+points, with an exact permutation p-value for up to :data:`EXACT_MAX_POINTS` points (a sweep
+usually has 4).
 
 Examples:
     >>> class R:  # a stand-in for a SweepResult
