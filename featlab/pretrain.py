@@ -253,7 +253,8 @@ def pretrain(model: str = "resnet18", data: str = "shapes", *,
         threads: torch intra-op threads while training (default: torch's setting, capped so that
             threads + workers <= CPUs; restored afterwards). Oversubscribed cores stall every
             parallel op at its barrier: on a loaded 2-core machine, 1 thread + 1 worker trained
-            5x faster than 2 threads + 1 worker. Results are bit-identical for one thread count.
+            5x faster than 2 threads + 1 worker. Results are bit-identical for one thread count
+            on one machine; other thread counts give other weights under the same key.
 
     Returns:
         The :class:`PretrainResult`; ``result.reused`` says whether it was trained now.
@@ -266,6 +267,10 @@ def pretrain(model: str = "resnet18", data: str = "shapes", *,
     if data not in DATASETS:
         raise UnknownNameError(f"`data` of pretrain must be one of {', '.join(DATASETS)}; got "
                                f"{data!r}.{did_you_mean(str(data), DATASETS)}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ConfigError(f"`threads` must be an int >= 1; got {threads!r}. Fix: e.g. "
+                          "--threads 1.")
     if seed is not None:
         overrides["seed"] = seed
     settings = _with_overrides(settings or PretrainSettings(), overrides)

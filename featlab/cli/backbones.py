@@ -42,6 +42,9 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     p.add_argument("--seed", type=int, help="seed of the init and the images (default 0)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads on the CPU; the weights depend on it (default: torch's "
+                        "setting, capped so that threads + the rendering worker fit the cores)")
     p.add_argument("--force", action="store_true", help="train again even if a checkpoint exists")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_pretrain)
@@ -129,7 +132,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     }
     settings = PretrainSettings(**overrides)
     result = pretrain(args.model, data=args.data, settings=settings, device=args.device,
-                      progress=not args.quiet, force=args.force)
+                      progress=not args.quiet, force=args.force, threads=args.threads)
     if args.json:
         _print_json(result.to_dict())
         return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections import Counter
 
@@ -141,6 +142,8 @@ def test_bad_arguments_get_typed_errors(cache):
         pretrain.pretrain("resnet19")
     with pytest.raises(ConfigError, match="Did you mean 'steps'"):
         pretrain.pretrain("resnet18", step=3)
+    with pytest.raises(ConfigError, match=r"`threads` must be an int >= 1; got 0"):
+        pretrain.pretrain("resnet18", threads=0)
     with pytest.raises(ConfigError, match="cdua"):
         pretrain.pretrain("resnet18", device="cdua", steps=2, batch_size=2)
     with pytest.raises(ConfigError, match="batch_size=0"):
@@ -161,9 +164,12 @@ def test_crops_too_small_for_the_network_are_refused_before_training(cache):
 def test_the_command_says_how_to_use_what_it_trained(cache, capsys, cli_state):
     from featlab.cli import main
 
-    argv = ["pretrain", "--steps", "2", "--batch-size", "4", "--image-size", "32", "-q"]
+    argv = ["pretrain", "--steps", "2", "--batch-size", "4", "--image-size", "32", "-q",
+            "--threads", "1"]
     assert main(argv) == 0
     first = capsys.readouterr().out
+    assert main([*argv, "--json"]) == 0  # reused: the record of the training
+    assert json.loads(capsys.readouterr().out)["versions"]["threads"] == 1
     key = pretrain.settings_key("resnet18", pretrain.PretrainSettings(steps=2, batch_size=4,
                                                                       image_size=32))
     assert f"use them with --weights shapes:{key}\n" in first and ", trained in" in first
