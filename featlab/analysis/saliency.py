@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -312,20 +313,25 @@ def saliency(model: nn.Module, x: torch.Tensor, target: Any, points: Any = ("inp
 
 
 def smoothgrad(model: nn.Module, x: torch.Tensor, target: Any, points: Any = ("input",), *,
-               n_samples: int = 16, stdev: float = 0.15, seed: int = 0,
+               n_samples: int = 16, stdev: float = 0.15, seed: int = 0, first: int = 0,
                max_batch: int | None = None) -> dict[str, AttributionMap]:
     """SmoothGrad: saliency averaged over ``n_samples`` copies of ``x`` plus Gaussian noise.
 
     The noise has standard deviation ``stdev * (x.max() - x.min())`` per sample (Smilkov et al.
-    2017's relative noise level) and comes from ``torch.Generator().manual_seed(seed)``.
+    2017's relative noise level). Each sample draws its own from a generator seeded with
+    ``np.random.SeedSequence([seed, first + i])`` (``first``: the index of ``x``'s first sample
+    in its data set), so a sample's map does not depend on the batch it came in.
     """
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ConfigError(f"`n_samples` must be an int >= 1; got {n_samples!r}.")
-    g = torch.Generator().manual_seed(seed)
+    gens = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, first + i])
+                                              .generate_state(1, np.uint64)[0]))
+            for i in range(len(x))]
     span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(-1, 1, 1, 1)
     total: dict[str, torch.Tensor] = {}
     for _ in range(n_samples):
-        noise = torch.randn(x.shape, generator=g).to(x.device, x.dtype) * stdev * span
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(
+            x.device, x.dtype) * stdev * span
         for n, (_, grad) in gradients(model, x + noise, target, points,
                                       max_batch=max_batch).items():
             total[n] = total.get(n, 0) + grad.abs().mean(1)
@@ -392,9 +398,10 @@ def _alphas(method: str, n: int) -> list[float]:
 
 
 def attribute(model: nn.Module, x: torch.Tensor, target: Any, points: Any = "stages", *,
-              method: str = "gradcam", relu: bool = True, seed: int = 0,
+              method: str = "gradcam", relu: bool = True, seed: int = 0, first: int = 0,
               max_batch: int | None = None, **options: Any) -> dict[str, AttributionMap]:
-    """Dispatch to one method by name (``METHODS``); ``options`` go to that method."""
+    """Dispatch to one method by name (``METHODS``); ``options`` go to that method (``seed``
+    and ``first``, the index of ``x``'s first sample, to ``smoothgrad``'s per-sample noise)."""
     if method == "gradcam":
         return grad_cam(model, x, target, points, relu=relu, max_batch=max_batch, **options)
     if method == "layercam":
@@ -402,7 +409,8 @@ def attribute(model: nn.Module, x: torch.Tensor, target: Any, points: Any = "sta
     if method == "saliency":
         return saliency(model, x, target, points, max_batch=max_batch, **options)
     if method == "smoothgrad":
-        return smoothgrad(model, x, target, points, seed=seed, max_batch=max_batch, **options)
+        return smoothgrad(model, x, target, points, seed=seed, first=first, max_batch=max_batch,
+                          **options)
     if method == "ig":
         return integrated_gradients(model, x, target, points, max_batch=max_batch, **options)
     raise ConfigError(f"saliency method must be one of {', '.join(METHODS)}; got {method!r}. "

@@ -201,9 +201,11 @@ def saliency_summary(model: torch.nn.Module, dataset: Any, points: Any = "stages
     n = len(dataset) if limit is None else min(limit, len(dataset))
     bar = tqdm(total=n, desc=f"saliency {method}", unit="img",
                disable=not progress_enabled(progress))
+    first = 0
     for images, labels, x, targets in _batches(model, dataset, spec, limit, batch_size, dev):
         maps = attribute(model, x, targets, selected, method=method, relu=relu, seed=seed,
-                         **options)
+                         first=first, **options)
+        first += len(images)
         masks = torch.stack([lab == t.cls for lab, t in zip(labels, targets)]).to(dev)
         for name in names:
             scores[name] += energy_in_mask(maps[name].upsampled, masks).tolist()
@@ -226,11 +228,26 @@ def saliency_summary(model: torch.nn.Module, dataset: Any, points: Any = "stages
     settings = {"points": points if isinstance(points, str) else [_name(p) for p in points],
                 "limit": limit, "batch_size": batch_size, "relu": relu if method in CAM_METHODS
                 else None, "seed": seed, "target": "dominant object class; mask = its label "
-                "region", **{k: v for k, v in options.items()}}
+                "region", **_method_options(method, options)}
     return SaliencyResult(method, tuple(rows), settings,
                           spec.to_dict() if hasattr(spec, "to_dict") else {},
                           dataset.settings() if hasattr(dataset, "settings") else {},
                           run_versions(dev))
+
+
+def _method_options(method: str, options: dict) -> dict:
+    """The method's own options as it ran them: its defaults, replaced by those given (a
+    record that says ``n_samples: 16`` is reproducible when the default changes)."""
+    import inspect
+
+    from featlab.analysis import saliency as S
+
+    fn = {"smoothgrad": S.smoothgrad, "ig": S.integrated_gradients}.get(method)
+    shared = {"relu", "seed", "first", "max_batch"}  # recorded on their own, or not results
+    found = {} if fn is None else {
+        name: p.default for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name not in shared}
+    return {**found, **options}
 
 
 def saliency_examples(model: torch.nn.Module, dataset: Any, points: Any = "stages", *,

@@ -117,11 +117,20 @@ def test_smoothgrad_is_seeded_and_averages_noisy_saliency():
     c = S.smoothgrad(net, x, 2, ["input", "layer1.1"], n_samples=4, seed=4)
     torch.testing.assert_close(a["layer1.1"].native, b["layer1.1"].native)
     assert not torch.equal(a["input"].native, c["input"].native)
-    g = torch.Generator().manual_seed(3)
+    # each sample's noise from its own generator, seeded by (seed, index in the data set)
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([3, 5]).generate_state(
+        1, np.uint64)[0]))
     span = x.max() - x.min()
     manual = sum(S.saliency(net, x + torch.randn(x.shape, generator=g) * 0.15 * span, 2,
                             ["input"])["input"].native for _ in range(4)) / 4
-    torch.testing.assert_close(a["input"].native, manual)
+    fifth = S.smoothgrad(net, x, 2, ["input"], n_samples=4, seed=3, first=5)
+    torch.testing.assert_close(fifth["input"].native, manual)
+    # a sample's map does not depend on its batch: samples 0-2 at once equal one at a time
+    xs = ft.random_images(3, 32, seed=1)
+    whole = S.smoothgrad(net, xs, 2, ["layer1.1"], n_samples=2, seed=3)["layer1.1"].native
+    alone = torch.cat([S.smoothgrad(net, xs[i:i + 1], 2, ["layer1.1"], n_samples=2, seed=3,
+                                    first=i)["layer1.1"].native for i in range(3)])
+    torch.testing.assert_close(whole, alone, rtol=1e-5, atol=1e-6)
 
 
 def test_one_forward_and_one_backward_for_all_points():
@@ -231,6 +240,18 @@ def test_a_sample_without_saliency_leaves_both_columns(monkeypatch):
     assert rows["layer1.0"]["samples"] == len(masks) == rows["layer1.1"]["samples"] + 1
     assert rows["layer1.0"]["mask_fraction"] == pytest.approx(np.mean(fractions))
     assert rows["layer1.1"]["mask_fraction"] == pytest.approx(np.mean(fractions[1:]))
+
+
+def test_smoothgrad_scores_do_not_depend_on_the_batch_size_and_record_their_options():
+    net = ft.TinyResNet()
+    ds = featlab.load_dataset("shapes", split="val", size=32, length=6)
+    runs = [saliency_summary(net, ds, ["layer1.1"], method="smoothgrad", batch_size=b,
+                             n_samples=2, progress=False) for b in (2, 4)]
+    assert runs[0].rows()[0]["energy_in_mask"] == pytest.approx(
+        runs[1].rows()[0]["energy_in_mask"], rel=1e-6)
+    assert runs[0].settings["n_samples"] == 2 and runs[0].settings["stdev"] == 0.15  # default
+    ig = saliency_summary(net, ds, ["layer1.1"], method="ig", limit=2, progress=False)
+    assert ig.settings["n_steps"] == 32 and ig.settings["method"] == "riemann_middle"
 
 
 def test_saliency_summary_and_outputs(tmp_path):
