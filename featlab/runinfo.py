@@ -15,14 +15,21 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["run_versions", "progress_enabled", "deterministic_algorithms"]
+__all__ = ["run_versions", "progress_enabled", "deterministic_algorithms", "source_commit",
+           "command_line"]
+
+#: The ``featlab ...`` command this process runs (set by the CLI; None from Python).
+_COMMAND: str | None = None
 
 # cuBLAS needs a fixed workspace to give the same sums every time (CUDA >= 10.2); read when
 # the process first uses cuBLAS, so set before any CUDA matrix product
@@ -35,16 +42,52 @@ def run_versions(device: torch.device | str = "cpu") -> dict:
 
     import featlab
 
-    info = {"featlab": featlab.__version__, "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "numpy": np.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(),
+    device = torch.device(device)
+    info = {"featlab": featlab.__version__, "git": source_commit(),
+            "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "numpy": np.__version__, "python": platform.python_version(),
+            "device": str(device), "threads": torch.get_num_threads(),
             "cudnn_deterministic": torch.backends.cudnn.deterministic,
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
-    device = torch.device(device)
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "command": _COMMAND}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def command_line(argv: list[str] | None) -> None:
+    """Record the ``featlab`` command this process runs (``None``: none), for
+    :func:`run_versions`: a result made from the command line says how to make it again."""
+    import shlex
+
+    global _COMMAND
+    _COMMAND = None if argv is None else shlex.join(["featlab", *argv])
+
+
+@functools.lru_cache(maxsize=1)
+def source_commit() -> str | None:
+    """The commit of featlab's own source tree, ``+dirty`` when its tracked files differ from
+    it; None when featlab is not run from a git checkout of itself (an installed copy inside
+    some other project's repository is not featlab's commit)."""
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess | None:
+        try:
+            return subprocess.run(["git", *args], cwd=package, capture_output=True, text=True,
+                                  timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or top.returncode or Path(top.stdout.strip()).resolve() / "featlab" != package:
+        return None
+    head = git("rev-parse", "HEAD")
+    if head is None or head.returncode or not head.stdout.strip():
+        return None
+    clean = git("diff", "--quiet", "HEAD", "--")
+    return head.stdout.strip() + ("" if clean is not None and clean.returncode == 0
+                                  else "+dirty")
 
 
 def progress_enabled(progress: bool) -> bool:

@@ -378,11 +378,13 @@ def versions() -> dict[str, str]:
     import torchvision
 
     from featlab import __version__
+    from featlab.runinfo import run_versions
 
-    return {"featlab": __version__, "torch": torch.__version__,
+    made = run_versions()
+    return {"featlab": __version__, "git": made["git"], "torch": torch.__version__,
             "torchvision": torchvision.__version__, "h5py": h5py.__version__,
             "hdf5": h5py.version.hdf5_version, "numpy": np.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "command": made["command"]}
 
 
 def now_iso() -> str:

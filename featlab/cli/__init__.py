@@ -148,6 +148,9 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
         args.keeps_freed_memory = keep_freed_memory()
     try:
         _import_torch_whole()
+        from featlab.runinfo import command_line
+
+        command_line(list(sys.argv[1:] if argv is None else argv))  # recorded in its results
         with warnings.catch_warnings():  # one line per warning, like errors; restored after
             warnings.showwarning = functools.partial(_show_warning, command)
             return args.func(args)
@@ -162,6 +165,9 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
         from featlab.distributed import destroy
 
         destroy()
+        runinfo = sys.modules.get("featlab.runinfo")
+        if runinfo is not None:  # the next command in this process records its own line
+            runinfo.command_line(None)
 
 
 def _import_torch_whole() -> None:

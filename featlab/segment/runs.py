@@ -21,7 +21,6 @@ import csv
 import json
 import logging
 import os
-import subprocess
 from pathlib import Path
 
 import torch
@@ -31,8 +30,7 @@ from featlab.errors import CheckpointError, ConfigError
 log = logging.getLogger("featlab")
 
 __all__ = ["CHECKPOINT", "RUN_JSON", "RUN_FILES", "check_folder", "refuse_foreign",
-           "save_checkpoint", "load_checkpoint", "write_log", "write_json", "read_run",
-           "git_hash"]
+           "save_checkpoint", "load_checkpoint", "write_log", "write_json", "read_run"]
 
 CHECKPOINT, RUN_JSON, LOG_CSV, LOG_JSON = "checkpoint.pt", "run.json", "log.csv", "log.json"
 VAL_CONFUSION = "val_confusion.npy"
@@ -124,14 +122,3 @@ def read_run(folder: Path) -> dict | None:
     """``run.json`` of ``folder`` as a dict, or None when absent."""
     path = Path(folder) / RUN_JSON
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def git_hash() -> str | None:
-    """The commit of the featlab source tree, when it is a git checkout (else None)."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -370,7 +370,7 @@ def fit(head: SegHead, train_src, val_src, settings: HeadSettings, folder, *, de
 
 def _fit(head, train_src, val_src, settings, folder, *, device, progress, backbone, classes,
          ignore_index, identity, info) -> HeadResult:
-    from featlab.runinfo import progress_enabled, run_versions
+    from featlab.runinfo import progress_enabled, run_versions, source_commit
     from featlab.segment.loop import Loop
 
     device = fdist.resolve_device(device)
@@ -428,7 +428,7 @@ def _fit(head, train_src, val_src, settings, folder, *, device, progress, backbo
         seconds=round(time.perf_counter() - started, 2),
         train_images_per_second=round(loop.images_per_second(), 1), device=str(device),
         world_size=info.world_size, seed=settings.seed, train=identity[0], val=identity[1],
-        versions=run_versions(torch.device(device)), git=runs.git_hash(),
+        versions=run_versions(torch.device(device)), git=source_commit(),
         resumed_from_epoch=resumed)
     if info.is_main:
         np.save(folder / runs.VAL_CONFUSION, per_image)

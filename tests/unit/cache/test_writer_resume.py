@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 
@@ -233,6 +234,13 @@ def test_cli_log_lines_name_their_command_as_errors_and_warnings_do(tmp_path, ca
     lines = capsys.readouterr().err.splitlines()
     assert lines and all(line.startswith("featlab extract: ") for line in lines)
     assert any(str(out) in line for line in lines)  # says what it wrote where
+    with h5py.File(out, "r") as f:  # and the cache says how to make it again
+        made = json.loads(f.attrs["versions"])
+    assert made["command"] == ("featlab extract --model resnet18 --weights none --data shapes "
+                               f"--input-size 32 --limit 2 --out {out}")
+    from featlab.runinfo import run_versions, source_commit
+
+    assert made["git"] == source_commit() and run_versions()["command"] is None  # reset after
     logging.getLogger("featlab").warning("resuming %s", out)  # as the resume's notices are
     assert capsys.readouterr().err == f"featlab extract: warning: resuming {out}\n"
 

@@ -91,7 +91,8 @@ def test_run_folder_records_and_refusals(caches, tmp_path):
     assert record["train"]["ids_sha256"] == featlab.open_cache(caches[0]).ids_sha256
     assert {"torch", "numpy", "featlab"} <= set(record["versions"]) and record["device"] == "cpu"
     if (Path(featlab.__file__).resolve().parents[1] / ".git").exists():  # the commit
-        assert re.fullmatch(r"[0-9a-f]{40}", record["git"])
+        assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", record["git"])
+        assert record["versions"]["git"] == record["git"] and record["versions"]["device"] == "cpu"
     assert HeadResult.from_dict({k: v for k, v in record.items() if k != "finished"} | {
         "finished": True}).miou == r.miou
     with open(out / runs.LOG_CSV) as f:
