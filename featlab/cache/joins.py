@@ -18,7 +18,8 @@ __all__ = ["check_same_samples", "identity_difference"]
 def identity_difference(then: dict, now: dict) -> str | None:
     """The first key in which two cache identities (:meth:`CacheReader.identity`, e.g. one
     recorded in a run and one of a cache opened now) differ, or None when they name the same
-    cache. The path is not compared: the same files moved are the same cache.
+    cache. The path is not compared: the same files moved are the same cache. Nor is a key one
+    of them lacks: a record written before featlab recorded it.
 
     Examples:
         >>> a = {"path": "a/train.h5", "ids_sha256": "1f", "input_size": [32, 32]}
@@ -26,8 +27,10 @@ def identity_difference(then: dict, now: dict) -> str | None:
         True
         >>> identity_difference(a, {**a, "ids_sha256": "2e"})
         'ids_sha256'
+        >>> identity_difference(a, {**a, "max_channels": 0}) is None  # not recorded then
+        True
     """
-    return next((key for key in sorted((set(then) | set(now)) - {"path"})
+    return next((key for key in sorted((set(then) & set(now)) - {"path"})
                  if json.dumps(then.get(key)) != json.dumps(now.get(key))), None)  # tuples=lists
 
 

@@ -389,16 +389,20 @@ class CacheReader:
     created = property(lambda self: self.attrs.get("created"))
 
     def identity(self) -> dict:
-        """What identifies this cache in a result or run record: path, samples, the ids'
-        fingerprint, data set and split, backbone, weights (and their hash), the hash of the
-        model state the features came from, input size and dtype."""
-        model, data = self.model or {}, self.data or {}
-        return {"path": str(self.path), "num_samples": len(self), "ids_sha256": self.ids_sha256,
-                "split": data.get("split"), "data": data.get("name"),
-                "model": model.get("name"), "weights": model.get("weights"),
-                "weights_sha256": model.get("weights_sha256"),
-                "model_state": (self.settings or {}).get("model_state"),
-                "input_size": list(self.input_size), "dtype": self.dtype}
+        """What identifies this cache in a result or run record: its absolute path, samples,
+        the ids' fingerprint, data set and split, backbone, weights (and their hash), the hash
+        of the model state the features came from, input size, dtype, and what was stored of
+        each point (``max_size`` pooling, ``max_channels`` subsets and their ``channel_seed``:
+        two caches that differ there give other CKA or probe values)."""
+        model, data, settings = self.model or {}, self.data or {}, self.settings or {}
+        return {"path": os.path.abspath(self.path), "num_samples": len(self),
+                "ids_sha256": self.ids_sha256, "split": data.get("split"),
+                "data": data.get("name"), "model": model.get("name"),
+                "weights": model.get("weights"), "weights_sha256": model.get("weights_sha256"),
+                "model_state": settings.get("model_state"), "input_size": list(self.input_size),
+                "dtype": self.dtype, "max_size": settings.get("max_size"),
+                "max_channels": settings.get("max_channels") or 0,  # 0: every channel
+                "channel_seed": settings.get("channel_seed") or 0}
     world_size = property(lambda self: self.attrs.get("world_size"))
     ids_sha256 = property(lambda self: self.attrs.get("ids_sha256"),
                           doc="Stored fingerprint of all N sample ids.")

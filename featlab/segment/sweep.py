@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ class SweepResult:
         baseline: baseline mIoU per seed.
         skips: ``{point: [mIoU per seed]}``.
         gain_ci_images: ``{point: [lo, hi]}`` bootstrap interval over val images.
-        settings: the shared :class:`HeadSettings` (skip and seed left at their defaults).
+        settings: the :class:`HeadSettings` every run shares, as a dict (without ``seed`` and
+            ``skip``: see ``seeds`` and ``points``).
         stride, rf_size: per point, from the cache's skip-point records.
         bootstrap, confidence, bootstrap_seed: the bootstrap's settings.
         train, val: identities of the caches; versions: what produced it; seconds: wall time.
@@ -274,12 +276,18 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
         last=last, points=tuple(names), seeds=seeds,
         baseline=tuple(results[(None, s)].miou for s in seeds),
         skips={p: [results[(p, s)].miou for s in seeds] for p in names},
-        gain_ci_images=ci, settings=dataclasses.replace(settings, seed=0).to_dict(),
+        gain_ci_images=ci, settings=_shared(settings.to_dict()),
         stride={p: records[p].stride for p in names},
         rf_size={p: records[p].rf_size for p in names}, bootstrap=bootstrap,
         confidence=confidence, bootstrap_seed=bootstrap_seed, train=train.identity(),
         val=val.identity(), versions=run_versions(fdist.resolve_device(device)),  # its runs
-        seconds=round(time.perf_counter() - started, 1), folder=str(folder))
+        seconds=round(time.perf_counter() - started, 1), folder=os.path.abspath(folder))
+
+
+def _shared(settings: dict) -> dict:
+    """The head settings every run of a sweep shares: all but ``seed`` and ``skip``, which the
+    sweep sets per run (its ``seeds`` and ``points`` record them)."""
+    return {k: v for k, v in settings.items() if k not in ("seed", "skip")}
 
 
 def _resolve(train, val, points, seeds, settings, overrides: dict):
@@ -324,8 +332,8 @@ def sweep_difference(record: SweepResult, train, val, points: str | Sequence[str
     from featlab.cache.joins import identity_difference
 
     train, val, settings, seeds, names = _resolve(train, val, points, seeds, settings, overrides)
-    now = dataclasses.replace(settings, seed=0).to_dict()  # as the sweep records it
-    then = {**HeadSettings().to_dict(), **record.settings}  # fields added since: defaults
+    now = _shared(settings.to_dict())  # as the sweep records it
+    then = _shared({**HeadSettings().to_dict(), **record.settings})  # fields added: defaults
     for key in sorted(set(then) | set(now)):
         if then.get(key) != now.get(key):
             what = (f"`--{key.replace('_', '-')}`" if key in FLAG_FIELDS

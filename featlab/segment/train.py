@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -422,7 +423,7 @@ def _fit(head, train_src, val_src, settings, folder, *, device, progress, backbo
     per_image_miou = miou_per_image_mean(per_image)  # a separate number, named so
     metrics["miou_per_image_mean"] = None if math.isnan(per_image_miou) else per_image_miou
     result = HeadResult(
-        folder=str(folder), settings=settings.to_dict(), miou=metrics["miou_dataset"],
+        folder=os.path.abspath(folder), settings=settings.to_dict(), miou=metrics["miou_dataset"],
         pixel_accuracy=metrics["pixel_accuracy"], mean_accuracy=metrics["mean_accuracy"],
         metrics=metrics, history=tuple(loop.history), epochs_done=settings.epochs,
         seconds=round(time.perf_counter() - started, 2),

@@ -12,6 +12,7 @@ import featlab
 import featlab.testing as ft
 from featlab.analysis import similarity as sim
 from featlab.analysis._representations import batch_plan, represent, sample_positions
+from featlab.cache.joins import identity_difference
 from featlab.errors import CacheError, ConfigError
 from featlab.models import BackboneSpec
 
@@ -301,6 +302,13 @@ def test_cka_on_a_cache_of_channel_subsets(tmp_path):
         xs = [cache[n][:].astype(np.float64).reshape(12, -1) for n in cache.point_names]
         assert [x.shape[1] for x in xs] == [6 * 16 * 16, 6 * 8 * 8]
     assert flat.matrix[0, 1] == pytest.approx(ref_linear(xs[0], xs[1]), abs=1e-6)
+    # the result says which subset it saw: another channel seed is another cache
+    assert (flat.cache["max_channels"], flat.cache["channel_seed"]) == (6, 0)
+    featlab.extract(ft.TinyResNet(), ds, ["conv1", "layer1.1"], tmp_path / "d.h5", spec=SPEC,
+                    max_channels=6, channel_seed=1, dtype="float32", num_workers=0,
+                    progress=False)
+    other = sim.cka_matrix(tmp_path / "d.h5", spatial="flatten", progress=False, device="cpu")
+    assert identity_difference(flat.cache, other.cache) == "channel_seed"
 
 
 def test_cross_model_cka(caches):

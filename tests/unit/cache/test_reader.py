@@ -302,9 +302,10 @@ def test_identity_names_what_produced_the_cache(make_cache):
         "split": "val", "data": "shapes", "model": "resnet18",
         "weights": cache.model["weights"], "weights_sha256": cache.model["weights_sha256"],
         "model_state": cache.settings.get("model_state"), "input_size": list(cache.input_size),
-        "dtype": "float16"}
+        "dtype": "float16", "max_size": None, "max_channels": 0, "channel_seed": 0}
     other = open_cache(make_cache("b.h5", ids=[f"val/s9/{i:06d}" for i in range(12)]).path)
     assert other.identity()["ids_sha256"] != ident["ids_sha256"]
+    assert os.path.isabs(ident["path"])  # a record read from elsewhere still finds it
 
 
 def test_check_same_samples(make_cache):

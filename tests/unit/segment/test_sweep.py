@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 
@@ -20,7 +21,7 @@ from featlab.segment.metrics import ConfusionMatrix
 from featlab.segment.predict import (EXACT_MAX_POINTS, predictors, property_table,
                                      spearman_exact_p)
 from featlab.segment.sweep import (SweepResult, _miou, bootstrap_gain, gain_interval,
-                                   gain_stats, sweep, write_sweep)
+                                   gain_stats, sweep, sweep_difference, write_sweep)
 
 from .conftest import SPEC
 
@@ -164,6 +165,11 @@ def test_sweep_table_files_and_resume(caches, tmp_path):
     d = np.subtract(r.skips["layer1.0"], r.baseline)
     assert row["gain_ci"] == list(gain_interval(d, row["gain_ci_images"]))
     assert row["gain_ci_all_points"] == list(gain_interval(d, row["gain_ci_images"], tests=1))
+    # the shared settings: the per-run seed and skip are the record's seeds and points
+    assert "seed" not in r.settings and "skip" not in r.settings and r.settings["epochs"] == 1
+    assert sweep_difference(r, *caches, "stages", 2, bootstrap=200, **FAST) is None
+    older = dataclasses.replace(r, settings={**r.settings, "seed": 0, "skip": None})
+    assert sweep_difference(older, *caches, "stages", 2, bootstrap=200, **FAST) is None
     paths = write_sweep(r)
     assert SweepResult.from_dict(__import__("json").loads(paths[0].read_text())) == r
     assert paths[1].read_text().splitlines()[0].startswith("point,stride,rf_size,miou_mean")
