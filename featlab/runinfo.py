@@ -6,8 +6,9 @@ provenance (R-9.2) and every progress bar obeys the same switch (``--quiet`` set
 
 Examples:
     >>> import torch
-    >>> sorted(run_versions(torch.device("cpu")))[:3]
-    ['cudnn_benchmark', 'cudnn_deterministic', 'deterministic_algorithms']
+    >>> made = run_versions(torch.device("cpu"))
+    >>> made["device"], made["command"], sorted(made)[:3]  # command: set by the CLI
+    ('cpu', None, ['command', 'cudnn_benchmark', 'cudnn_deterministic'])
     >>> progress_enabled(False)
     False
 """

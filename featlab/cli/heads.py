@@ -19,8 +19,6 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--skip", help="skip point, e.g. layer2.1 (omit for the baseline)")
     p.add_argument("--seed", type=int, default=0, help="head init and shuffling seed")
     p.add_argument("--out", help="run folder (default TRAIN_DIR/heads/RUN_NAME)")
-    p.add_argument("--no-preload", action="store_true",
-                   help="read features per batch instead of loading them into memory")
     p.set_defaults(func=cmd_train_head)
 
     p = sub.add_parser("sweep", parents=[common],
@@ -119,7 +117,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                  out, list(record.seeds), len(record.points))
     result = sweep(args.train, args.val, args.points, seeds, settings, out=out,
                    device=args.device, progress=not args.quiet, force=args.force,
-                   bootstrap=args.bootstrap)
+                   bootstrap=args.bootstrap, preload=not args.no_preload)
     if not _is_main():  # under torchrun: rank 0 writes, measures the properties and prints
         return 0
     paths = write_sweep(result, out)
@@ -214,5 +212,7 @@ def _add_head_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms: runs on a GPU repeat bit for bit (slower)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda:LOCAL_RANK when available)")
+    p.add_argument("--no-preload", action="store_true",
+                   help="read features per batch instead of loading them into memory")
     p.add_argument("--force", action="store_true", help="replace existing runs")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -229,7 +229,7 @@ def bootstrap_gain(skip: Sequence[np.ndarray], base: Sequence[np.ndarray], *, n:
 def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Sequence[int] = 3,
           settings: HeadSettings | None = None, *, out=None, device=None, progress: bool = True,
           force: bool = False, bootstrap: int = 1000, confidence: float = 0.95,
-          bootstrap_seed: int = 0, **overrides) -> SweepResult:
+          bootstrap_seed: int = 0, preload: bool = True, **overrides) -> SweepResult:
     """Train the baseline and one single-skip head per point per seed; compare them.
 
     Args:
@@ -241,6 +241,8 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
         out: sweep folder (default ``<train cache folder>/sweep``); runs go to ``out/runs``.
         force: train every run again (else finished runs are reused, unfinished ones resumed).
         bootstrap, confidence, bootstrap_seed: the bootstrap over val images.
+        preload: each run reads its points into memory once (else per batch from the file; a
+            preload that would not fit does that anyway, with a warning).
 
     Returns:
         The :class:`SweepResult` (write it with :func:`write_sweep`).
@@ -265,7 +267,7 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
             log.info("sweep run %d/%d: %s", done, total, run_name(s))
             results[(skip, seed)] = train_head(train, val, s, out=folder / "runs" / run_name(s),
                                                device=device, progress=progress, force=force,
-                                               reuse=True)
+                                               reuse=True, preload=preload)
     per_image = fdist.from_main(lambda: {k: np.load(Path(r.folder) / runs.VAL_CONFUSION)
                                          for k, r in results.items()})  # rank 0 wrote them
     ci = {p: list(bootstrap_gain([per_image[(p, s)] for s in seeds],

@@ -27,7 +27,7 @@ def caches(tmp_path_factory):
 def test_sweep_cli_table_files_predictors_and_refusal(caches, capsys):
     cmd = ["sweep", "--train", str(caches[0]), "--val", str(caches[1]), "--points",
            "relu,layer1.0", "--seeds", "2", "--epochs", "1", "--batch-size", "8", "--lr", "0.01",
-           "--bootstrap", "100", "-q"]
+           "--bootstrap", "100", "-q", "--no-preload"]  # reads per batch: the same runs
     assert main(cmd) == 0
     out = capsys.readouterr().out
     assert "baseline" in out and "CI, all 2 at once" in out and "Spearman" in out
