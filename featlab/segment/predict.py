@@ -11,7 +11,7 @@ depth alone only where its correlation is clearly stronger. A property whose mod
 or fails is left out with a logged note, so a sweep never loses its result to an analysis.
 :func:`predictors` reports the Spearman correlation of each property with the gain across
 points, with an exact permutation p-value for up to :data:`EXACT_MAX_POINTS` points (a sweep
-usually has 4).
+usually has 4) and a seeded Monte Carlo one beyond.
 
 Examples:
     >>> class R:  # a stand-in for a SweepResult
@@ -38,14 +38,17 @@ from featlab.errors import ConfigError
 
 log = logging.getLogger("featlab")
 
-__all__ = ["property_table", "predictors", "spearman_exact_p", "PROPERTIES", "EXACT_MAX_POINTS"]
+__all__ = ["property_table", "predictors", "spearman_exact_p", "spearman_permutation_p",
+           "PROPERTIES", "EXACT_MAX_POINTS", "PERMUTATIONS"]
 
 PROPERTIES = ("depth", "stride", "rf_size", "channels", "resolution_ceiling", "cka_to_last",
               "probe_miou")
 
 #: Up to this many points :func:`predictors` enumerates all n! orderings for the p-value
-#: (9! = 362,880 takes ~0.2 s); above it, the asymptotic t-approximation of ``spearmanr``.
+#: (9! = 362,880 takes ~0.2 s); above it, :data:`PERMUTATIONS` seeded random orderings.
 EXACT_MAX_POINTS = 9
+#: Random orderings of the Monte Carlo permutation p-value above :data:`EXACT_MAX_POINTS` points.
+PERMUTATIONS = 100_000
 
 
 def property_table(train_cache, val_cache, points: str | Sequence[str] | None = None, *,
@@ -149,7 +152,8 @@ def predictors(sweep_result, properties: dict[str, dict[str, float]]) -> list[di
     :data:`EXACT_MAX_POINTS` points, exact (:func:`spearman_exact_p`: the fraction of all n!
     pairings of the ranks whose |rho| is at least the observed one, ties included; with 4
     points and rho = 1 that is 2/24 = 0.0833, where the t-approximation says 0.0); for more
-    points it is the asymptotic t-approximation of :func:`scipy.stats.spearmanr`.
+    points a seeded Monte Carlo permutation test (:func:`spearman_permutation_p`,
+    :data:`PERMUTATIONS` random orderings).
 
     Args:
         sweep_result: a :class:`~featlab.segment.sweep.SweepResult` (anything with ``gains()``).
@@ -158,7 +162,7 @@ def predictors(sweep_result, properties: dict[str, dict[str, float]]) -> list[di
     Returns:
         One dict per property: ``property``, ``spearman_rho``, ``p_value`` (None when fewer
         than 3 points or a constant property; 4 significant digits), ``p_method`` (how
-        ``p_value`` was obtained: ``"exact"`` or ``"asymptotic"``; None with ``p_value``),
+        ``p_value`` was obtained: ``"exact"`` or ``"permutation"``; None with ``p_value``),
         ``n_points``, ``values`` (the joined points), and ``undefined`` (why, when ``rho`` is
         None: ``"needs 3 points or more"``, a constant property or gain).
     """
@@ -176,9 +180,10 @@ def predictors(sweep_result, properties: dict[str, dict[str, float]]) -> list[di
                 warnings.simplefilter("ignore")
                 res = stats.spearmanr(x, y)
             rho, p_value = float(res.statistic), float(res.pvalue)
-            p_method = "asymptotic"
             if len(common) <= EXACT_MAX_POINTS:
                 p_value, p_method = spearman_exact_p(x, y), "exact"
+            else:
+                p_value, p_method = spearman_permutation_p(x, y), "permutation"
             rho = None if math.isnan(rho) else round(rho, 4)
             if math.isnan(p_value):
                 p_value = p_method = None
@@ -191,6 +196,27 @@ def predictors(sweep_result, properties: dict[str, dict[str, float]]) -> list[di
                      "values": {p: round(values[p], 4) for p in common},
                      **({"undefined": why} if why else {})})
     return rows
+
+
+def spearman_permutation_p(x: Sequence[float], y: Sequence[float], *,
+                           permutations: int = PERMUTATIONS, seed: int = 0) -> float:
+    """Monte Carlo two-sided permutation p-value of Spearman's rho: ``(1 + hits) / (1 +
+    permutations)``, hits being the seeded random orderings of ``y``'s average ranks whose
+    |rho| reaches the observed one (ties included, as :func:`spearman_exact_p`; never 0, and
+    within ~``2 sqrt(p / permutations)`` of the exact value). The t-approximation it replaces
+    was liberal with ties (5.5 % rejections at 0.05).
+    """
+    from scipy.stats import rankdata
+
+    n = len(x)
+    a = np.rint(2 * rankdata(x) - (n + 1)).astype(np.int64)
+    b = np.rint(2 * rankdata(y) - (n + 1)).astype(np.int64)
+    if n != len(b) or not a.any() or not b.any():
+        return math.nan
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permuted(np.broadcast_to(b, (permutations, n)), axis=1)
+    hits = np.count_nonzero(np.abs(shuffled @ a) >= abs(int(a @ b)))
+    return float(1 + hits) / (1 + permutations)
 
 
 def spearman_exact_p(x: Sequence[float], y: Sequence[float]) -> float:
