@@ -33,7 +33,7 @@ import logging
 import os
 import sys
 
-__all__ = ["keep_freed_memory", "available_memory", "KEEP_BYTES"]
+__all__ = ["keep_freed_memory", "release_freed_memory", "available_memory", "KEEP_BYTES"]
 
 log = logging.getLogger("featlab")
 
@@ -44,18 +44,36 @@ _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_MAX = -4
 
 
+def _glibc():
+    """The C library when it is glibc (its ``mallopt`` and ``malloc_trim``), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (musl does not)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the kernel now (glibc's ``malloc_trim(0)``; elsewhere
+    nothing). For loops that keep small results between large temporaries: the small blocks
+    land in the freed large ones, the next temporary no longer fits there, and the heap grows by
+    one temporary per iteration although the data kept is small."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's ``malloc`` reuse freed blocks instead of returning them to the kernel.
 
     Returns:
         True when set (glibc), False where it does not apply.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (musl does not)
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
     # mallopt returns 1 on success
     ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES) == 1

@@ -447,3 +447,23 @@ def test_chunked_data_term_is_the_whole_one(monkeypatch, max_pixels, plain):
     chunked = PixelProbe(1e-3, **kw).fit(feats, labels)
     np.testing.assert_allclose(chunked.coef_, whole.coef_, atol=1e-8)
     np.testing.assert_allclose(chunked.intercept_, whole.intercept_, atol=1e-8)
+
+
+def test_a_dense_probe_that_would_not_fit_in_memory_is_refused_before_reading(caches,
+                                                                              monkeypatch):
+    from featlab import allocator
+    from featlab.analysis._pixels import DENSE_MEMORY_FACTOR
+
+    train = caches["train"]
+    c, h, w = train["layer1.1"].shape[1:]
+    need = DENSE_MEMORY_FACTOR * 12 * c * h * w * 4 + 12 * 32 * 32 * 8  # 12 labelled images
+    monkeypatch.setattr(allocator, "available_memory", lambda: need - 1)
+    probe = PixelProbe(1e-3, num_classes=len(train.classes), device="cpu", max_pixels=None)
+    with pytest.raises(ConfigError, match=r"every labelled pixel must fit in memory; 12 images "
+                                          r"of .* Fix: sample pixels \(--max-pixels N"):
+        probe.fit(train["layer1.1"], train.labels)
+    monkeypatch.setattr(allocator, "available_memory", lambda: need)
+    probe.fit(train["layer1.1"], train.labels)
+    monkeypatch.setattr(allocator, "available_memory", lambda: 1)
+    PixelProbe(1e-3, num_classes=len(train.classes), device="cpu", max_pixels=500).fit(
+        train["layer1.1"], train.labels)  # sampled: memory bounded by the sample, no check
