@@ -73,6 +73,13 @@ def reduce_labels(labels: np.ndarray, grid: tuple[int, int], num_classes: int,
     """
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}; got {mode!r}.")
+    return _reduce(labels, grid, num_classes, (mode,), ignore_index)[mode]
+
+
+def _reduce(labels: np.ndarray, grid: tuple[int, int], num_classes: int, modes: Sequence[str],
+            ignore_index: int | None) -> dict[str, np.ndarray]:
+    """:func:`reduce_labels` for several modes from one count of each cell's labels (the
+    nearest mode falls back on the majority where a cell's centre pixel is ignored)."""
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise ConfigError(f"labels must be [b, H, W]; got shape {labels.shape}.")
@@ -95,12 +102,15 @@ def reduce_labels(labels: np.ndarray, grid: tuple[int, int], num_classes: int,
     counts = np.bincount((cell * (num_classes + 1) + code).ravel(),
                          minlength=b * h * w * (num_classes + 1)).reshape(b, h, w, -1)
     majority = np.where(counts[..., :num_classes].sum(-1) > 0,
-                        counts[..., :num_classes].argmax(-1), ignore)
-    if mode == "majority":
-        return majority.astype(np.int64)
-    centre = lab[:, cy][:, :, cx]
-    centre_valid = valid[:, cy][:, :, cx]
-    return np.where(centre_valid, centre, majority).astype(np.int64)
+                        counts[..., :num_classes].argmax(-1), ignore).astype(np.int64)
+    out = {}
+    if "majority" in modes:
+        out["majority"] = majority
+    if "nearest" in modes:
+        centre = lab[:, cy][:, :, cx]
+        centre_valid = valid[:, cy][:, :, cx]
+        out["nearest"] = np.where(centre_valid, centre, majority).astype(np.int64)
+    return out
 
 
 def _upsample(cells: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -142,10 +152,10 @@ def resolution_ceiling(labels: Iterable[np.ndarray] | np.ndarray, grids: Sequenc
     for batch in batches:
         batch = np.asarray(batch)
         size = batch.shape[1:]
+        target = batch.astype(np.int64)
         for g in grids:
-            for m in modes:
-                pred = _upsample(reduce_labels(batch, g, num_classes, m, ignore_index), size)
-                cms[(g, m)].update(pred, batch.astype(np.int64))
+            for m, cells in _reduce(batch, g, num_classes, modes, ignore_index).items():
+                cms[(g, m)].update(_upsample(cells, size), target)
     return {g: {m: {"miou": cms[(g, m)].miou(), "pixel_accuracy": cms[(g, m)].pixel_accuracy(),
                     "mean_accuracy": cms[(g, m)].mean_accuracy(),
                     "iou": [float(v) for v in cms[(g, m)].iou()]} for m in modes}
