@@ -130,6 +130,7 @@ class Taps:
         # turned into bounds for every point at once after the forward
         self._bounds = self._half and not self._exact
         self._extremes = torch.empty((2, len(self._names), 0), dtype=torch.float16)
+        self._raw = torch.empty((2, 0))  # one point's, in the dtype of its output
 
     def __enter__(self) -> Taps:
         try:
@@ -249,10 +250,17 @@ class Taps:
         # other processes share the cores; aminmax along a dim is a slow kernel.) A sample whose
         # statistic is not finite holds a NaN or inf somewhere: exact counts only for those.
         if self._bounds:
-            # two reductions here; the bounds of all points are one pass after the forward
+            # two reductions here; the bounds of all points are one pass after the forward.
+            # Taken of the source and then rounded: rounding to float16 is monotone, so they are
+            # the stored copy's extremes bit for bit, and the CPU reduces float32 ~3x faster
+            # than float16 (resnet18 relu, batch 32: 0.42 against 1.23 ms)
+            if self._raw.dtype != x.dtype or self._raw.shape[1] < n:
+                self._raw = torch.empty((2, n), dtype=x.dtype)
+            raw = self._raw[:, :n]
+            torch.amax(x, 1, out=raw[0])
+            torch.amin(x, 1, out=raw[1])
             extremes = self._extremes[:, k, :n]
-            torch.amax(flat, 1, out=extremes[0])
-            torch.amin(flat, 1, out=extremes[1])
+            extremes.copy_(raw)
             # float32 sums of float16 values cannot overflow: not finite iff a NaN or inf
             if torch.isfinite(extremes.sum(dtype=torch.float32)):
                 return

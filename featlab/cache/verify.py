@@ -514,17 +514,27 @@ def float16_underflow(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return top < 0x0400, top == 0
 
 
+#: Half float16's spacing below its normal range (2**-14): the most any such value rounds by.
+_SUBNORMAL_ERROR = 2.0 ** -25
+
+
 def underflow_summary(path: str | os.PathLike, rows: int = 8
                       ) -> list[tuple[str, int, int, int]]:
     """``(point, rows without a normal value, of them all zero, rows checked)`` for every
     float16 point of a cache with such rows, over its first ``rows`` samples (one read per
-    point): what extraction checks before it reports. :func:`verify` checks every sample."""
+    point whose recorded errors do not rule it out): what extraction checks before it reports.
+    :func:`verify` checks every sample."""
     with open_h5(Path(path)) as f:
         names = json.loads(decode_attr(f.attrs["point_names"]))
+        # a row without a normal value rounds by at most 2**-25, whichever statistic is recorded
+        # (the bound is exactly that there): a larger error rules the row out without reading it
+        errors = f[schema.ABS_ERROR][:rows] if schema.ABS_ERROR in f else None
         out = []
-        for name in names:
+        for k, name in enumerate(names):
             dset = f[f"{schema.POINTS}/{name}"]
             if dset.dtype != np.float16 or not dset.shape[0]:
+                continue
+            if errors is not None and (errors[:, k] > _SUBNORMAL_ERROR).all():
                 continue
             tiny, zero = float16_underflow(dset[:rows])
             if tiny.any():
