@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from featlab import models
+from featlab._records import with_overrides
 from featlab.distributed import resolve_device
 from featlab.errors import (CheckpointError, ConfigError, InputSizeError, UnknownNameError,
                             did_you_mean)
@@ -273,7 +274,7 @@ def pretrain(model: str = "resnet18", data: str = "shapes", *,
                           "--threads 1.")
     if seed is not None:
         overrides["seed"] = seed
-    settings = _with_overrides(settings or PretrainSettings(), overrides)
+    settings = with_overrides(settings or PretrainSettings(), overrides, "pretrain")
     dev = resolve_device(device)  # a device this machine lacks is refused before anything else
     key = settings_key(model, settings, data)
     path = checkpoint_path(model, settings)
@@ -289,15 +290,6 @@ def pretrain(model: str = "resnet18", data: str = "shapes", *,
         return _train(model, data, settings, key, path, dev, progress, workers)
     finally:
         torch.set_num_threads(previous)
-
-
-def _with_overrides(settings: PretrainSettings, overrides: dict) -> PretrainSettings:
-    fields = [f.name for f in dataclasses.fields(PretrainSettings)]
-    for name in overrides:
-        if name not in fields:
-            raise ConfigError(f"pretrain options must be PretrainSettings fields "
-                              f"({', '.join(fields)}); got {name!r}.{did_you_mean(name, fields)}")
-    return dataclasses.replace(settings, **overrides)
 
 
 def _reuse(path: Path) -> PretrainResult:

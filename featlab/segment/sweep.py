@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from featlab import distributed as fdist
-from featlab._records import check_record
+from featlab._records import check_record, with_overrides
 from featlab.errors import ConfigError
 from featlab.segment import runs
 from featlab.segment.predict import predictors, property_table
@@ -299,7 +299,7 @@ def _resolve(train, val, points, seeds, settings, overrides: dict):
 
     train = train if hasattr(train, "select") else open_cache(train, allow_partial=False)
     val = val if hasattr(val, "select") else open_cache(val, allow_partial=False)
-    settings = dataclasses.replace(settings or HeadSettings(), **overrides)
+    settings = with_overrides(settings or HeadSettings(), overrides, "sweep")
     if settings.skip is not None:
         raise ConfigError(f"sweep settings must leave `skip` unset (the sweep sets it); got "
                           f"skip={settings.skip!r}. Fix: choose points with `points`.")

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from featlab import distributed as fdist
-from featlab._records import check_record
+from featlab._records import check_record, with_overrides
 from featlab.errors import CheckpointError, ConfigError, did_you_mean
 from featlab.segment import runs
 from featlab.segment.heads import FUSIONS, FrozenBackbone, SegHead, finetune_features
@@ -224,7 +224,7 @@ def train_head(train, val, settings: HeadSettings | None = None, *, out=None, de
     """
     from featlab.segment.sources import CacheSource, ImageSource, check_caches
 
-    settings = dataclasses.replace(settings or HeadSettings(), **overrides)
+    settings = with_overrides(settings or HeadSettings(), overrides, "train_head")
     train, val = _open(train), _open(val)
     last = train.point_names[-1]
     if settings.skip is not None:  # PointNotInCacheError with suggestions; an alias -> its name

@@ -22,6 +22,7 @@ from featlab.segment.predict import (EXACT_MAX_POINTS, predictors, property_tabl
                                      spearman_exact_p, spearman_permutation_p)
 from featlab.segment.sweep import (SweepResult, _miou, bootstrap_gain, gain_interval,
                                    gain_stats, sweep, sweep_difference, write_sweep)
+from featlab.segment.train import train_head
 
 from .conftest import SPEC
 
@@ -134,6 +135,13 @@ def test_one_seed_leaves_the_seed_statistics_undefined_not_false(caches, tmp_pat
     assert written["beats_2std"] == written["gain_ci_seeds"] == ""  # like other missing cells
     with pytest.raises(ConfigError, match="seeds must be a positive count .* Fix: e.g. --seeds"):
         sweep(*caches, seeds=0, out=tmp_path / "none", progress=False, **FAST)
+    # a keyword that is no head setting: named, with the fields, not dataclasses' TypeError
+    with pytest.raises(ConfigError, match="sweep's keyword options must be HeadSettings fields "
+                                          r"\(skip, .*\); got 'properties'\."):
+        sweep(*caches, out=tmp_path / "none", progress=False, properties=False, **FAST)
+    with pytest.raises(ConfigError, match="train_head's .*got 'epoch'. Did you mean 'epochs'"):
+        train_head(*caches, out=tmp_path / "none", progress=False, epoch=1)
+    assert not (tmp_path / "none").exists()
 
 
 def test_predictors_say_why_a_correlation_is_undefined():
