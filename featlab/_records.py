@@ -53,7 +53,7 @@ def with_overrides(settings: Any, overrides: Mapping[str, Any], caller: str) -> 
         >>> with_overrides(Recipe(), {"epoch": 3}, "train")
         Traceback (most recent call last):
         ...
-        featlab.errors.ConfigError: train's keyword options must be Recipe fields (epochs); got 'epoch'. Did you mean 'epochs'?
+        featlab.errors.ConfigError: train's keyword options ... got 'epoch'. Did you mean 'epochs'?
     """
     fields = [f.name for f in dataclasses.fields(settings)]
     for name in overrides:
