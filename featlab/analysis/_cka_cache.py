@@ -93,7 +93,8 @@ def default_max_bytes() -> int:
 def _check_memory(what: str, held: str, need: int, max_bytes: int, fix: str) -> None:
     if need > max_bytes:
         raise ConfigError(f"{what} (max_bytes={max_bytes:,}); {held} need about {need:,} "
-                          f"bytes. Fix: {fix}")
+                          f"bytes. Fix: {fix}; or a larger max_bytes (--max-bytes) where the "
+                          "memory is there.")
 
 
 def cka_matrix(cache: Any, cache2: Any = None, kind: str = "linear", *, points: Any = None,
@@ -112,6 +113,11 @@ def cka_matrix(cache: Any, cache2: Any = None, kind: str = "linear", *, points: 
     estimator = _check_settings(kind, spatial, estimator, bandwidth)
     if max_bytes is None:
         max_bytes = default_max_bytes()
+    elif isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) \
+            or max_bytes < 1:
+        raise ConfigError(f"max_bytes must be an int >= 1 (bytes); got {max_bytes!r}. Fix: e.g. "
+                          "max_bytes=12 << 30 (--max-bytes 12G), or None for 80 % of the memory "
+                          "available.")
     device = resolve_device(device)
     a = _open(cache)
     b = None if cache2 is None else _open(cache2)
@@ -137,7 +143,7 @@ def cka_matrix(cache: Any, cache2: Any = None, kind: str = "linear", *, points: 
         _check_memory("minibatch CKA must fit one batch's float64 representations in memory",
                       f"a batch of {largest} samples x {len(widths)} points",
                       8 * largest * sum(widths), max_bytes,
-                      "spatial='gap', a smaller batch_size, or fewer points.")
+                      "spatial='gap', a smaller batch_size, or fewer points")
         acc = MinibatchAccumulator(device)
         for rows in tqdm(plan, desc="minibatch CKA", unit="batch", disable=not show):
             acc.update(side_a.read(rows), None if side_b is None else side_b.read(rows),
@@ -155,7 +161,7 @@ def cka_matrix(cache: Any, cache2: Any = None, kind: str = "linear", *, points: 
         _check_memory(f"{kind} CKA must fit its float64 matrices in memory",
                       f"{samples} samples x {len(widths)} points", need, max_bytes,
                       "use kind='minibatch' (memory bounded by the batch), spatial='gap', fewer "
-                      "points, or fewer positions.")
+                      "points, or fewer positions")
         # one float64 array per point, filled batch by batch: no second copy to concatenate
         xs = [np.empty((samples, w)) for w in side_a.widths()]
         ys = None if side_b is None else [np.empty((samples, w)) for w in side_b.widths()]

@@ -19,6 +19,29 @@ def _result_options(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _byte_size(text: str) -> int:
+    """``--max-bytes``: bytes, or a number with K, M, G or T (powers of 1024; ``12G``, ``1.5T``).
+
+    Examples:
+        >>> _byte_size("12G"), _byte_size("500m"), _byte_size("4096")
+        (12884901888, 524288000, 4096)
+    """
+    value, unit = text.strip().upper().removesuffix("B").removesuffix("I"), ""
+    if value[-1:] in _UNITS:
+        value, unit = value[:-1], value[-1]
+    try:
+        size = int(float(value) * _UNITS[unit])
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be a size in bytes, e.g. 12G, 500M or 4096; got "
+                                         f"{text!r}")
+    return size
+
+
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add this module's sub-commands to the ``featlab`` parser."""
     p = sub.add_parser("analyze",   # no common options here: the leaves take them
@@ -53,6 +76,10 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--positions", type=int,
                    help="pixels: positions per image (default 16)")
     p.add_argument("--seed", type=int, default=0, help="batches and positions seed")
+    p.add_argument("--max-bytes", type=_byte_size, metavar="SIZE",
+                   help="memory the float64 representations may take, e.g. 12G or 500M "
+                        "(default: 80%% of what the process may still allocate, its job's "
+                        "memory limit counted)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     _result_options(p, "next to the cache, CACHE.cka-KIND-SPATIAL.json/.csv")
     p.set_defaults(func=cmd_analyze_cka)
@@ -171,7 +198,8 @@ def cmd_analyze_cka(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in used if getattr(args, k) is not None}
     result = cka_matrix(cache, cache2, args.kind, points=args.points, points2=args.points2,
                         spatial=args.spatial, estimator=args.estimator, seed=args.seed,
-                        device=args.device, progress=not args.quiet, **given)
+                        device=args.device, progress=not args.quiet,
+                        max_bytes=args.max_bytes, **given)
     paths = write_result(result, stem, force=args.force)
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     if args.json:

@@ -100,6 +100,20 @@ def test_cka_errors_are_one_line_with_exit_code_2(caches, capsys, tmp_path, argv
     assert code == 2 and message in err and "\n" not in err
 
 
+def test_cka_max_bytes_caps_the_memory_of_the_command(caches, capsys, tmp_path):
+    argv = ["analyze", "cka", str(caches / "a.h5"), "--spatial", "flatten", "-q", "--out",
+            str(tmp_path / "m")]
+    assert main([*argv, "--max-bytes", "1K"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "(max_bytes=1,024)" in err and "or a larger max_bytes (--max-bytes)" in err
+    assert "\n" not in err and not (tmp_path / "m").exists()
+    assert main([*argv, "--max-bytes", "1G"]) == 0
+    with pytest.raises(SystemExit) as stop:  # argparse's own refusal: exit 2, one line
+        main([*argv, "--max-bytes", "lots"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and "--max-bytes: must be a size in bytes, e.g. 12G" in err
+
+
 def test_missing_cache_is_a_clean_error(tmp_path, capsys):
     assert main(["analyze", "cka", str(tmp_path / "nope.h5")]) == 2
     assert "nope.h5" in capsys.readouterr().err

@@ -388,6 +388,9 @@ def test_memory_guards_refuse_before_reading(caches):
         sim.cka_matrix(spy, kind="minibatch", batch_size=8, max_bytes=batch - 1, **kwargs)
     assert spy.largest == 0
     sim.cka_matrix(cache, kind="minibatch", batch_size=8, max_bytes=batch, **kwargs)
+    for bad in (0, 1.5e9, "12G", True):
+        with pytest.raises(ConfigError, match="max_bytes must be an int >= 1"):
+            sim.cka_matrix(spy, max_bytes=bad, **kwargs)
 
 
 def test_the_default_memory_cap_follows_the_available_memory(monkeypatch):
