@@ -188,8 +188,10 @@ def print_sweep(result, preds: list[dict], notes: list[str], paths: list) -> Non
     if preds:
         print("\nSpearman correlation of each property with the gain across points:")
         print(_table([[p["property"], p["spearman_rho"], p["p_value"], p.get("p_method"),
-                       p["n_points"], p.get("undefined", "")] for p in preds],
-                     ["property", "rho", "p", "p method", "points", ""]))
+                       p.get("p_holm"), p["n_points"], p.get("undefined", "")] for p in preds],
+                     ["property", "rho", "p", "p method", "p, Holm", "points", ""]))
+        print(f"p, Holm: adjusted for testing the {sum(p['p_value'] is not None for p in preds)} "
+              "properties together (they share one family-wise error rate)")
     for note in notes:
         print(f"note: {note}")
     print(f"\n{_count(len(result.points) + 1, 'configuration')} x "

@@ -39,7 +39,7 @@ from featlab.errors import ConfigError
 log = logging.getLogger("featlab")
 
 __all__ = ["property_table", "predictors", "spearman_exact_p", "spearman_permutation_p",
-           "PROPERTIES", "EXACT_MAX_POINTS", "PERMUTATIONS"]
+           "holm", "PROPERTIES", "EXACT_MAX_POINTS", "PERMUTATIONS"]
 
 PROPERTIES = ("depth", "stride", "rf_size", "channels", "resolution_ceiling", "cka_to_last",
               "probe_miou")
@@ -163,13 +163,15 @@ def predictors(sweep_result, properties: dict[str, dict[str, float]]) -> list[di
         One dict per property: ``property``, ``spearman_rho``, ``p_value`` (None when fewer
         than 3 points or a constant property; 4 significant digits), ``p_method`` (how
         ``p_value`` was obtained: ``"exact"`` or ``"permutation"``; None with ``p_value``),
-        ``n_points``, ``values`` (the joined points), and ``undefined`` (why, when ``rho`` is
+        ``p_holm`` (``p_value`` adjusted for testing every property of the call together,
+        :func:`holm`; None with ``p_value``), ``n_points``, ``values`` (the joined points), and ``undefined`` (why, when ``rho`` is
         None: ``"needs 3 points or more"``, a constant property or gain).
     """
     from scipy import stats
 
     gains = sweep_result.gains()
     rows = []
+    raw: dict[str, float] = {}  # unrounded p-values, for the Holm adjustment
     for name, values in properties.items():
         common = [p for p in gains if p in values]
         x = [values[p] for p in common]
@@ -188,6 +190,7 @@ def predictors(sweep_result, properties: dict[str, dict[str, float]]) -> list[di
             if math.isnan(p_value):
                 p_value = p_method = None
             else:  # 4 significant digits: an exact p can be as small as 2 / 9! = 5.5e-06
+                raw[name] = p_value
                 p_value = float(f"{p_value:.4g}")
         why = ("needs 3 points or more" if len(common) < 3 else "the property is constant"
                if len(set(x)) <= 1 else "the gain is constant" if len(set(y)) <= 1 else None)
@@ -195,7 +198,30 @@ def predictors(sweep_result, properties: dict[str, dict[str, float]]) -> list[di
                      "p_method": p_method, "n_points": len(common),
                      "values": {p: round(values[p], 4) for p in common},
                      **({"undefined": why} if why else {})})
+    adjusted = dict(zip(raw, holm(list(raw.values()))))
+    for r in rows:
+        p = adjusted.get(r["property"])
+        r["p_holm"] = None if p is None else float(f"{p:.4g}")
     return rows
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` for testing them together: the k-th
+    smallest times the number not yet passed, ``m - k + 1``, made monotone and capped at 1. The
+    family-wise error stays at the level under any dependence between the tests, as between
+    properties that all follow depth.
+
+    Examples:
+        >>> holm([0.01, 0.04, 0.03, 0.2])
+        [0.04, 0.09, 0.09, 0.2]
+    """
+    m = len(p_values)
+    out = [0.0] * m
+    running = 0.0
+    for k, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - k) * p_values[i]))
+        out[i] = round(running, 12)
+    return out
 
 
 def spearman_permutation_p(x: Sequence[float], y: Sequence[float], *,

@@ -18,7 +18,7 @@ from featlab.cache.reader import open_cache
 from featlab.errors import CacheError, ConfigError
 from featlab.segment import runs
 from featlab.segment.metrics import ConfusionMatrix
-from featlab.segment.predict import (EXACT_MAX_POINTS, predictors, property_table,
+from featlab.segment.predict import (EXACT_MAX_POINTS, holm, predictors, property_table,
                                      spearman_exact_p, spearman_permutation_p)
 from featlab.segment.sweep import (SweepResult, _miou, bootstrap_gain, gain_interval,
                                    gain_stats, sweep, sweep_difference, write_sweep)
@@ -245,6 +245,37 @@ def test_predictors_are_spearman_correlations_over_points():
     assert rows["flat"]["spearman_rho"] is None and rows["two"]["n_points"] == 2
     assert rows["flat"]["p_value"] is None and rows["flat"]["p_method"] is None
     assert rows["two"]["p_value"] is None and rows["two"]["p_method"] is None
+    # one property tested: Holm leaves its p alone; untested ones get none
+    assert rows["stride"]["p_holm"] == rows["stride"]["p_value"]
+    assert rows["flat"]["p_holm"] is None and rows["two"]["p_holm"] is None
+
+
+def _holm_by_definition(p):
+    """Holm's adjusted p: the smallest level at which its step-down procedure rejects."""
+    m, order = len(p), np.argsort(p, kind="stable")
+    out = np.empty(m)
+    for rank, i in enumerate(order):
+        out[i] = min(1.0, max((m - j) * p[order[j]] for j in range(rank + 1)))
+    return out
+
+
+def test_holm_adjusts_the_properties_tested_together():
+    rng = np.random.default_rng(1)
+    for p in ([0.01, 0.04, 0.03, 0.2], [0.5, 0.5, 0.01], rng.uniform(0, 0.3, 7)):
+        np.testing.assert_allclose(holm(list(p)), _holm_by_definition(np.asarray(p)),
+                                   rtol=1e-12)
+    # in predictors: every property with a p-value, adjusted as one family (from unrounded p)
+    gains = {"a": 0.01, "b": 0.04, "c": 0.02, "d": 0.03, "e": 0.05}
+    props = {"depth": {"a": 0, "b": 3, "c": 1, "d": 2, "e": 4},
+             "width": {"a": 64, "b": 64, "c": 128, "d": 128, "e": 256},
+             "flat": {p: 1.0 for p in gains}}
+    rows = predictors(_Gains(gains), props)
+    raw = [spearman_exact_p(list(props[n].values()), list(gains.values()))
+           for n in ("depth", "width")]
+    expected = _holm_by_definition(np.asarray(raw))
+    assert [r["p_holm"] for r in rows[:2]] == pytest.approx(expected, rel=1e-3)
+    assert rows[2]["p_holm"] is None
+    assert rows[0]["p_holm"] == pytest.approx(2 * rows[0]["p_value"], rel=1e-3)  # the smallest
 
 
 def _brute_force_spearman_p(x, y):
