@@ -177,14 +177,16 @@ def print_sweep(result, preds: list[dict], notes: list[str], paths: list) -> Non
              "-" if r["miou_std"] is None else f"{r['miou_std']:.4f}",
              " ".join(f"{v:.4f}" for v in r["per_seed"]), f"{r['gain']:+.4f}",
              ci(r["gain_ci"]), ci(r["gain_ci_all_points"]),
-             {True: "yes", False: "no", None: "-"}[r["beats_2std"]], r["rank"]]
+             {True: "yes", False: "no", None: "-"}[r["beats_2std"]], r["rank"],
+             "-" if r["p_best"] is None else f"{r['p_best']:.2f}"]
             for r in result.rows()]
     print(_table(rows, ["point", "stride", "mIoU", "std", "per seed", "gain", "CI",
-                        f"CI, all {len(result.points)} at once", "> 2 std", "rank"]))
+                        f"CI, all {len(result.points)} at once", "> 2 std", "rank", "P(best)"]))
     m = len(result.points)
     print(f"CI: {result.confidence:.0%} interval of the gain over seeds and val images together "
           f"(sweep.csv: each alone too)\nCI, all {m} at once: every interval holds together "
-          f"(Bonferroni over the {m} points); > 2 std: descriptive, not a test")
+          f"(Bonferroni over the {m} points); > 2 std: descriptive, not a test; P(best): share "
+          f"of the resamples of images and seeds in which the point gains most")
     if preds:
         print("\nSpearman correlation of each property with the gain across points:")
         print(_table([[p["property"], p["spearman_rho"], p["p_value"], p.get("p_method"),

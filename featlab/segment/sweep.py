@@ -43,7 +43,7 @@ from featlab.segment.train import FLAG_FIELDS, HeadSettings, run_name, train_hea
 log = logging.getLogger("featlab")
 
 __all__ = ["SweepResult", "sweep", "sweep_difference", "read_sweep", "write_sweep", "gain_stats",
-           "gain_interval", "property_table", "predictors"]
+           "gain_interval", "best_share", "property_table", "predictors"]
 
 BASELINE = "baseline"
 SWEEP_FILES = ("sweep.json", "sweep.csv", "predictors.json")  # what a sweep writes at its end
@@ -65,6 +65,8 @@ class SweepResult:
         stride, rf_size: per point, from the cache's skip-point records.
         bootstrap, confidence, bootstrap_seed: the bootstrap's settings.
         train, val: identities of the caches; versions: what produced it; seconds: wall time.
+        p_best: ``{point: share}`` of the resamples of val images and seeds in which the point
+            has the largest gain (:func:`best_share`): how sure rank 1 is.
     """
 
     last: str
@@ -84,6 +86,7 @@ class SweepResult:
     versions: dict
     seconds: float
     folder: str
+    p_best: dict = dataclasses.field(default_factory=dict)  # {} in records made before it
 
 
     def __repr__(self) -> str:  # one line: the whole record is to_dict(), the table rows()
@@ -112,7 +115,7 @@ class SweepResult:
         out = [{"point": BASELINE, "stride": None, "rf_size": None, **_spread(base),
                 "per_seed": [float(v) for v in base], "gain": 0.0, "gain_std": None,
                 "gain_ci_seeds": None, "gain_ci_images": None, "gain_ci": None,
-                "gain_ci_all_points": None, "beats_2std": None, "rank": None}]
+                "gain_ci_all_points": None, "beats_2std": None, "rank": None, "p_best": None}]
         gains = self.gains()
         order = sorted(self.points, key=lambda p: -gains[p])
         for p in self.points:
@@ -133,7 +136,7 @@ class SweepResult:
                         "gain_ci_all_points": (None if both[1] is None
                                                else [_r(v) for v in both[1]]),
                         "beats_2std": bool(g["gain"] > 2 * noise) if len(vals) > 1 else None,
-                        "rank": order.index(p) + 1})
+                        "rank": order.index(p) + 1, "p_best": self.p_best.get(p)})
         return out
 
 
@@ -226,6 +229,41 @@ def bootstrap_gain(skip: Sequence[np.ndarray], base: Sequence[np.ndarray], *, n:
     return float(lo), float(hi)
 
 
+def best_share(skips: dict[str, Sequence[np.ndarray]], base: Sequence[np.ndarray], *,
+               n: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Share of ``n`` resamples in which each point has the largest mean gain (ties split).
+
+    ``skips``: ``{point: per-seed per-image confusion matrices}``, ``base`` the baseline's, as
+    for :func:`bootstrap_gain`. Each resample draws the val images with replacement and the
+    seeds with replacement, one draw of each shared by every point and the baseline, so it
+    counts both sources of noise as :func:`gain_interval` does. A rank 1 with a share near
+    ``1 / len(skips)`` is a tie. The draws come from their own stream (``[seed, 1]``): the
+    image intervals of the same seed are unchanged.
+
+    Examples:
+        >>> eye = np.tile(np.eye(2, dtype=np.int64), (4, 1, 1))  # 4 images, all right
+        >>> half = np.tile(np.array([[1, 0], [1, 0]]), (4, 1, 1))  # all called class 0
+        >>> best_share({"good": [eye, eye], "bad": [half, half]}, [half, half], n=50)
+        {'good': 1.0, 'bad': 0.0}
+    """
+    rng = np.random.default_rng([seed, 1])
+    names = list(skips)
+    b = np.stack(base).astype(np.float64)  # [seeds, images, C, C]
+    k, num = b.shape[:2]
+    weights = np.stack([np.bincount(rng.integers(0, num, num), minlength=num)
+                        for _ in range(n)]).astype(np.float64)  # [n, images]
+    picks = rng.integers(0, k, (n, k))  # the seeds of each resample
+    base_miou = _miou(np.einsum("bn,snij->bsij", weights, b))  # [n, seeds]
+    gains = np.empty((n, len(names)))
+    for j, p in enumerate(names):
+        s = np.stack(skips[p]).astype(np.float64)
+        diff = _miou(np.einsum("bn,snij->bsij", weights, s)) - base_miou
+        gains[:, j] = np.take_along_axis(diff, picks, 1).mean(1)
+    best = gains >= gains.max(1, keepdims=True)
+    share = (best / best.sum(1, keepdims=True)).mean(0)
+    return {p: round(float(share[j]), 4) for j, p in enumerate(names)}
+
+
 def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Sequence[int] = 3,
           settings: HeadSettings | None = None, *, out=None, device=None, progress: bool = True,
           force: bool = False, bootstrap: int = 1000, confidence: float = 0.95,
@@ -273,6 +311,8 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
     ci = {p: list(bootstrap_gain([per_image[(p, s)] for s in seeds],
                                  [per_image[(None, s)] for s in seeds], n=bootstrap,
                                  confidence=confidence, seed=bootstrap_seed)) for p in names}
+    best = best_share({p: [per_image[(p, s)] for s in seeds] for p in names},
+                      [per_image[(None, s)] for s in seeds], n=bootstrap, seed=bootstrap_seed)
     records = {p.name: p for p in train.points}
     return SweepResult(
         last=last, points=tuple(names), seeds=seeds,
@@ -283,7 +323,8 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
         rf_size={p: records[p].rf_size for p in names}, bootstrap=bootstrap,
         confidence=confidence, bootstrap_seed=bootstrap_seed, train=train.identity(),
         val=val.identity(), versions=run_versions(fdist.resolve_device(device)),  # its runs
-        seconds=round(time.perf_counter() - started, 1), folder=os.path.abspath(folder))
+        seconds=round(time.perf_counter() - started, 1), folder=os.path.abspath(folder),
+        p_best=best)
 
 
 def _shared(settings: dict) -> dict:

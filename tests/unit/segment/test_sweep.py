@@ -20,8 +20,9 @@ from featlab.segment import runs
 from featlab.segment.metrics import ConfusionMatrix
 from featlab.segment.predict import (EXACT_MAX_POINTS, holm, predictors, property_table,
                                      spearman_exact_p, spearman_permutation_p)
-from featlab.segment.sweep import (SweepResult, _miou, bootstrap_gain, gain_interval,
-                                   gain_stats, sweep, sweep_difference, write_sweep)
+from featlab.segment.sweep import (SweepResult, _miou, best_share, bootstrap_gain,
+                                   gain_interval, gain_stats, sweep, sweep_difference,
+                                   write_sweep)
 from featlab.segment.train import train_head
 
 from .conftest import SPEC
@@ -59,6 +60,46 @@ def test_bootstrap_over_images_is_seeded_paired_and_brackets_the_gain():
     observed = np.mean([_miou(s.sum(0)) - _miou(b.sum(0)) for s, b in zip(better, base)])
     assert 0 < lo <= observed <= hi
     assert bootstrap_gain(base, base, n=50) == (0.0, 0.0)
+
+
+def _best_share_by_loop(skips, base, n, seed):
+    """best_share's resamples one at a time, mIoU from ConfusionMatrix (the same draws)."""
+    import torch
+
+    def miou(m):
+        cm = ConfusionMatrix(m.shape[-1])
+        cm.counts[:] = 0
+        cm.counts += torch.as_tensor(m)
+        return cm.miou()
+
+    rng = np.random.default_rng([seed, 1])
+    k, num = len(base), len(base[0])
+    draws = [rng.integers(0, num, num) for _ in range(n)]
+    picks = rng.integers(0, k, (n, k))
+    wins = dict.fromkeys(skips, 0.0)
+    for images, seeds in zip(draws, picks):
+        gains = {p: np.mean([miou(v[s][images].sum(0)) - miou(base[s][images].sum(0))
+                             for s in seeds]) for p, v in skips.items()}
+        top = [p for p, g in gains.items() if g >= max(gains.values())]
+        for p in top:
+            wins[p] += 1 / len(top)
+    return {p: w / n for p, w in wins.items()}
+
+
+def test_best_share_resamples_images_and_seeds_together():
+    rng = np.random.default_rng(4)
+    base = [rng.integers(0, 30, (12, 3, 3)) for _ in range(3)]
+    # two close points and a clearly worse one, with a different winner per seed
+    skips = {"a": [b + np.eye(3, dtype=np.int64)[None] * g for b, g in zip(base, (9, 5, 9))],
+             "b": [b + np.eye(3, dtype=np.int64)[None] * g for b, g in zip(base, (6, 9, 7))],
+             "c": [b.copy() for b in base]}
+    share = best_share(skips, base, n=60, seed=2)
+    expected = _best_share_by_loop(skips, base, 60, 2)
+    assert share == pytest.approx(expected, abs=1e-4)
+    assert sum(share.values()) == pytest.approx(1.0) and share["c"] == 0.0
+    assert 0.1 < share["a"] < 0.9  # neither wins every resample
+    same = best_share({"x": skips["a"], "y": skips["a"]}, base, n=20)
+    assert same == {"x": 0.5, "y": 0.5}  # a tie is split, not given to the first
 
 
 def test_gain_interval_adds_the_seed_and_image_half_widths_in_quadrature():
@@ -173,6 +214,11 @@ def test_sweep_table_files_and_resume(caches, tmp_path):
     d = np.subtract(r.skips["layer1.0"], r.baseline)
     assert row["gain_ci"] == list(gain_interval(d, row["gain_ci_images"]))
     assert row["gain_ci_all_points"] == list(gain_interval(d, row["gain_ci_images"], tests=1))
+    assert r.p_best == {"layer1.0": 1.0} and row["p_best"] == 1.0  # the only point
+    # a record written before p_best reads back without it
+    old = {k: v for k, v in r.to_dict().items() if k != "p_best"}
+    assert SweepResult.from_dict(old).p_best == {} and SweepResult.from_dict(old).rows()[1][
+        "p_best"] is None
     # the shared settings: the per-run seed and skip are the record's seeds and points
     assert "seed" not in r.settings and "skip" not in r.settings and r.settings["epochs"] == 1
     assert sweep_difference(r, *caches, "stages", 2, bootstrap=200, **FAST) is None
