@@ -185,7 +185,7 @@ def print_sweep(result, preds: list[dict], notes: list[str], paths: list) -> Non
     m = len(result.points)
     print(f"CI: {result.confidence:.0%} interval of the gain over seeds and val images together "
           f"(sweep.csv: each alone too)\nCI, all {m} at once: every interval holds together "
-          f"(Bonferroni over the {m} points); > 2 std: descriptive, not a test; P(best): share "
+          f"(Bonferroni over the {m} points); > 2 std: descriptive, not a test\nP(best): share "
           f"of the resamples of images and seeds in which the point gains most")
     if preds:
         print("\nSpearman correlation of each property with the gain across points:")
