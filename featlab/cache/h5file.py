@@ -31,7 +31,8 @@ from featlab.cache.settings import ExtractSettings
 from featlab.errors import CacheError
 
 __all__ = ["FileLayout", "PointLayout", "create", "inspect", "RowWriter", "finalize",
-           "copy_cache", "chunked_arrays", "write_virtual", "versions", "Inspection"]
+           "copy_cache", "chunked_arrays", "write_virtual", "versions", "finished_record",
+           "Inspection"]
 
 
 @dataclass(frozen=True)
@@ -202,8 +203,11 @@ class RowWriter:
 
 
 def finalize(partial: str, final: str, compression: str | None = None,
-             progress: bool = False) -> None:
+             progress: bool = False, finished: Mapping[str, Any] | None = None) -> None:
     """Mark a fully written file complete and move it to its final name (atomically).
+
+    ``finished``: what the session that completes the file records of itself (attribute
+    ``finished``, a JSON list of one record; see :func:`finished_record`).
 
     With ``compression`` (``"lzf"`` or ``"gzip"``, :data:`~featlab.cache.plan.COMPRESSIONS`)
     the point, label and image arrays are copied into a compressed file instead, which replaces
@@ -218,12 +222,17 @@ def finalize(partial: str, final: str, compression: str | None = None,
         assert written.all(), "finalize called before every row was written"
         if compression is None:
             f.attrs.modify("complete", True)
+            if finished is not None:
+                f.attrs["finished"] = json.dumps([dict(finished)])
             f.flush()
     if compression is None:
         os.replace(partial, final)
         return
     tmp = final + S.COMPRESSING_SUFFIX
     copy_cache(partial, tmp, compression, progress=progress)
+    if finished is not None:
+        with h5py.File(tmp, "r+", locking=False) as f:
+            f.attrs["finished"] = json.dumps([dict(finished)])
     os.replace(tmp, final)
     os.remove(partial)
 
@@ -385,6 +394,16 @@ def versions() -> dict[str, str]:
             "torchvision": torchvision.__version__, "h5py": h5py.__version__,
             "hdf5": h5py.version.hdf5_version, "numpy": np.__version__,
             "python": platform.python_version(), "command": made["command"]}
+
+
+def finished_record(rank: int, rows: int, of: int, device: Any) -> dict[str, Any]:
+    """The ``finished`` record of the session that completes a file: its rank, the ``rows`` it
+    computed of the file's ``of`` (fewer when it resumed: earlier sessions wrote the rest, as the
+    file's ``versions`` and ``runtime`` record the first), when, its versions and its device."""
+    import torch
+
+    return {"rank": int(rank), "rows": int(rows), "of": int(of), "time": now_iso(),
+            "device": str(device), "threads": torch.get_num_threads(), "versions": versions()}
 
 
 def now_iso() -> str:

@@ -214,6 +214,9 @@ def _write_virtual(path: str, shards: Sequence[Shard]) -> None:
     attrs = {k: v for k, v in shards[0].attrs.items() if k != "shard"}
     attrs.update(num_samples=shards[0].settings.num_samples, complete=True,
                  world_size=shards[0].settings.world_size)
+    if all("finished" in s.attrs for s in shards):  # each shard's finishing session
+        attrs["finished"] = json.dumps([r for s in shards
+                                        for r in json.loads(s.attrs["finished"])])
     h5file.write_virtual(path, [s.path for s in shards], [s.stop - s.start for s in shards],
                          attrs)
 

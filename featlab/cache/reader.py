@@ -387,6 +387,9 @@ class CacheReader:
     versions = property(lambda self: self.attrs.get("versions"))
     runtime = property(lambda self: self.attrs.get("runtime"))
     created = property(lambda self: self.attrs.get("created"))
+    finished = property(lambda self: self.attrs.get("finished"),
+                        doc="The session that finalised each file: rank, rows it computed of the "
+                            "file's, time, device, versions (None for caches before it).")
 
     def identity(self) -> dict:
         """What identifies this cache in a result or run record: its absolute path, samples,

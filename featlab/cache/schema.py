@@ -86,6 +86,14 @@ ROOT_ATTRS = {
                   "or copied into one file by featlab merge)",
 }
 
+# root attributes a file gains when it is finalised (partial files and caches of featlab before
+# 2026-12-05 lack them)
+FINAL_ATTRS = {
+    "finished": "JSON list, a record per finalised file (per shard when sharded): rank, the rows "
+                "the finishing session computed of the file's (fewer: it resumed, and earlier "
+                "sessions wrote the rest), time, device, threads, versions",
+}
+
 # root attributes of shard files only
 SHARD_ATTRS = {
     "shard": "JSON {rank, world_size, start, stop}: the global sample range [start, stop) it holds",

@@ -46,7 +46,8 @@ def summary(cache) -> dict:
         A dict with ``path``, ``schema``, ``schema_version``, ``complete``, ``in_progress``,
         ``written``, ``total``, ``model``, ``data``, ``classes``, ``ignore_index``,
         ``ids_sha256``, ``input_size``, ``dtype``, ``error_stat`` (what ``/stats/abs_error``
-        holds: ``bound`` or ``exact``), ``max_size``, ``versions``, ``created``,
+        holds: ``bound`` or ``exact``), ``max_size``, ``versions``, ``created``, ``finished``
+        (the session that finalised each file; None before featlab recorded it),
         ``world_size``, ``has_images``, ``points`` (per point: its SkipPoint record plus
         ``stored_size``, ``pooling``, ``shape`` [N, C, h, w], ``dtype``, ``bytes`` on disk,
         ``bytes_per_sample``, ``compression`` (None, ``"lzf"``, ``"gzip"``),
@@ -102,6 +103,7 @@ def summary(cache) -> dict:
         "max_size": cache.max_size,
         "versions": cache.versions,
         "created": cache.created,
+        "finished": cache.finished,
         "world_size": cache.world_size,
         "has_images": cache.has_images,
         "points": points,
@@ -224,6 +226,13 @@ def format_summary(info: dict) -> str:
     versions = info["versions"] if isinstance(info["versions"], dict) else {}
     lines.append("  versions  " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "?")
                  + f"; created {info['created'] or '?'}")
+    resumed = [r for r in info.get("finished") or [] if r.get("rows", 0) < r.get("of", 0)]
+    if resumed:  # rows from more than one session: say which session finished what
+        lines.append("  resumed   " + "; ".join(
+            f"rank {r['rank']}: the session that finished it computed {r['rows']} of "
+            f"{r['of']} rows ({r.get('device', '?')}, featlab "
+            f"{(r.get('versions') or {}).get('featlab', '?')}, {r.get('time', '?')})"
+            for r in resumed) + "; earlier sessions the rest")
     return "\n".join(lines)
 
 

@@ -293,7 +293,9 @@ def _run_rank(job: Job, resume: tuple[str, np.ndarray] | None, written: np.ndarr
         stream(job, current, written, progress=progress, stop_early=stop_early)
     if current == paths.partial:
         h5file.finalize(paths.partial, paths.target, plan.compression,
-                        progress=progress and job.info.is_main)
+                        progress=progress and job.info.is_main,
+                        finished=h5file.finished_record(job.info.rank, todo, len(written),
+                                                        job.device))
     counts, ids, names = h5file.read_nonfinite(paths.target)
     found = [(names[p], str(ids[r]), int(counts[r, p])) for r in range(len(ids))
              for p in np.flatnonzero(counts[r])]

@@ -89,6 +89,9 @@ def test_two_processes_write_shards_read_as_one_cache_equal_to_one_process(shard
         assert ids == ds.ids[:N] and len(set(ids)) == N  # every sample exactly once, in order
         assert f["index"][:].tolist() == list(range(N)) and f["written"][:].all()
         assert json.loads(f.attrs["settings"])["world_size"] == 2
+        # each shard's finishing session, one record per rank (15 + 15 rows, none resumed)
+        assert [(r["rank"], r["rows"], r["of"]) for r in json.loads(f.attrs["finished"])] == [
+            (0, 15, 15), (1, 15, 15)]
         np.testing.assert_array_equal(f["labels"][:], g["labels"][:])
         for name in g["points"]:
             np.testing.assert_allclose(f[f"points/{name}"][:].astype(np.float32),
@@ -153,6 +156,7 @@ def test_merge_copies_the_shards_into_one_file_that_reads_as_the_sharded_cache(s
     (tmp_path / "one.h5").rename(alone)
     with featlab.open_cache(alone) as cache, featlab.open_cache(out) as ref:
         assert cache.ids == ref.ids and cache.complete and cache.world_size == 2
+        assert cache.finished == ref.finished and len(cache.finished) == 2
         name = cache.points[-1].name
         np.testing.assert_array_equal(cache[name][:], ref[name][:])
         np.testing.assert_array_equal(cache.stored_channels(name), ref.stored_channels(name))

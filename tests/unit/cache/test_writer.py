@@ -372,8 +372,11 @@ def test_compression_is_applied_when_finalising_and_keeps_every_value(tmp_path, 
         for name in ["labels", "images", *(f"points/{k}" for k in b["points"])]:
             assert b[name].compression == compression and a[name].compression is None
         # complete, settings, ...: the same record (two runs: started at other times)
-        assert {k: v for k, v in a.attrs.items() if k != "created"} == {
-            k: v for k, v in b.attrs.items() if k != "created"}
+        assert {k: v for k, v in a.attrs.items() if k not in ("created", "finished")} == {
+            k: v for k, v in b.attrs.items() if k not in ("created", "finished")}
+        # the session that finished each: all rows, or none (the first computed them all)
+        assert [(r["rows"], r["of"]) for r in json.loads(a.attrs["finished"])] == [(6, 6)]
+        assert [(r["rows"], r["of"]) for r in json.loads(b.attrs["finished"])] == [(0, 6)]
     info = summary(tmp_path / "c.h5")
     assert {p["compression"] for p in info["points"]} == {compression}
     assert info["file_size"] < (tmp_path / "plain.h5").stat().st_size

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+import featlab
 import featlab.testing as ft
 from featlab import cli
 from featlab.cache import schema
 from featlab.cache.direct import DirectWriter
 from featlab.cache.plan import format_bytes
+from featlab.cache.summary import format_summary, summary
 from featlab.cache.writer import extract
 from featlab.data import load_dataset
 from featlab.errors import CacheError
@@ -95,6 +97,14 @@ def test_disk_full_mid_run_leaves_a_cache_that_resumes_to_the_same_values(tmp_pa
     assert got.keys() == expected.keys()
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    # the cache says that its rows came from two sessions, and what finished it
+    (record,) = featlab.open_cache(out).finished
+    assert (record["rank"], record["rows"], record["of"], record["device"]) == (0, 4, 10, "cpu")
+    assert record["versions"]["featlab"] == featlab.__version__
+    assert featlab.open_cache(tmp_path / "ref.h5").finished[0]["rows"] == 10
+    shown = format_summary(summary(out))
+    assert "resumed   rank 0: the session that finished it computed 4 of 10 rows (cpu" in shown
+    assert "resumed" not in format_summary(summary(tmp_path / "ref.h5"))
 
 
 def test_direct_io_writes_the_same_file_and_a_failed_direct_write_resumes(tmp_path,
