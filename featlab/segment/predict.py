@@ -164,8 +164,9 @@ def predictors(sweep_result, properties: dict[str, dict[str, float]]) -> list[di
         than 3 points or a constant property; 4 significant digits), ``p_method`` (how
         ``p_value`` was obtained: ``"exact"`` or ``"permutation"``; None with ``p_value``),
         ``p_holm`` (``p_value`` adjusted for testing every property of the call together,
-        :func:`holm`; None with ``p_value``), ``n_points``, ``values`` (the joined points), and ``undefined`` (why, when ``rho`` is
-        None: ``"needs 3 points or more"``, a constant property or gain).
+        :func:`holm`; None with ``p_value``), ``n_points``, ``values`` (the joined points), and
+        ``undefined`` (why, when ``rho`` is None: ``"needs 3 points or more"``, a constant
+        property or gain).
     """
     from scipy import stats
 
