@@ -10,7 +10,7 @@ Examples:
     >>> check_record(Point, {"x": 1, "z": 2})
     Traceback (most recent call last):
     ...
-    featlab.errors.ConfigError: Point keys must be among ['x', 'y']; got unknown ['z']. Fix: use the output of to_dict() (a record from another featlab version?).
+    featlab.errors.ConfigError: Point keys must be among ['x', 'y']; got unknown ['z']. Fix: ...
 """
 
 from __future__ import annotations
