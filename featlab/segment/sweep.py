@@ -6,7 +6,8 @@ seeds (mean ± std and per-seed values), the gain over the baseline, 95% confide
 for the gain — paired over seeds (Student t on the per-seed differences), a seeded bootstrap
 over val images (per-image confusion matrices resampled, data-set mIoU recomputed), both sources
 together (:func:`gain_interval`), and that widened to hold for all points at once — whether the
-gain exceeds twice the seed-to-seed std (descriptive), and a rank. Runs live in
+gain exceeds twice the seed-to-seed std (descriptive), a rank, and how often each point ranks
+first when images and seeds are resampled (:func:`best_share`). Runs live in
 ``<out>/runs/<run name>/``; a killed sweep re-run with the same command skips finished runs and
 resumes the unfinished one from its checkpoint. :func:`property_table` and :func:`predictors`
 (in :mod:`featlab.segment.predict`) join the gains with cheap per-point properties.
