@@ -250,15 +250,14 @@ def probe_points(train_cache: Any, val_cache: Any, points: Any = "all", *,
 
 
 def _check_pair(train, val) -> None:
-    from featlab.cache.joins import identity_difference
+    from featlab.cache.joins import backbone_difference
 
-    for what, a, b in (("model", train.model, val.model), ("classes", train.classes,
-                                                            val.classes)):
-        if a != b:
-            if isinstance(a, dict) and isinstance(b, dict):  # name the field, not both records
-                key = identity_difference(a, b) or "record"
-                what, a, b = f"model's {key}", a.get(key), b.get(key)
-            raise CacheError(f"train and val caches must share the {what}; got {a!r} in "
+    model = backbone_difference(train, val)  # the field, not both records
+    classes = ("classes", train.classes, val.classes) if train.classes != val.classes else None
+    for differs, what in ((model, "model's "), (classes, "")):
+        if differs is not None:
+            key, a, b = differs
+            raise CacheError(f"train and val caches must share the {what}{key}; got {a!r} in "
                              f"{str(train.path)!r} and {b!r} in {str(val.path)!r}. Fix: extract "
                              "both splits with the same model and data set.")
     if not train.classes:
@@ -268,6 +267,8 @@ def _check_pair(train, val) -> None:
 
 def _check_random(train, val, rtrain, rval) -> None:
     """The random-backbone caches: same samples and architecture, other (random) weights."""
+    from featlab.cache.joins import backbone_difference
+
     arch = (train.model or {}).get("name")
     for cache, real in ((rtrain, train), (rval, val)):
         where = str(cache.path)
@@ -275,18 +276,20 @@ def _check_random(train, val, rtrain, rval) -> None:
             raise CacheError(f"a random-backbone cache must come from the probed architecture "
                              f"{arch!r}; {where!r} holds {(cache.model or {}).get('name')!r}. "
                              f"Fix: extract it with --model {arch} --weights none.")
-        if cache.model == real.model:
+        if backbone_difference(cache, real) is None:
             raise CacheError(f"a random-backbone cache must come from other weights than the "
-                             f"probed caches; {where!r} has the same model record. Fix: "
-                             f"extract it with --weights none.")
+                             f"probed caches; {where!r} has the same backbone. Fix: extract it "
+                             f"with --weights none.")
         if cache.ids_sha256 != real.ids_sha256:
             raise CacheError(f"a random-backbone cache must hold the same samples as "
                              f"{str(real.path)!r}; {where!r} holds others. Fix: extract it from "
                              "the same data, split, size and --limit.")
-    if rtrain.model != rval.model:
-        raise CacheError(f"the random train and val caches must share one model; got "
-                         f"{rtrain.model!r} and {rval.model!r}. Fix: extract both with the "
-                         "same --weights none --seed S.")
+    differs = backbone_difference(rtrain, rval)
+    if differs is not None:
+        key, a, b = differs
+        raise CacheError(f"the random train and val caches must share one model; their {key} "
+                         f"differs: {a!r} and {b!r}. Fix: extract both with the same "
+                         "--weights none --seed S.")
 
 
 def _warn_caveats(train, val, random) -> None:

@@ -1,10 +1,11 @@
-"""Joining caches row by row: check that two caches hold the same samples (R-5.3); and
-whether a record's cache identity is the same cache as another's."""
+"""Joining caches row by row: check that two caches hold the same samples (R-5.3); whether two
+caches come from the same backbone; and whether a record's cache identity is the same cache as
+another's."""
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from featlab.cache._reading import ids_sha256
 from featlab.errors import CacheError
@@ -12,7 +13,7 @@ from featlab.errors import CacheError
 if TYPE_CHECKING:
     from featlab.cache.reader import CacheReader
 
-__all__ = ["check_same_samples", "identity_difference"]
+__all__ = ["check_same_samples", "identity_difference", "backbone_difference"]
 
 
 def identity_difference(then: dict, now: dict) -> str | None:
@@ -32,6 +33,44 @@ def identity_difference(then: dict, now: dict) -> str | None:
     """
     return next((key for key in sorted((set(then) & set(now)) - {"path"})
                  if json.dumps(then.get(key)) != json.dumps(now.get(key))), None)  # tuples=lists
+
+
+#: How :func:`backbone_difference` names a difference in the hashed model state.
+STATE = "weights (sha256 of the model state)"
+
+
+def backbone_difference(a: CacheReader, b: CacheReader) -> tuple[str, Any, Any] | None:
+    """The first way in which two caches' backbones differ, ``(what, in a, in b)``, or None.
+
+    Compared: the model record (name, weights, their file's sha256, normalisation, ...) and the
+    sha256 of the state the features were computed with (``model_state``). Where both caches
+    record that hash it stands for the weights: the same state loaded from another path, or
+    from a checkpoint file with other metadata (a retrained ``shapes:KEY``), is the same
+    backbone, so ``weights`` and ``weights_sha256`` are not compared then.
+
+    Examples:
+        >>> class C:
+        ...     def __init__(self, weights, state):
+        ...         self.model = {"name": "resnet18", "weights": weights}
+        ...         self.settings = {"model_state": state}
+        >>> backbone_difference(C("file:/a/r18.pt", "9f"), C("file:/b/r18.pt", "9f")) is None
+        True
+        >>> backbone_difference(C("file:/a/r18.pt", "9f"), C("file:/a/r18.pt", "2e"))
+        ('weights (sha256 of the model state)', '9f', '2e')
+    """
+    ma, mb = dict(a.model or {}), dict(b.model or {})
+    sa, sb = ((c.settings or {}).get("model_state") for c in (a, b))
+    if sa and sb:
+        for m in (ma, mb):
+            m.pop("weights", None)
+            m.pop("weights_sha256", None)
+    if ma != mb:  # the record first: a name reads better than a hash
+        key = identity_difference(ma, mb) or next(
+            k for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k))
+        return key, ma.get(key), mb.get(key)
+    if sa != sb:
+        return STATE, sa, sb
+    return None
 
 
 def check_same_samples(a: CacheReader, b: CacheReader) -> None:

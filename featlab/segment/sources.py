@@ -38,19 +38,25 @@ _STATS_SAMPLES = 256  # first samples whose features fix the per-channel standar
 def check_caches(train, val, points: Sequence[str]) -> None:
     """Raise :class:`CacheError` unless both caches hold ``points`` from the same backbone.
 
-    Compared: backbone name, weights identity and hash, the hash of the model state the
-    features were computed with, the network input size, the classes and each point's record
+    Compared: the backbone (:func:`~featlab.cache.joins.backbone_difference`: its record and
+    the hash of the model state the features were computed with, which stands for the weights
+    where both caches have it), the network input size, the classes and each point's record
     (channels, stride); every point must be stored whole (no pooling, every channel).
     Different splits are the point; identical sample ids are refused (a
     head validated on its training images measures nothing).
     """
+    from featlab.cache.joins import backbone_difference
+
     a, b = train.identity(), val.identity()
-    for key in ("model", "weights", "weights_sha256", "model_state", "input_size"):
-        if a[key] != b[key]:
-            raise CacheError(f"train and val caches must come from the same backbone setup; "
-                             f"{key} differs: {a[key]!r} in {a['path']} vs {b[key]!r} in "
-                             f"{b['path']}. Fix: extract both with the same --model, --weights "
-                             "and --input-size.")
+    differs = backbone_difference(train, val)
+    if differs is None and a["input_size"] != b["input_size"]:
+        differs = "input_size", a["input_size"], b["input_size"]
+    if differs is not None:
+        key, there, here = differs
+        raise CacheError(f"train and val caches must come from the same backbone setup; "
+                         f"{key} differs: {there!r} in {a['path']} vs {here!r} in "
+                         f"{b['path']}. Fix: extract both with the same --model, --weights "
+                         "and --input-size.")
     if tuple(train.classes) != tuple(val.classes):
         raise CacheError(f"train and val caches must have the same classes; got "
                          f"{list(train.classes)} and {list(val.classes)}. Fix: extract both "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import shutil
@@ -170,6 +171,26 @@ def test_caches_of_another_backbone_or_the_same_samples_are_refused(caches, tmp_
                     max_channels=8, dtype="float32", num_workers=0, progress=False)
     with pytest.raises(CacheError, match=r"all its 16 channels .* keeps 8 .*--max-channels"):
         train_head(caches[0], tmp_path / "some.h5", out=tmp_path / "w", progress=False, **FAST)
+
+
+def test_the_same_weights_from_another_file_are_the_same_backbone(tmp_path):
+    """The hashed model state stands for the weights: the same state loaded from another path
+    (or a checkpoint file with other metadata) is the same backbone; another state is not."""
+    from featlab.segment.sources import check_caches
+
+    def cache(name, split, seed, weights, sha):
+        ds = featlab.load_dataset("shapes", split=split, size=32, length=4)
+        spec = dataclasses.replace(SPEC, weights=weights, weights_sha256=sha)
+        featlab.extract(ft.TinyResNet(seed=seed), ds, "all", tmp_path / name, spec=spec,
+                        dtype="float32", num_workers=0, progress=False)
+        return featlab.open_cache(tmp_path / name)
+
+    train = cache("train.h5", "train", 0, "file:/scratch/r.pt", "aa" * 32)
+    moved = cache("val.h5", "val", 0, "file:/home/me/r.pt", "bb" * 32)
+    check_caches(train, moved, ["layer1.1"])  # same state: accepted
+    other = cache("other.h5", "val", 1, "file:/scratch/r.pt", "aa" * 32)
+    with pytest.raises(CacheError, match=r"weights \(sha256 of the model state\) differs"):
+        check_caches(train, other, ["layer1.1"])
 
 
 def test_sgd_and_a_checkpoint_of_other_settings(caches, tmp_path):
