@@ -37,6 +37,7 @@ from featlab import distributed as fdist
 from featlab._records import check_record, with_overrides
 from featlab.errors import ConfigError
 from featlab.segment import runs
+from featlab.segment.metrics import _iou
 from featlab.segment.predict import predictors, property_table
 from featlab.segment.sources import check_caches
 from featlab.segment.train import FLAG_FIELDS, HeadSettings, run_name, train_head
@@ -204,11 +205,20 @@ def gain_interval(per_seed_gain: Sequence[float], images_ci: Sequence[float] | N
 
 def _miou(m: np.ndarray) -> np.ndarray:
     """mIoU of a stack of confusion matrices ``[..., C, C]`` (classes with empty union left out)."""
-    tp = np.diagonal(m, axis1=-2, axis2=-1).astype(np.float64)
-    union = m.sum(-1) + m.sum(-2) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-    return np.nanmean(iou, axis=-1)
+    return np.nanmean(_iou(m), axis=-1)
+
+
+def _image_weights(rng: np.random.Generator, num: int, n: int) -> np.ndarray:
+    """``[n, num]``: how often each of ``num`` val images is drawn in each of ``n`` resamples."""
+    return np.stack([np.bincount(rng.integers(0, num, num), minlength=num)
+                     for _ in range(n)]).astype(np.float64)
+
+
+def _resampled_miou(weights: np.ndarray, per_seed: Sequence[np.ndarray]) -> np.ndarray:
+    """``[n, seeds]`` data-set mIoU of each seed's per-image confusion matrices in each
+    resample (``weights`` from :func:`_image_weights`)."""
+    m = np.stack(per_seed).astype(np.float64)  # [seeds, images, C, C]
+    return _miou(np.einsum("bn,snij->bsij", weights, m))
 
 
 def bootstrap_gain(skip: Sequence[np.ndarray], base: Sequence[np.ndarray], *, n: int = 1000,
@@ -219,13 +229,9 @@ def bootstrap_gain(skip: Sequence[np.ndarray], base: Sequence[np.ndarray], *, n:
     the same order). Each resample draws N images with replacement (one draw shared by every
     seed and both heads: a paired bootstrap).
     """
-    rng = np.random.default_rng(seed)
-    s, b = np.stack(skip).astype(np.float64), np.stack(base).astype(np.float64)
-    num = s.shape[1]
-    weights = np.stack([np.bincount(rng.integers(0, num, num), minlength=num)
-                        for _ in range(n)]).astype(np.float64)  # [n, N]
-    gs = _miou(np.einsum("bn,snij->bsij", weights, s)).mean(1)
-    gb = _miou(np.einsum("bn,snij->bsij", weights, b)).mean(1)
+    weights = _image_weights(np.random.default_rng(seed), len(base[0]), n)
+    gs = _resampled_miou(weights, skip).mean(1)
+    gb = _resampled_miou(weights, base).mean(1)
     lo, hi = np.percentile(gs - gb, [50 * (1 - confidence), 50 * (1 + confidence)])
     return float(lo), float(hi)
 
@@ -249,16 +255,13 @@ def best_share(skips: dict[str, Sequence[np.ndarray]], base: Sequence[np.ndarray
     """
     rng = np.random.default_rng([seed, 1])
     names = list(skips)
-    b = np.stack(base).astype(np.float64)  # [seeds, images, C, C]
-    k, num = b.shape[:2]
-    weights = np.stack([np.bincount(rng.integers(0, num, num), minlength=num)
-                        for _ in range(n)]).astype(np.float64)  # [n, images]
+    k = len(base)
+    weights = _image_weights(rng, len(base[0]), n)
     picks = rng.integers(0, k, (n, k))  # the seeds of each resample
-    base_miou = _miou(np.einsum("bn,snij->bsij", weights, b))  # [n, seeds]
+    base_miou = _resampled_miou(weights, base)
     gains = np.empty((n, len(names)))
     for j, p in enumerate(names):
-        s = np.stack(skips[p]).astype(np.float64)
-        diff = _miou(np.einsum("bn,snij->bsij", weights, s)) - base_miou
+        diff = _resampled_miou(weights, skips[p]) - base_miou
         gains[:, j] = np.take_along_axis(diff, picks, 1).mean(1)
     best = gains >= gains.max(1, keepdims=True)
     share = (best / best.sum(1, keepdims=True)).mean(0)
