@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -383,18 +382,14 @@ def write_virtual(path: str, shards: Sequence[str], rows: Sequence[int],
 
 
 def versions() -> dict[str, str]:
-    """Versions of the software that computes and writes a cache."""
-    import torch
-    import torchvision
-
-    from featlab import __version__
+    """Versions of the software that computes and writes a cache: :func:`run_versions`' (featlab
+    and its commit, torch, torchvision, numpy, python, the command line) and HDF5's."""
     from featlab.runinfo import run_versions
 
     made = run_versions()
-    return {"featlab": __version__, "git": made["git"], "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "h5py": h5py.__version__,
-            "hdf5": h5py.version.hdf5_version, "numpy": np.__version__,
-            "python": platform.python_version(), "command": made["command"]}
+    return {**{k: made[k] for k in ("featlab", "git", "torch", "torchvision")},
+            "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
+            **{k: made[k] for k in ("numpy", "python", "command")}}
 
 
 def finished_record(rank: int, rows: int, of: int, device: Any) -> dict[str, Any]:

@@ -154,8 +154,8 @@ class Loop:
         self.model.train()
         # the losses add up on the device: reading one back (.item()) would make the host wait
         # for the GPU every step, so the bar shows the latest loss about once a second
-        total, steps, t0 = torch.zeros((), dtype=torch.float64, device=self.device), 0, \
-            time.perf_counter()
+        total, steps = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        t0 = time.perf_counter()
         shown = -math.inf
         bar = tqdm(total=len(order) * self.info.world_size, unit="img", leave=False,
                    desc=f"epoch {epoch}/{self.settings.epochs}", disable=not self.progress)
