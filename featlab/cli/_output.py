@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
 
@@ -46,5 +45,7 @@ def _fmt(value: object, digits: int = 4) -> object:
 
 def _is_main() -> bool:
     """Whether this process prints and writes the results (rank 0 under torchrun)."""
-    return os.environ.get("RANK", "0") == "0"
+    from featlab.distributed import info_from_env
+
+    return info_from_env().is_main
 
