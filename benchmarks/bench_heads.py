@@ -7,11 +7,17 @@ read from HDF5, no backbone compute; the default of ``featlab train-head``) and 
 through a ``FrozenBackbone`` (render, normalize, forward, capture). It prints train images/s of
 both and their ratio, the cache path again with ``deterministic=True`` (the price of runs that
 repeat bit for bit on a GPU), and the one-off extraction rate that the cache path pays up
-front. Then (unless ``--no-sweep``) it extracts train/val caches and times ``featlab.segment.sweep`` over the
-``stages`` points with 3 seeds — the experiment of the README — with its table.
+front. Then (unless ``--no-sweep``) it extracts train/val caches and times
+``featlab.segment.sweep`` over the ``stages`` points with 3 seeds — the experiment of the
+README — with its table.
 
     python benchmarks/bench_heads.py [--quick] [--size 128] [--images 256] [--no-sweep]
-                                     [--device cuda] [--weights none]
+                                     [--preloads] [--device cuda] [--weights none]
+
+Before the sweep it replays the sweep's preloads in its run order, with one
+:class:`~featlab.segment.sources.Preloads` shared by all runs and with one per run (each run
+reading its own arrays, the baseline), and prints seconds and bytes read; ``--preloads`` does
+only that (and the caches it needs).
 
 ``--quick``: 64 images, 64 px, and a small sweep (200/100 images, 2 epochs) to check the script.
 Run it with ``OMP_NUM_THREADS=1`` on a shared machine; the figures depend on the load.
@@ -29,7 +35,7 @@ import torch
 
 import featlab
 from featlab.segment.heads import FrozenBackbone, SegHead
-from featlab.segment.sources import CacheSource, ImageSource
+from featlab.segment.sources import CacheSource, ImageSource, Preloads
 from featlab.segment.train import HeadSettings, fit
 
 
@@ -90,15 +96,71 @@ def throughput(tmp: Path, size: int, n: int, batch_size: int, device: str, weigh
           f"{even:.1f} epochs)")
 
 
-def sweep_time(tmp: Path, size: int, n_train: int, n_val: int, epochs: int | None,
-               device: str, weights: str) -> None:
-    from featlab.segment.sweep import sweep
-
+def sweep_caches(tmp: Path, size: int, n_train: int, n_val: int, weights: str) -> float:
+    """The sweep's train and val caches (``stages``); returns the seconds it took."""
     model, spec = featlab.get_backbone("resnet18", weights=weights)
     t0 = time.perf_counter()
     extract(model, spec, "train", n_train, size, tmp / "train.h5")
     extract(model, spec, "val", n_val, size, tmp / "val.h5")
-    t_extract = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def _evict(*paths: Path) -> None:
+    """Drop the files' pages from the page cache (clean pages; no root needed)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def sweep_preloads(tmp: Path, seeds: int = 3, rounds: int = 2) -> None:
+    """What the sweep's runs read into memory, in its run order: one ``Preloads`` shared by all
+    runs (the sweep's) against one per run (each run reading its own, as before 2026-12-05).
+
+    Twice: with the files in the page cache (a node whose RAM holds the caches twice over), and
+    with their pages dropped before every run (caches larger than the page cache, or on a
+    network file system whose client cache does not keep them)."""
+    paths = (tmp / "train.h5", tmp / "val.h5")
+    train, val = (featlab.open_cache(p) for p in paths)
+    last = train.point_names[-1]
+    configs = [None, *(p for p in train.select("stages") if p != last)]
+    print(f"\nthe sweep's preloads ({seeds} seeds x {len(configs)} runs, train {len(train)} + val "
+          f"{len(val)} samples; best of {rounds}, load {os.getloadavg()[0]:.2f}):")
+    for cold in (False, True):
+        figures: dict[str, list[tuple[float, int]]] = {"one per run": [], "shared": []}
+        for _ in range(rounds):
+            for kind, times in figures.items():
+                shared, read, seconds = Preloads(), 0, 0.0
+                if not cold:
+                    for path in paths:  # into the page cache
+                        Path(path).read_bytes()
+                for _ in range(seeds):
+                    for skip in configs:
+                        if cold:
+                            _evict(*paths)
+                        store = shared if kind == "shared" else Preloads()
+                        t0 = time.perf_counter()
+                        with store.run():
+                            for cache in (train, val):
+                                store.take(cache, [last] + ([skip] if skip else []))
+                        seconds += time.perf_counter() - t0
+                        read += 0 if store is shared else store.bytes_read
+                times.append((seconds, read + shared.bytes_read * (kind == "shared")))
+        (t_own, b_own), (t_shared, b_shared) = (min(v) for v in figures.values())
+        print(f"  {'dropped before each run' if cold else 'in the page cache'}:")
+        print(f"    one per run  {t_own:6.2f} s  {b_own / 1e9:6.2f} GB read")
+        print(f"    shared       {t_shared:6.2f} s  {b_shared / 1e9:6.2f} GB read   "
+              f"({t_own / t_shared:.1f}x faster, {b_own / b_shared:.1f}x fewer bytes)")
+
+
+def sweep_time(tmp: Path, size: int, n_train: int, n_val: int, epochs: int | None,
+               device: str, weights: str) -> None:
+    from featlab.segment.sweep import sweep
+
+    t_extract = sweep_caches(tmp, size, n_train, n_val, weights)
+    sweep_preloads(tmp)
     kwargs = {"epochs": epochs} if epochs else {}
     t1 = time.perf_counter()
     r = sweep(tmp / "train.h5", tmp / "val.h5", "stages", 3, out=tmp / "sweep", progress=False,
@@ -121,6 +183,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--preloads", action="store_true",
+                        help="only the sweep's caches and what its runs preload, shared or not")
     parser.add_argument("--device", default="cpu", help="where the heads train: cpu, cuda, ...")
     parser.add_argument("--weights", default="shapes",
                         help="backbone weights (none: where the shapes weights are not made)")
@@ -128,6 +192,11 @@ def main() -> None:
     os.environ.setdefault("FEATLAB_PROGRESS", "0")
     size, n = (64, 64) if args.quick else (args.size, args.images)
     with tempfile.TemporaryDirectory(prefix="featlab-bench-heads-") as tmp:
+        if args.preloads:
+            sweep_caches(Path(tmp), *((64, 200, 100) if args.quick else (128, 1000, 300)),
+                         args.weights)
+            sweep_preloads(Path(tmp))
+            return
         throughput(Path(tmp), size, n, args.batch_size, args.device, args.weights)
         if not args.no_sweep:
             if args.quick:

@@ -33,12 +33,17 @@ import logging
 import os
 import sys
 
-__all__ = ["keep_freed_memory", "release_freed_memory", "available_memory", "KEEP_BYTES"]
+__all__ = ["keep_freed_memory", "release_freed_memory", "available_memory", "memory_budget",
+           "KEEP_BYTES", "BUDGET_SHARE"]
 
 log = logging.getLogger("featlab")
 
 # free memory kept at the top of the heap before glibc trims it (mallopt takes an int)
 KEEP_BYTES = 1 << 30
+
+#: The share of :func:`available_memory` that featlab lets one computation hold: the rest is
+#: room for temporaries and for whatever else the machine runs.
+BUDGET_SHARE = 0.8
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_MAX = -4
@@ -91,6 +96,14 @@ def available_memory() -> int | None:
     """
     found = [v for v in (_meminfo_available(), _cgroup_room()) if v is not None]
     return min(found) if found else None
+
+
+def memory_budget() -> int | None:
+    """Bytes one of featlab's memory-bound computations may hold: :data:`BUDGET_SHARE` of
+    :func:`available_memory` (None where that cannot be read). Its users: the default cap of
+    CKA on a cache, and the arrays a head's training (or a sweep) preloads."""
+    free = available_memory()
+    return None if free is None else int(BUDGET_SHARE * free)
 
 
 def _meminfo_available() -> int | None:

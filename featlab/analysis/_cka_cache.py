@@ -84,10 +84,9 @@ class _Side:
 def default_max_bytes() -> int:
     """What CKA may hold: 80 % of the memory this process may still allocate (the machine's,
     or its job's cgroup limit), or 8 GiB where that cannot be read."""
-    from featlab.allocator import available_memory
+    from featlab.allocator import memory_budget
 
-    free = available_memory()
-    return int(0.8 * free) if free else _MAX_BYTES
+    return memory_budget() or _MAX_BYTES
 
 
 def _check_memory(what: str, held: str, need: int, max_bytes: int, fix: str) -> None:

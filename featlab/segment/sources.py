@@ -17,9 +17,11 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +32,7 @@ from featlab.errors import CacheError, FeatlabWarning
 
 log = logging.getLogger("featlab")
 
-__all__ = ["CacheSource", "TensorSource", "ImageSource", "check_caches"]
+__all__ = ["CacheSource", "Preloads", "TensorSource", "ImageSource", "check_caches"]
 
 _STATS_SAMPLES = 256  # first samples whose features fix the per-channel standardisation
 
@@ -121,14 +123,106 @@ class TensorSource:
         return _stats(self.get(range(i, min(n, i + 32)), "cpu")[0] for i in range(0, n, 32))
 
 
-class CacheSource(TensorSource):
-    """Points of a cache, read per batch (or all at once with ``preload``, as stored dtype)."""
+class Preloads:
+    """Arrays of caches read into memory once and kept for the runs that need them again.
 
-    def __init__(self, cache, points: Sequence[str], preload: bool = True):
+    Every run of a sweep needs the last point and the labels of both caches, and each skip
+    point comes back once per seed. A skip point of a real cache is many GB (resnet50's
+    ``layer1`` over VOC train at 512 px in float16: 12 GB), minutes of reading on a cluster's
+    file system, so a sweep shares one store among its runs and reads each array once while its
+    budget holds them all.
+
+    :meth:`run` scopes one run: the arrays it takes stay held until it ends. To make room for a
+    new array the store drops held arrays that the current run does not use, most recently
+    used first: a sweep cycles through its points, and under a cycle that keeps the most of
+    them for the next round. An array that cannot fit even then is not preloaded (a warning;
+    that source reads per batch).
+
+    Args:
+        budget: bytes it may hold; default :func:`~featlab.allocator.memory_budget` (80 % of
+            the memory available now) divided among the processes of this node (``torchrun``:
+            each holds its own copy); no limit where that cannot be read.
+
+    Attributes:
+        bytes_read: bytes read from caches so far (what sharing saves is visible here).
+    """
+
+    def __init__(self, budget: int | None = None):
+        from featlab.allocator import memory_budget
+
+        self.ranks = fdist.info_from_env().local_world_size
+        if budget is None:
+            budget = memory_budget()
+            budget = None if budget is None else budget // self.ranks
+        self.budget = budget
+        self._held: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()  # by last use
+        self._in_use: set[tuple[str, str]] = set()
+        self.bytes_read = 0
+
+    @contextlib.contextmanager
+    def run(self) -> Iterator[Preloads]:
+        """One run's scope: what it takes is not dropped to make room until the scope ends."""
+        try:
+            yield self
+        finally:
+            self._in_use.clear()
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(t.nbytes for t in self._held.values())
+
+    def take(self, cache, points: Sequence[str]) -> tuple[dict[str, torch.Tensor],
+                                                          torch.Tensor] | None:
+        """The ``points`` and labels of ``cache`` in memory (stored dtype), or None (with a
+        warning) when they cannot fit in the budget beside what the current run holds."""
+        from featlab.cache.plan import format_bytes
+
+        path = str(cache.path)
+        wanted = {(path, p): cache[p] for p in points}
+        wanted[(path, _LABELS)] = cache.labels
+        need = sum(a.nbytes for k, a in wanted.items() if k not in self._held)
+        # what may be dropped: arrays neither this source nor the rest of the run uses
+        spare = [k for k in self._held if k not in wanted and k not in self._in_use]
+        kept = self.held_bytes - sum(self._held[k].nbytes for k in spare)
+        if self.budget is not None and kept + need > self.budget:
+            from featlab.allocator import BUDGET_SHARE
+
+            warnings.warn(
+                f"preloading must fit in memory; {cache.path} needs {format_bytes(need)} more "
+                f"({format_bytes(kept)} held for this run), and the budget is "
+                f"{format_bytes(self.budget)} per process ({BUDGET_SHARE:.0%} of the available "
+                f"memory, shared by {self.ranks} process(es) on this node): reading per batch "
+                "instead (slower). Fix: --no-preload says so up front, or store fewer points.",
+                FeatlabWarning, stacklevel=4)
+            return None
+        for key in reversed(spare):  # most recently used first
+            if self.budget is None or self.held_bytes + need <= self.budget:
+                break
+            del self._held[key]
+        for key, array in wanted.items():
+            if key not in self._held:
+                self._held[key] = array.torch()
+                self.bytes_read += array.nbytes
+            self._held.move_to_end(key)
+        self._in_use.update(wanted)
+        return ({p: self._held[(path, p)] for p in points}, self._held[(path, _LABELS)])
+
+
+_LABELS = "/labels"  # the key of a cache's labels in a Preloads (no point is named so)
+
+
+class CacheSource(TensorSource):
+    """Points of a cache held in memory as stored (``preload``: a :class:`Preloads`, which may
+    share them with other runs, or True for a store of this source's own), or read per batch
+    (``preload`` False or None, or when they do not fit)."""
+
+    def __init__(self, cache, points: Sequence[str], preload: bool | Preloads | None = True):
         self.cache, self.points = cache, list(points)
-        self.preload = preload and _fits_in_memory(cache, self.points)
-        if self.preload:
-            super().__init__({p: cache[p].torch() for p in self.points}, cache.labels.torch())
+        store = Preloads() if preload is True else preload or None
+        held = store.take(cache, self.points) if store is not None else None
+        self.preload = held is not None
+        if held is not None:
+            super().__init__(*held)
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -140,25 +234,6 @@ class CacheSource(TensorSource):
         feats = {p: torch.from_numpy(self.cache[p][pos]).to(device).float()
                  for p in self.points}
         return feats, torch.from_numpy(self.cache.labels[pos]).to(device, torch.int64)
-
-
-def _fits_in_memory(cache, points: Sequence[str]) -> bool:
-    """Whether every process of this node can hold its copy of the points and labels in RAM
-    (with a fifth to spare); else a warning, and the source reads per batch."""
-    from featlab.cache.plan import format_bytes
-
-    need = sum(cache[p].nbytes for p in points) + cache.labels.nbytes
-    ranks = fdist.info_from_env().local_world_size
-    from featlab.allocator import available_memory
-
-    free = available_memory()
-    if free is None or need * ranks <= 0.8 * free:
-        return True
-    warnings.warn(f"preloading must fit in memory; {cache.path} needs {format_bytes(need)} per "
-                  f"process x {ranks} on this node, and {format_bytes(free)} is available: "
-                  "reading per batch instead (slower). Fix: --no-preload says so up front, or "
-                  "store fewer points.", FeatlabWarning, stacklevel=4)
-    return False
 
 
 class ImageSource:

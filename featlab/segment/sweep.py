@@ -35,11 +35,12 @@ import numpy as np
 
 from featlab import distributed as fdist
 from featlab._records import check_record, with_overrides
+from featlab.cache.plan import format_bytes
 from featlab.errors import ConfigError
 from featlab.segment import runs
 from featlab.segment.metrics import _iou
 from featlab.segment.predict import predictors, property_table
-from featlab.segment.sources import check_caches
+from featlab.segment.sources import Preloads, check_caches
 from featlab.segment.train import FLAG_FIELDS, HeadSettings, run_name, train_head
 
 log = logging.getLogger("featlab")
@@ -283,8 +284,9 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
         out: sweep folder (default ``<train cache folder>/sweep``); runs go to ``out/runs``.
         force: train every run again (else finished runs are reused, unfinished ones resumed).
         bootstrap, confidence, bootstrap_seed: the bootstrap over val images.
-        preload: each run reads its points into memory once (else per batch from the file; a
-            preload that would not fit does that anyway, with a warning).
+        preload: hold the points in memory, read once for all runs while they fit in the
+            budget of a :class:`~featlab.segment.sources.Preloads` (else per batch from the
+            file; a preload that would not fit does that anyway, with a warning).
 
     Returns:
         The :class:`SweepResult` (write it with :func:`write_sweep`).
@@ -301,6 +303,7 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
                                                     "sweep"))
     configs = [None, *names]
     total, done = len(configs) * len(seeds), 0
+    store = Preloads() if preload else False  # the runs share what they read
     results: dict = {}
     for seed in seeds:  # seed-major: a partial sweep already holds complete comparisons
         for skip in configs:
@@ -309,7 +312,10 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
             log.info("sweep run %d/%d: %s", done, total, run_name(s))
             results[(skip, seed)] = train_head(train, val, s, out=folder / "runs" / run_name(s),
                                                device=device, progress=progress, force=force,
-                                               reuse=True, preload=preload)
+                                               reuse=True, preload=store)
+    if store:
+        log.info("sweep: read %s of cached arrays for %d runs", format_bytes(store.bytes_read),
+                 total)
     per_image = fdist.from_main(lambda: {k: np.load(Path(r.folder) / runs.VAL_CONFUSION)
                                          for k, r in results.items()})  # rank 0 wrote them
     ci = {p: list(bootstrap_gain([per_image[(p, s)] for s in seeds],

@@ -18,6 +18,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -36,6 +37,7 @@ from featlab.errors import CheckpointError, ConfigError, did_you_mean
 from featlab.segment import runs
 from featlab.segment.heads import FUSIONS, FrozenBackbone, SegHead, finetune_features
 from featlab.segment.metrics import ConfusionMatrix, miou_per_image_mean
+from featlab.segment.sources import CacheSource, ImageSource, Preloads, check_caches
 
 log = logging.getLogger("featlab")
 
@@ -200,7 +202,7 @@ def _open(cache):
 
 def train_head(train, val, settings: HeadSettings | None = None, *, out=None, device=None,
                progress: bool = True, force: bool = False, reuse: bool = False,
-               preload: bool = True, **overrides) -> HeadResult:
+               preload: bool | Preloads = True, **overrides) -> HeadResult:
     """Train a baseline or single-skip head on a train cache, validate on a val cache.
 
     Args:
@@ -212,7 +214,9 @@ def train_head(train, val, settings: HeadSettings | None = None, *, out=None, de
         progress: tqdm bars (off on ranks other than 0 and with ``FEATLAB_PROGRESS=0``).
         force: delete an existing run (finished or not) and start over.
         reuse: return a finished run's result instead of refusing (the sweep's resume).
-        preload: read the needed points into memory once (else per batch from the file).
+        preload: read the needed points into memory once (else per batch from the file); a
+            :class:`~featlab.segment.sources.Preloads` keeps what it reads for later runs (a
+            sweep's), and takes what earlier runs read from it.
 
     Returns:
         The :class:`HeadResult` (also in ``<out>/run.json``).
@@ -222,8 +226,6 @@ def train_head(train, val, settings: HeadSettings | None = None, *, out=None, de
         CheckpointError: a checkpoint at ``out`` was made with other settings or caches.
         CacheError: the caches do not match each other (R-8.3).
     """
-    from featlab.segment.sources import CacheSource, ImageSource, check_caches
-
     settings = with_overrides(settings or HeadSettings(), overrides, "train_head")
     train, val = _open(train), _open(val)
     last = train.point_names[-1]
@@ -243,18 +245,21 @@ def train_head(train, val, settings: HeadSettings | None = None, *, out=None, de
     if done is not None:
         return done
     head = _make_head(train, points, settings)
-    backbone = None
+    backbone, store = None, None
     if settings.finetune:
         backbone, spec = _backbone(train)
         backbone = backbone.to(dev)
         train_src = ImageSource(_dataset(train), train.index, backbone, spec, points, True)
         val_src = ImageSource(_dataset(val), val.index, backbone, spec, points, True)
-    else:
-        train_src, val_src = (CacheSource(c, points, preload) for c in (train, val))
-    head.set_input_stats(train_src.stats())
-    return fit(head, train_src, val_src, settings, folder, device=dev, progress=progress,
-               backbone=backbone, classes=train.classes, ignore_index=train.ignore_index,
-               identity=identity, info=info)
+    elif preload:
+        store = preload if isinstance(preload, Preloads) else Preloads()
+    with store.run() if store is not None else contextlib.nullcontext():
+        if not settings.finetune:  # both sources' arrays are held together
+            train_src, val_src = (CacheSource(c, points, store) for c in (train, val))
+        head.set_input_stats(train_src.stats())
+        return fit(head, train_src, val_src, settings, folder, device=dev, progress=progress,
+                   backbone=backbone, classes=train.classes, ignore_index=train.ignore_index,
+                   identity=identity, info=info)
 
 
 def _make_head(cache, points, settings: HeadSettings) -> SegHead:

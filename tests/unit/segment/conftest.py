@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import featlab
@@ -23,3 +25,18 @@ def make_caches(folder, n_train=48, n_val=16, seed=0, size=32):
 @pytest.fixture(scope="session")
 def caches(tmp_path_factory):
     return make_caches(tmp_path_factory.mktemp("segcaches"))
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every array a test reads whole into a tensor, as (file name, array name)."""
+    from featlab.cache.arrays import CacheArray
+
+    seen, read = [], CacheArray.torch
+
+    def counted(self, key=slice(None)):
+        seen.append((Path(self._reader.path).stem, self.name))
+        return read(self, key)
+
+    monkeypatch.setattr(CacheArray, "torch", counted)
+    return seen

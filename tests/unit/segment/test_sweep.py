@@ -198,9 +198,13 @@ def test_predictors_say_why_a_correlation_is_undefined():
     assert "undefined" not in rows["stride"] and rows["stride"]["spearman_rho"] == 1.0
 
 
-def test_sweep_table_files_and_resume(caches, tmp_path):
+def test_sweep_table_files_and_resume(caches, tmp_path, reads):
     out = tmp_path / "sweep"
     r = sweep(*caches, points="stages", seeds=2, out=out, progress=False, bootstrap=200, **FAST)
+    # 4 runs share one preload: each cache's last point, labels and layer1.0 read once (20 reads
+    # when every run preloads its own)
+    assert sorted(reads) == sorted((split, name) for split in ("train", "val") for name in (
+        "points/layer1.1", "labels", "points/layer1.0"))
     assert repr(r).startswith("SweepResult(1 point x 2 seeds: baseline mIoU ") and (
         f"folder={str(out)!r})" in repr(r))
     assert r.points == ("layer1.0",) and r.seeds == (0, 1) and len(r.baseline) == 2

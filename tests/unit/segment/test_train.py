@@ -382,10 +382,51 @@ def test_a_preload_that_would_not_fit_in_memory_reads_per_batch(caches, monkeypa
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # three ranks on this node: 3 copies
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.warns(featlab.errors.FeatlabWarning, match="per process x 3 on this node"):
+    with pytest.warns(featlab.errors.FeatlabWarning, match="shared by 3 process"):
         assert not sources.CacheSource(cache, ["layer1.1"]).preload
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setenv("WORLD_SIZE", "1")
     loaded = sources.CacheSource(cache, ["layer1.1"])
     assert loaded.preload and torch.equal(loaded.get([3], "cpu")[0]["layer1.1"],
                                           src.get([3], "cpu")[0]["layer1.1"])
+
+
+def test_a_shared_preload_reads_each_array_once_and_drops_the_most_recent_first(caches, reads):
+    from featlab.segment.sources import Preloads
+
+    train, val = (featlab.open_cache(c) for c in caches)
+    last = train.point_names[-1]
+    size = {p: train[p].nbytes for p in train.point_names}
+    labels = train.labels.nbytes
+    cycle = [["layer1.0"], ["conv1"], ["bn1"], ["relu"]]  # a sweep's skip points, seed-major
+    store = Preloads(budget=None)
+    for _ in range(2):
+        for skip in cycle:
+            with store.run():
+                feats, y = store.take(train, [last, *skip])
+    assert len(reads) == 6 and store.bytes_read == sum(size.values()) + labels  # each once
+    np.testing.assert_array_equal(feats["relu"].numpy(), train["relu"][:])
+    np.testing.assert_array_equal(y.numpy(), train.labels[:])
+    # room for the last point, the labels and two skip points: in a cycle, dropping the most
+    # recently used array keeps one for the next round (LRU would keep none)
+    store, kept = Preloads(budget=size[last] + labels + 2 * size["conv1"]), []
+    for _ in range(2):
+        for skip in cycle:
+            before = store.bytes_read
+            with store.run():
+                store.take(train, [last, *skip])
+            kept.append(store.bytes_read == before)
+    assert kept == [False] * 4 + [True, False, False, True]
+    # what a run uses is never dropped for another array of the same run
+    store = Preloads(budget=size[last] + labels + size["conv1"] + val[last].nbytes
+                     + val.labels.nbytes + val["conv1"].nbytes)
+    with store.run():
+        assert store.take(train, [last, "conv1"]) is not None
+        with pytest.warns(featlab.errors.FeatlabWarning, match=r"needs .* more \(.* held for "
+                                                                r"this run\)"):
+            assert store.take(val, [last, "relu", "conv1"]) is None
+        assert store.take(val, [last, "conv1"]) is not None
+    del reads[:]
+    with store.run():  # a new run: now the first run's arrays may go
+        assert store.take(val, [last, "relu"]) is not None
+    assert reads == [("val", "points/relu")] and store.held_bytes <= store.budget
