@@ -87,8 +87,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from featlab.errors import ConfigError
     from featlab.runinfo import run_versions
     from featlab.segment import runs
-    from featlab.segment.sweep import (predictors, property_table, read_sweep, sweep,
-                                       sweep_difference, write_sweep)
+    from featlab.report.tables import predictors, property_table
+    from featlab.segment.sweep import read_sweep, sweep, sweep_difference, write_sweep
     from featlab.segment.train import HeadSettings
 
     out = Path(args.out) if args.out else Path(args.train).resolve().parent / "sweep"

@@ -9,8 +9,8 @@ together (:func:`gain_interval`), and that widened to hold for all points at onc
 gain exceeds twice the seed-to-seed std (descriptive), a rank, and how often each point ranks
 first when images and seeds are resampled (:func:`best_share`). Runs live in
 ``<out>/runs/<run name>/``; a killed sweep re-run with the same command skips finished runs and
-resumes the unfinished one from its checkpoint. :func:`property_table` and :func:`predictors`
-(in :mod:`featlab.segment.predict`) join the gains with cheap per-point properties.
+resumes the unfinished one from its checkpoint. :func:`~featlab.report.tables.property_table`
+and :func:`~featlab.report.tables.predictors` join the gains with cheap per-point properties.
 
 Examples:
     >>> r = sweep("train.h5", "val.h5", points="stages", seeds=3)  # doctest: +SKIP
@@ -39,14 +39,13 @@ from featlab.cache.plan import format_bytes
 from featlab.errors import ConfigError
 from featlab.segment import runs
 from featlab.segment.metrics import _iou
-from featlab.segment.predict import predictors, property_table
 from featlab.segment.sources import Preloads, check_caches
 from featlab.segment.train import FLAG_FIELDS, HeadSettings, run_name, train_head
 
 log = logging.getLogger("featlab")
 
 __all__ = ["SweepResult", "sweep", "sweep_difference", "read_sweep", "write_sweep", "gain_stats",
-           "gain_interval", "best_share", "property_table", "predictors"]
+           "gain_interval", "best_share"]
 
 BASELINE = "baseline"
 SWEEP_FILES = ("sweep.json", "sweep.csv", "predictors.json")  # what a sweep writes at its end
