@@ -17,8 +17,9 @@ inside the ``with`` block of :class:`Taps`.
 The rounding error is one of two statistics (``plan.ERROR_STATS``; float32 storage records 0):
 
 * ``"bound"``: half the float16 spacing at the sample's largest stored magnitude -- the most
-  that rounding can have changed any of its values (an exact bound, not an estimate). It needs
-  only the stored copy: two reductions over float16, and anyone can recompute it from the file.
+  that rounding can have changed any of its values (an exact bound, not an estimate). It
+  depends only on the stored copy, so anyone can recompute it from the file; the hooks take the
+  two reductions of the float32 output and round the results (the same bits, and faster).
 * ``"exact"``: max |x - float32(stored)|, which needs the float32 values again: a copy back,
   a subtraction and two reductions per point: 6-7 % of a resnet18 forward on two CPU cores,
   against ~2 % for the bound (``benchmarks/README.md``).
