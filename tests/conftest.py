@@ -6,6 +6,7 @@ import logging
 import os
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -16,3 +17,13 @@ def cli_state(monkeypatch):
     monkeypatch.setenv("FEATLAB_PROGRESS", os.environ.get("FEATLAB_PROGRESS", "1"))
     yield
     log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the same arithmetic in every run, and no OpenMP stalls when other
+    processes load this 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,14 +16,7 @@ from featlab.data import load_dataset
 from featlab.data.fakes import write_voc
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the same arithmetic in every run, and no OpenMP stalls when other
-    processes load this 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_cli_extracts_a_miniature_voc_tree(tmp_path, capsys, cli_state):

@@ -27,14 +27,7 @@ from featlab.models import BackboneSpec
 SPEC = BackboneSpec("tiny", "none", (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), 32, 10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the same arithmetic in every run, and no OpenMP stalls when other
-    processes load this 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class ArrayDataset(SegmentationDataset):
