@@ -151,6 +151,7 @@ class Preloads:
         from featlab.allocator import memory_budget
 
         self.ranks = fdist.info_from_env().local_world_size
+        self._derived = budget is None
         if budget is None:
             budget = memory_budget()
             budget = None if budget is None else budget // self.ranks
@@ -187,13 +188,14 @@ class Preloads:
         if self.budget is not None and kept + need > self.budget:
             from featlab.allocator import BUDGET_SHARE
 
+            budget = f"the budget is {format_bytes(self.budget)}" + (
+                f" per process ({BUDGET_SHARE:.0%} of the available memory, shared by "
+                f"{self.ranks} process(es) on this node)" if self._derived else "")
+            held = f" ({format_bytes(kept)} held for this run)" if kept else ""
             warnings.warn(
-                f"preloading must fit in memory; {cache.path} needs {format_bytes(need)} more "
-                f"({format_bytes(kept)} held for this run), and the budget is "
-                f"{format_bytes(self.budget)} per process ({BUDGET_SHARE:.0%} of the available "
-                f"memory, shared by {self.ranks} process(es) on this node): reading per batch "
-                "instead (slower). Fix: --no-preload says so up front, or store fewer points.",
-                FeatlabWarning, stacklevel=4)
+                f"preloading must fit in memory; {cache.path} needs {format_bytes(need)} more"
+                f"{held}, and {budget}: reading per batch instead (slower). Fix: --no-preload "
+                "says so up front, or store fewer points.", FeatlabWarning, stacklevel=4)
             return None
         for key in reversed(spare):  # most recently used first
             if self.budget is None or self.held_bytes + need <= self.budget:
