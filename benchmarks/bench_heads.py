@@ -12,12 +12,15 @@ front. Then (unless ``--no-sweep``) it extracts train/val caches and times
 README — with its table.
 
     python benchmarks/bench_heads.py [--quick] [--size 128] [--images 256] [--no-sweep]
-                                     [--preloads] [--device cuda] [--weights none]
+                                     [--preloads] [--statistics] [--device cuda]
+                                     [--weights none]
 
 Before the sweep it replays the sweep's preloads in its run order, with one
 :class:`~featlab.segment.sources.Preloads` shared by all runs and with one per run (each run
 reading its own arrays, the baseline), and prints seconds and bytes read; ``--preloads`` does
-only that (and the caches it needs).
+only that (and the caches it needs). ``--statistics`` times only the sweep's image bootstrap
+(intervals and P(best)) on synthetic confusion matrices of the val sizes of VOC, Cityscapes and
+ADE20K: class totals per image against the einsum over whole confusion matrices it replaced.
 
 ``--quick``: 64 images, 64 px, and a small sweep (200/100 images, 2 epochs) to check the script.
 Run it with ``OMP_NUM_THREADS=1`` on a shared machine; the figures depend on the load.
@@ -155,6 +158,47 @@ def sweep_preloads(tmp: Path, seeds: int = 3, rounds: int = 2) -> None:
               f"({t_own / t_shared:.1f}x faster, {b_own / b_shared:.1f}x fewer bytes)")
 
 
+def sweep_statistics(quick: bool = False) -> None:
+    """The sweep's image bootstrap (intervals and P(best)) at the val sizes of real data sets:
+    resampled mIoU from each image's class totals (featlab) against the einsum over the
+    per-image confusion matrices that it replaced (the baseline), same draws, same run."""
+    import numpy as np
+
+    from featlab.segment.sweep import (_image_weights, _miou, _resampled_miou, best_share,
+                                       bootstrap_gain)
+
+    sizes = [("VOC val", 1449, 21), ("Cityscapes val", 500, 19), ("ADE20K val", 2000, 150)]
+    seeds, points = (3, 4) if quick else (3, 12)
+    rng = np.random.default_rng(0)
+    print(f"\nsweep statistics: {seeds} seeds, {points} points, 1000 resamples, "
+          f"{torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.2f}")
+    for name, images, classes in (sizes[:1] if quick else sizes):
+        def confusions():
+            return [rng.integers(0, 50, (images, classes, classes)) for _ in range(seeds)]
+
+        base, other = confusions(), confusions()  # the points take turns (memory: ADE20K's
+        skips = {f"p{i}": (other, base)[i % 2] for i in range(points)}  # are 1 GB per point)
+        n = 1000 if classes < 100 else 100  # the einsum of ADE20K's 150 classes: n=100, x10
+        weights = _image_weights(np.random.default_rng(1), images, n)
+        t0 = time.perf_counter()
+        old = _miou(np.einsum("bn,snij->bsij", weights, np.stack(base).astype(np.float64)))
+        t1 = time.perf_counter()
+        new = _resampled_miou(weights, base)
+        t2 = time.perf_counter()
+        assert np.array_equal(old, new)
+        for p in skips:
+            bootstrap_gain(skips[p], base)
+        best_share(skips, base)
+        t3 = time.perf_counter()
+        calls = 2 * points + points + 1  # bootstrap_gain: skip + base; best_share: all + base
+        scale = 1000 / n
+        print(f"  {name:<15} {images} images x {classes} classes: one call {t1 - t0:7.3f} s "
+              f"with einsum{f' at n={n}' if n != 1000 else ''}, {t2 - t1:6.3f} s now "
+              f"({(t1 - t0) / (t2 - t1):4.0f}x); the sweep's statistics {t3 - t2:5.1f} s now, "
+              f"~{calls * (t1 - t0) * scale:5.0f} s with einsum"
+              f"{f' (x{scale:.0f}, from n={n})' if n != 1000 else ''}")
+
+
 def sweep_time(tmp: Path, size: int, n_train: int, n_val: int, epochs: int | None,
                device: str, weights: str) -> None:
     from featlab.segment.sweep import sweep
@@ -183,6 +227,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--statistics", action="store_true",
+                        help="only the sweep's bootstrap at VOC, Cityscapes and ADE20K val sizes")
     parser.add_argument("--preloads", action="store_true",
                         help="only the sweep's caches and what its runs preload, shared or not")
     parser.add_argument("--device", default="cpu", help="where the heads train: cpu, cuda, ...")
@@ -191,6 +237,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("FEATLAB_PROGRESS", "0")
     size, n = (64, 64) if args.quick else (args.size, args.images)
+    if args.statistics:
+        sweep_statistics(args.quick)
+        return
     with tempfile.TemporaryDirectory(prefix="featlab-bench-heads-") as tmp:
         if args.preloads:
             sweep_caches(Path(tmp), *((64, 200, 100) if args.quick else (128, 1000, 300)),

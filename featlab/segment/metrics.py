@@ -200,9 +200,24 @@ def miou_per_image_mean(matrices: Any) -> float:
 
 def _iou(counts: Any) -> np.ndarray:
     """IoU per class of ``[..., C, C]`` counts (rows: label), NaN where the union is empty."""
-    m = np.asarray(counts, dtype=np.float64)
-    tp = np.diagonal(m, axis1=-2, axis2=-1)
-    union = m.sum(-2) + m.sum(-1) - tp
+    return _iou_of(*_class_totals(counts))
+
+
+def _class_totals(counts: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(true positives, row + column sums)`` per class of ``[..., C, C]`` counts, float64: all
+    that IoU needs, and additive over images (a sum of confusion matrices has the sum of their
+    totals), so a resampled data set's IoU can be had from ``2C`` numbers per image."""
+    m = np.asarray(counts)
+    if not np.issubdtype(m.dtype, np.integer):
+        m = m.astype(np.float64, copy=False)
+    # integer counts are summed as integers (exact), then made float64: no float copy of m
+    tp, sums = np.diagonal(m, axis1=-2, axis2=-1), m.sum(-2) + m.sum(-1)
+    return tp.astype(np.float64), sums.astype(np.float64)
+
+
+def _iou_of(tp: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """IoU per class from :func:`_class_totals`, NaN where the union is empty."""
+    union = sums - tp
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, tp / union, np.nan)
 

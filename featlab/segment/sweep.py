@@ -38,7 +38,7 @@ from featlab._records import check_record, with_overrides
 from featlab.cache.plan import format_bytes
 from featlab.errors import ConfigError
 from featlab.segment import runs
-from featlab.segment.metrics import _iou
+from featlab.segment.metrics import _class_totals, _iou, _iou_of
 from featlab.segment.sources import Preloads, check_caches
 from featlab.segment.train import FLAG_FIELDS, HeadSettings, run_name, train_head
 
@@ -216,9 +216,19 @@ def _image_weights(rng: np.random.Generator, num: int, n: int) -> np.ndarray:
 
 def _resampled_miou(weights: np.ndarray, per_seed: Sequence[np.ndarray]) -> np.ndarray:
     """``[n, seeds]`` data-set mIoU of each seed's per-image confusion matrices in each
-    resample (``weights`` from :func:`_image_weights`)."""
-    m = np.stack(per_seed).astype(np.float64)  # [seeds, images, C, C]
-    return _miou(np.einsum("bn,snij->bsij", weights, m))
+    resample (``weights`` from :func:`_image_weights`).
+
+    A resample's confusion matrix is the weighted sum of the images', and IoU needs only its
+    true positives and row + column sums, which are the same weighted sums of the images'
+    (:func:`~featlab.segment.metrics._class_totals`): one matrix product over ``2C`` numbers per
+    image and seed instead of ``C^2`` (ADE20K's 150 classes: 75x fewer). The counts are whole
+    numbers, so the sums are exact and the mIoU is the one of the summed matrices, bit for bit.
+    """
+    # [images, seeds, 2, C], seed by seed (no copy of the stacked matrices)
+    totals = np.stack([np.stack(_class_totals(m), 1) for m in per_seed], 1)
+    images, seeds, _, c = totals.shape
+    out = (weights @ totals.reshape(images, -1)).reshape(len(weights), seeds, 2, c)
+    return np.nanmean(_iou_of(out[..., 0, :], out[..., 1, :]), axis=-1)
 
 
 def bootstrap_gain(skip: Sequence[np.ndarray], base: Sequence[np.ndarray], *, n: int = 1000,

@@ -12,10 +12,10 @@ import featlab
 import featlab.testing as ft
 from featlab.errors import CacheError, ConfigError
 from featlab.segment import runs
-from featlab.segment.metrics import ConfusionMatrix
-from featlab.segment.sweep import (SweepResult, _miou, best_share, bootstrap_gain,
-                                   gain_interval, gain_stats, sweep, sweep_difference,
-                                   write_sweep)
+from featlab.segment.metrics import ConfusionMatrix, _iou
+from featlab.segment.sweep import (SweepResult, _image_weights, _miou, _resampled_miou,
+                                   best_share, bootstrap_gain, gain_interval, gain_stats, sweep,
+                                   sweep_difference, write_sweep)
 from featlab.segment.train import train_head
 
 from .conftest import SPEC
@@ -42,6 +42,18 @@ def test_stacked_miou_equals_confusion_matrix_miou():
         cm.counts[:] = 0
         cm.counts += __import__("torch").as_tensor(m[i])
         assert _miou(m)[i] == pytest.approx(cm.miou())
+
+
+def test_resampled_miou_is_the_miou_of_the_resampled_confusion_matrices_bit_for_bit():
+    rng = np.random.default_rng(4)
+    per_seed = [rng.integers(0, 40, (30, 5, 5)) for _ in range(3)]
+    for m in per_seed:
+        m[:, 4, :] = m[:, :, 4] = 0  # a class absent everywhere: NaN, left out of the mean
+        m[:29, 3, :] = m[:29, :, 3] = 0  # one present in a single image
+    weights = _image_weights(np.random.default_rng(0), 30, 200)
+    summed = np.einsum("bn,snij->bsij", weights, np.stack(per_seed).astype(np.float64))
+    np.testing.assert_array_equal(_resampled_miou(weights, per_seed), _miou(summed))
+    assert np.isnan(_iou(summed)[..., 3]).any()  # some resamples drew none of class 3's images
 
 
 def test_bootstrap_over_images_is_seeded_paired_and_brackets_the_gain():
