@@ -164,8 +164,8 @@ def sweep_statistics(quick: bool = False) -> None:
     per-image confusion matrices that it replaced (the baseline), same draws, same run."""
     import numpy as np
 
-    from featlab.segment.sweep import (_image_weights, _miou, _resampled_miou, best_share,
-                                       bootstrap_gain)
+    from featlab.segment.sweep import (_best_share, _bootstrap_gain, _image_totals,
+                                       _image_weights, _miou, _resampled_miou)
 
     sizes = [("VOC val", 1449, 21), ("Cityscapes val", 500, 19), ("ADE20K val", 2000, 150)]
     seeds, points = (3, 4) if quick else (3, 12)
@@ -183,13 +183,16 @@ def sweep_statistics(quick: bool = False) -> None:
         t0 = time.perf_counter()
         old = _miou(np.einsum("bn,snij->bsij", weights, np.stack(base).astype(np.float64)))
         t1 = time.perf_counter()
-        new = _resampled_miou(weights, base)
+        new = _resampled_miou(weights, [_image_totals(m) for m in base])
         t2 = time.perf_counter()
         assert np.array_equal(old, new)
-        for p in skips:
-            bootstrap_gain(skips[p], base)
-        best_share(skips, base)
+        # as the sweep does it: each run's matrices down to their totals once, then the bootstrap
+        totals = {p: [_image_totals(m) for m in ms] for p, ms in {**skips, None: base}.items()}
+        ci = {p: _bootstrap_gain(totals[p], totals[None], n=1000, confidence=0.95, seed=0)
+              for p in skips}
+        _best_share({p: totals[p] for p in skips}, totals[None], n=1000, seed=0)
         t3 = time.perf_counter()
+        assert len(ci) == points
         calls = 2 * points + points + 1  # bootstrap_gain: skip + base; best_share: all + base
         scale = 1000 / n
         print(f"  {name:<15} {images} images x {classes} classes: one call {t1 - t0:7.3f} s "

@@ -214,18 +214,22 @@ def _image_weights(rng: np.random.Generator, num: int, n: int) -> np.ndarray:
                      for _ in range(n)]).astype(np.float64)
 
 
-def _resampled_miou(weights: np.ndarray, per_seed: Sequence[np.ndarray]) -> np.ndarray:
-    """``[n, seeds]`` data-set mIoU of each seed's per-image confusion matrices in each
-    resample (``weights`` from :func:`_image_weights`).
+def _image_totals(per_image: np.ndarray) -> np.ndarray:
+    """``[images, 2, C]`` float64: each image's true positives and row + column sums per class
+    (:func:`~featlab.segment.metrics._class_totals`) from its confusion matrix ``[C, C]``.
 
-    A resample's confusion matrix is the weighted sum of the images', and IoU needs only its
-    true positives and row + column sums, which are the same weighted sums of the images'
-    (:func:`~featlab.segment.metrics._class_totals`): one matrix product over ``2C`` numbers per
-    image and seed instead of ``C^2`` (ADE20K's 150 classes: 75x fewer). The counts are whole
-    numbers, so the sums are exact and the mIoU is the one of the summed matrices, bit for bit.
+    A resample's confusion matrix is the weighted sum of the images', and its IoU needs only
+    these totals, which are the same weighted sums of the images': ``2C`` numbers per image
+    instead of ``C^2`` (ADE20K's 150 classes: 75x fewer). The counts are whole numbers, so the
+    sums are exact and the mIoU is the summed matrices' own, bit for bit.
     """
-    # [images, seeds, 2, C], seed by seed (no copy of the stacked matrices)
-    totals = np.stack([np.stack(_class_totals(m), 1) for m in per_seed], 1)
+    return np.stack(_class_totals(per_image), 1)
+
+
+def _resampled_miou(weights: np.ndarray, per_seed: Sequence[np.ndarray]) -> np.ndarray:
+    """``[n, seeds]`` data-set mIoU in each resample (``weights`` from :func:`_image_weights`)
+    of each seed's per-image totals (:func:`_image_totals`): one matrix product."""
+    totals = np.stack(per_seed, 1)  # [images, seeds, 2, C]
     images, seeds, _, c = totals.shape
     out = (weights @ totals.reshape(images, -1)).reshape(len(weights), seeds, 2, c)
     return np.nanmean(_iou_of(out[..., 0, :], out[..., 1, :]), axis=-1)
@@ -239,6 +243,13 @@ def bootstrap_gain(skip: Sequence[np.ndarray], base: Sequence[np.ndarray], *, n:
     the same order). Each resample draws N images with replacement (one draw shared by every
     seed and both heads: a paired bootstrap).
     """
+    return _bootstrap_gain([_image_totals(m) for m in skip], [_image_totals(m) for m in base],
+                           n=n, confidence=confidence, seed=seed)
+
+
+def _bootstrap_gain(skip: Sequence[np.ndarray], base: Sequence[np.ndarray], *, n: int,
+                    confidence: float, seed: int) -> tuple[float, float]:
+    """:func:`bootstrap_gain` of per-image totals (:func:`_image_totals`)."""
     weights = _image_weights(np.random.default_rng(seed), len(base[0]), n)
     gs = _resampled_miou(weights, skip).mean(1)
     gb = _resampled_miou(weights, base).mean(1)
@@ -263,6 +274,13 @@ def best_share(skips: dict[str, Sequence[np.ndarray]], base: Sequence[np.ndarray
         >>> best_share({"good": [eye, eye], "bad": [half, half]}, [half, half], n=50)
         {'good': 1.0, 'bad': 0.0}
     """
+    return _best_share({p: [_image_totals(m) for m in ms] for p, ms in skips.items()},
+                       [_image_totals(m) for m in base], n=n, seed=seed)
+
+
+def _best_share(skips: dict[str, Sequence[np.ndarray]], base: Sequence[np.ndarray], *, n: int,
+                seed: int) -> dict[str, float]:
+    """:func:`best_share` of per-image totals (:func:`_image_totals`)."""
     rng = np.random.default_rng([seed, 1])
     names = list(skips)
     k = len(base)
@@ -325,13 +343,16 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
     if store:
         log.info("sweep: read %s of cached arrays for %d runs", format_bytes(store.bytes_read),
                  total)
-    per_image = fdist.from_main(lambda: {k: np.load(Path(r.folder) / runs.VAL_CONFUSION)
-                                         for k, r in results.items()})  # rank 0 wrote them
-    ci = {p: list(bootstrap_gain([per_image[(p, s)] for s in seeds],
-                                 [per_image[(None, s)] for s in seeds], n=bootstrap,
-                                 confidence=confidence, seed=bootstrap_seed)) for p in names}
-    best = best_share({p: [per_image[(p, s)] for s in seeds] for p in names},
-                      [per_image[(None, s)] for s in seeds], n=bootstrap, seed=bootstrap_seed)
+    # each run's per-image matrices [N, C, C] taken down to their totals [N, 2, C] as they are
+    # read: one run's matrices in memory at a time (ADE20K val: 360 MB each), not the sweep's
+    per_image = fdist.from_main(lambda: {
+        k: _image_totals(np.load(Path(r.folder) / runs.VAL_CONFUSION))
+        for k, r in results.items()})  # rank 0 wrote them
+    ci = {p: list(_bootstrap_gain([per_image[(p, s)] for s in seeds],
+                                  [per_image[(None, s)] for s in seeds], n=bootstrap,
+                                  confidence=confidence, seed=bootstrap_seed)) for p in names}
+    best = _best_share({p: [per_image[(p, s)] for s in seeds] for p in names},
+                       [per_image[(None, s)] for s in seeds], n=bootstrap, seed=bootstrap_seed)
     records = {p.name: p for p in train.points}
     return SweepResult(
         last=last, points=tuple(names), seeds=seeds,

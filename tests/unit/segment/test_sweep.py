@@ -13,9 +13,9 @@ import featlab.testing as ft
 from featlab.errors import CacheError, ConfigError
 from featlab.segment import runs
 from featlab.segment.metrics import ConfusionMatrix, _iou
-from featlab.segment.sweep import (SweepResult, _image_weights, _miou, _resampled_miou,
-                                   best_share, bootstrap_gain, gain_interval, gain_stats, sweep,
-                                   sweep_difference, write_sweep)
+from featlab.segment.sweep import (SweepResult, _image_totals, _image_weights, _miou,
+                                   _resampled_miou, best_share, bootstrap_gain, gain_interval,
+                                   gain_stats, sweep, sweep_difference, write_sweep)
 from featlab.segment.train import train_head
 
 from .conftest import SPEC
@@ -52,7 +52,8 @@ def test_resampled_miou_is_the_miou_of_the_resampled_confusion_matrices_bit_for_
         m[:29, 3, :] = m[:29, :, 3] = 0  # one present in a single image
     weights = _image_weights(np.random.default_rng(0), 30, 200)
     summed = np.einsum("bn,snij->bsij", weights, np.stack(per_seed).astype(np.float64))
-    np.testing.assert_array_equal(_resampled_miou(weights, per_seed), _miou(summed))
+    np.testing.assert_array_equal(
+        _resampled_miou(weights, [_image_totals(m) for m in per_seed]), _miou(summed))
     assert np.isnan(_iou(summed)[..., 3]).any()  # some resamples drew none of class 3's images
 
 
