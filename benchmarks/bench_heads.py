@@ -38,6 +38,7 @@ import torch
 
 import featlab
 from featlab.segment.heads import FrozenBackbone, SegHead
+from featlab.segment import runs
 from featlab.segment.sources import CacheSource, ImageSource, Preloads
 from featlab.segment.train import HeadSettings, fit
 
@@ -174,7 +175,7 @@ def sweep_statistics(quick: bool = False) -> None:
           f"{torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.2f}")
     for name, images, classes in (sizes[:1] if quick else sizes):
         def confusions():
-            return [rng.integers(0, 50, (images, classes, classes)) for _ in range(seeds)]
+            return [_image_confusions(rng, images, classes) for _ in range(seeds)]
 
         base, other = confusions(), confusions()  # the points take turns (memory: ADE20K's
         skips = {f"p{i}": (other, base)[i % 2] for i in range(points)}  # are 1 GB per point)
@@ -193,6 +194,15 @@ def sweep_statistics(quick: bool = False) -> None:
         _best_share({p: totals[p] for p in skips}, totals[None], n=1000, seed=0)
         t3 = time.perf_counter()
         assert len(ci) == points
+        with tempfile.TemporaryDirectory() as tmp:  # one run's val_confusion: compressed or not
+            t4 = time.perf_counter()
+            np.save(Path(tmp) / "raw.npy", base[0])
+            t5 = time.perf_counter()
+            runs.write_confusions(Path(tmp), base[0])
+            t6 = time.perf_counter()
+            assert np.array_equal(runs.read_confusions(Path(tmp)), base[0])
+            t7 = time.perf_counter()
+            raw, packed = ((Path(tmp) / f).stat().st_size for f in ("raw.npy", runs.VAL_CONFUSION))
         calls = 2 * points + points + 1  # bootstrap_gain: skip + base; best_share: all + base
         scale = 1000 / n
         print(f"  {name:<15} {images} images x {classes} classes: one call {t1 - t0:7.3f} s "
@@ -200,6 +210,22 @@ def sweep_statistics(quick: bool = False) -> None:
               f"({(t1 - t0) / (t2 - t1):4.0f}x); the sweep's statistics {t3 - t2:5.1f} s now, "
               f"~{calls * (t1 - t0) * scale:5.0f} s with einsum"
               f"{f' (x{scale:.0f}, from n={n})' if n != 1000 else ''}")
+        print(f"  {'':<15} a run's matrices on disk: {raw / 1e6:6.1f} MB .npy in {t5 - t4:.2f} s, "
+              f"{packed / 1e6:5.2f} MB .npz in {t6 - t5:.2f} s (read {t7 - t6:.2f} s)")
+
+
+def _image_confusions(rng, images: int, classes: int):
+    """``[images, C, C]`` per-image confusion matrices shaped like a segmentation head's on a
+    512 px val set: 5-15 classes per image, each mostly right and confused with 3 others."""
+    import numpy as np
+
+    m = np.zeros((images, classes, classes), np.int64)
+    for i in range(images):
+        shown = rng.choice(classes, int(rng.integers(5, min(16, classes + 1))), replace=False)
+        for label, pixels in zip(shown, rng.dirichlet(np.ones(len(shown))) * 512 * 512):
+            predicted = np.concatenate([[label], rng.choice(classes, 3, replace=False)])
+            np.add.at(m[i, label], predicted, (rng.dirichlet([7, 1, 1, 1]) * pixels).astype(int))
+    return m
 
 
 def sweep_time(tmp: Path, size: int, n_train: int, n_val: int, epochs: int | None,

@@ -346,7 +346,7 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
     # each run's per-image matrices [N, C, C] taken down to their totals [N, 2, C] as they are
     # read: one run's matrices in memory at a time (ADE20K val: 360 MB each), not the sweep's
     per_image = fdist.from_main(lambda: {
-        k: _image_totals(np.load(Path(r.folder) / runs.VAL_CONFUSION))
+        k: _image_totals(runs.read_confusions(Path(r.folder)))
         for k, r in results.items()})  # rank 0 wrote them
     ci = {p: list(_bootstrap_gain([per_image[(p, s)] for s in seeds],
                                   [per_image[(None, s)] for s in seeds], n=bootstrap,

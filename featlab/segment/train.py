@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -437,7 +436,7 @@ def _fit(head, train_src, val_src, settings, folder, *, device, progress, backbo
         versions=run_versions(torch.device(device)), git=source_commit(),
         resumed_from_epoch=resumed)
     if info.is_main:
-        np.save(folder / runs.VAL_CONFUSION, per_image)
+        runs.write_confusions(folder, per_image)
         runs.write_json(folder / runs.RUN_JSON, result.to_dict() | {"finished": True})
         log.info("%s: val mIoU %.4f (pixel accuracy %.4f) after %d epoch%s in %.1f s -> %s",
                  run_name(settings), result.miou, result.pixel_accuracy, settings.epochs,

@@ -44,7 +44,7 @@ def test_train_head_writes_a_run_folder_next_to_the_cache_and_never_overwrites_i
     assert "skip layer1.0 (concat): val mIoU" in out and "epoch" in out
     folder = caches[0].parent / "heads" / "skip-layer1.0-concat-seed0"
     assert {p.name for p in folder.iterdir()} >= {"run.json", "log.csv", "log.json",
-                                                  "checkpoint.pt", "val_confusion.npy"}
+                                                  "checkpoint.pt", "val_confusion.npz"}
     record = json.loads((folder / "run.json").read_text())
     assert record["settings"]["fusion"] == "concat" and record["finished"]
     stamp = (folder / "run.json").stat().st_mtime_ns

@@ -99,7 +99,7 @@ def test_run_folder_records_and_refusals(caches, tmp_path):
     with open(out / runs.LOG_CSV) as f:
         rows = list(csv.DictReader(f))
     assert [int(x["epoch"]) for x in rows] == [1, 2] and "val_miou" in rows[0]
-    per_image = np.load(out / runs.VAL_CONFUSION)
+    per_image = runs.read_confusions(out)
     assert per_image.shape == (16, 9, 9)
     np.testing.assert_array_equal(per_image.sum(0), matrix(r))
     # R-2.4: the mean of the images' own mIoUs, named apart from the data-set mIoU
@@ -127,8 +127,14 @@ def test_run_folder_records_and_refusals(caches, tmp_path):
     with pytest.raises(CheckpointError, match=r"must come from these caches to be reused; it "
                                               r"was trained on train cache .* and val cache"):
         train_head(*other, out=out, progress=False, reuse=True, **FAST)
+    # the matrices of a run written before they were compressed still read; --force removes them
+    np.save(out / "val_confusion.npy", per_image)
+    (out / runs.VAL_CONFUSION).unlink()
+    np.testing.assert_array_equal(runs.read_confusions(out), per_image)
     again = train_head(*caches, out=out, progress=False, force=True, **{**FAST, "lr": 0.1})
     assert again.settings["lr"] == 0.1
+    assert sorted(p.name for p in out.iterdir() if "confusion" in p.name) == [
+        runs.VAL_CONFUSION]
 
 
 def test_metrics_at_the_label_resolution_match_an_independent_count(caches, tmp_path):
