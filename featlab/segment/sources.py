@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -136,7 +137,8 @@ class Preloads:
     new array the store drops held arrays that the current run does not use, most recently
     used first: a sweep cycles through its points, and under a cycle that keeps the most of
     them for the next round. An array that cannot fit even then is not preloaded (a warning;
-    that source reads per batch).
+    that source reads per batch). Arrays are known by the cache's path and modification time: a
+    cache written again at the same path is read again.
 
     Args:
         budget: bytes it may hold; default :func:`~featlab.allocator.memory_budget` (80 % of
@@ -156,8 +158,8 @@ class Preloads:
             budget = memory_budget()
             budget = None if budget is None else budget // self.ranks
         self.budget = budget
-        self._held: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()  # by last use
-        self._in_use: set[tuple[str, str]] = set()
+        self._held: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # by last use
+        self._in_use: set[tuple] = set()
         self.bytes_read = 0
 
     @contextlib.contextmanager
@@ -178,7 +180,8 @@ class Preloads:
         warning) when they cannot fit in the budget beside what the current run holds."""
         from featlab.cache.plan import format_bytes
 
-        path = str(cache.path)
+        # the file as it is now: a cache written again at the same path is another cache
+        path = (str(cache.path), os.stat(cache.path).st_mtime_ns)
         wanted = {(path, p): cache[p] for p in points}
         wanted[(path, _LABELS)] = cache.labels
         need = sum(a.nbytes for k, a in wanted.items() if k not in self._held)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -397,7 +398,8 @@ def test_a_preload_that_would_not_fit_in_memory_reads_per_batch(caches, monkeypa
                                           src.get([3], "cpu")[0]["layer1.1"])
 
 
-def test_a_shared_preload_reads_each_array_once_and_drops_the_most_recent_first(caches, reads):
+def test_a_shared_preload_reads_each_array_once_and_drops_the_most_recent_first(caches, reads,
+                                                                              tmp_path):
     from featlab.segment.sources import Preloads
 
     train, val = (featlab.open_cache(c) for c in caches)
@@ -413,6 +415,16 @@ def test_a_shared_preload_reads_each_array_once_and_drops_the_most_recent_first(
     assert len(reads) == 6 and store.bytes_read == sum(size.values()) + labels  # each once
     np.testing.assert_array_equal(feats["relu"].numpy(), train["relu"][:])
     np.testing.assert_array_equal(y.numpy(), train.labels[:])
+    # a cache written again at the same path is read again
+    copy = featlab.open_cache(shutil.copy(caches[0], tmp_path / "train.h5"))
+    with store.run():
+        store.take(copy, [last])
+    stamp = copy.path.stat().st_mtime_ns + 10**9
+    os.utime(copy.path, ns=(stamp, stamp))
+    del reads[:]
+    with store.run():
+        store.take(copy, [last])
+    assert sorted(reads) == [("train", "labels"), ("train", "points/layer1.1")]
     # room for the last point, the labels and two skip points: in a cycle, dropping the most
     # recently used array keeps one for the next round (LRU would keep none)
     store, kept = Preloads(budget=size[last] + labels + 2 * size["conv1"]), []
