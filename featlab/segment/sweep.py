@@ -38,7 +38,7 @@ from featlab._records import check_record, with_overrides
 from featlab.cache.plan import format_bytes
 from featlab.errors import ConfigError
 from featlab.segment import runs
-from featlab.segment.metrics import _class_totals, _iou, _iou_of
+from featlab.segment.metrics import _class_totals, _iou_of
 from featlab.segment.sources import Preloads, check_caches
 from featlab.segment.train import FLAG_FIELDS, HeadSettings, run_name, train_head
 
@@ -201,11 +201,6 @@ def gain_interval(per_seed_gain: Sequence[float], images_ci: Sequence[float] | N
         stats.norm.ppf(level) / stats.norm.ppf(0.5 + confidence / 2))
     half, mean = math.hypot(seeds, images), float(d.mean())
     return mean - half, mean + half
-
-
-def _miou(m: np.ndarray) -> np.ndarray:
-    """mIoU of a stack of confusion matrices ``[..., C, C]`` (classes with empty union left out)."""
-    return np.nanmean(_iou(m), axis=-1)
 
 
 def _image_weights(rng: np.random.Generator, num: int, n: int) -> np.ndarray:

@@ -13,14 +13,19 @@ import featlab.testing as ft
 from featlab.errors import CacheError, ConfigError
 from featlab.segment import runs
 from featlab.segment.metrics import ConfusionMatrix, _iou
-from featlab.segment.sweep import (SweepResult, _image_totals, _image_weights, _miou,
-                                   _resampled_miou, best_share, bootstrap_gain, gain_interval,
-                                   gain_stats, sweep, sweep_difference, write_sweep)
+from featlab.segment.sweep import (SweepResult, _image_totals, _image_weights, _resampled_miou,
+                                   best_share, bootstrap_gain, gain_interval, gain_stats, sweep,
+                                   sweep_difference, write_sweep)
 from featlab.segment.train import train_head
 
 from .conftest import SPEC
 
 FAST = dict(epochs=1, batch_size=8, lr=0.01)
+
+
+def _miou(m):
+    """The data-set mIoU of each of stacked confusion matrices ``[..., C, C]`` (metrics' IoU)."""
+    return np.nanmean(_iou(m), axis=-1)
 
 
 def test_gain_stats_is_a_paired_t_interval():
