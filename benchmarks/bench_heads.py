@@ -166,7 +166,7 @@ def sweep_statistics(quick: bool = False) -> None:
     import numpy as np
 
     from featlab.segment.metrics import _iou
-    from featlab.segment.sweep import (_best_share, _bootstrap_gain, _image_totals,
+    from featlab.segment.sweep import (_best_share, _bootstrap_gains, _image_totals,
                                        _image_weights, _resampled_miou)
 
     sizes = [("VOC val", 1449, 21), ("Cityscapes val", 500, 19), ("ADE20K val", 2000, 150)]
@@ -191,9 +191,9 @@ def sweep_statistics(quick: bool = False) -> None:
         assert np.array_equal(old, new)
         # as the sweep does it: each run's matrices down to their totals once, then the bootstrap
         totals = {p: [_image_totals(m) for m in ms] for p, ms in {**skips, None: base}.items()}
-        ci = {p: _bootstrap_gain(totals[p], totals[None], n=1000, confidence=0.95, seed=0)
-              for p in skips}
-        _best_share({p: totals[p] for p in skips}, totals[None], n=1000, seed=0)
+        per_point = {p: totals[p] for p in skips}
+        ci = _bootstrap_gains(per_point, totals[None], n=1000, confidence=0.95, seed=0)
+        _best_share(per_point, totals[None], n=1000, seed=0)
         t3 = time.perf_counter()
         assert len(ci) == points
         with tempfile.TemporaryDirectory() as tmp:  # one run's val_confusion: compressed or not

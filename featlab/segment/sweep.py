@@ -238,18 +238,24 @@ def bootstrap_gain(skip: Sequence[np.ndarray], base: Sequence[np.ndarray], *, n:
     the same order). Each resample draws N images with replacement (one draw shared by every
     seed and both heads: a paired bootstrap).
     """
-    return _bootstrap_gain([_image_totals(m) for m in skip], [_image_totals(m) for m in base],
-                           n=n, confidence=confidence, seed=seed)
+    return _bootstrap_gains({None: [_image_totals(m) for m in skip]},
+                            [_image_totals(m) for m in base], n=n, confidence=confidence,
+                            seed=seed)[None]
 
 
-def _bootstrap_gain(skip: Sequence[np.ndarray], base: Sequence[np.ndarray], *, n: int,
-                    confidence: float, seed: int) -> tuple[float, float]:
-    """:func:`bootstrap_gain` of per-image totals (:func:`_image_totals`)."""
+def _bootstrap_gains(skips: dict, base: Sequence[np.ndarray], *, n: int, confidence: float,
+                     seed: int) -> dict:
+    """:func:`bootstrap_gain` of each point of ``skips`` (``{point: per-seed per-image
+    totals}``, :func:`_image_totals`): one draw of the images and one resampled baseline
+    for all points, the same that a call per point with this seed would make."""
     weights = _image_weights(np.random.default_rng(seed), len(base[0]), n)
-    gs = _resampled_miou(weights, skip).mean(1)
     gb = _resampled_miou(weights, base).mean(1)
-    lo, hi = np.percentile(gs - gb, [50 * (1 - confidence), 50 * (1 + confidence)])
-    return float(lo), float(hi)
+    out = {}
+    for p, totals in skips.items():
+        gs = _resampled_miou(weights, totals).mean(1)
+        lo, hi = np.percentile(gs - gb, [50 * (1 - confidence), 50 * (1 + confidence)])
+        out[p] = (float(lo), float(hi))
+    return out
 
 
 def best_share(skips: dict[str, Sequence[np.ndarray]], base: Sequence[np.ndarray], *,
@@ -343,11 +349,11 @@ def sweep(train, val, points: str | Sequence[str] = "stages", seeds: int | Seque
     per_image = fdist.from_main(lambda: {
         k: _image_totals(runs.read_confusions(Path(r.folder)))
         for k, r in results.items()})  # rank 0 wrote them
-    ci = {p: list(_bootstrap_gain([per_image[(p, s)] for s in seeds],
-                                  [per_image[(None, s)] for s in seeds], n=bootstrap,
-                                  confidence=confidence, seed=bootstrap_seed)) for p in names}
-    best = _best_share({p: [per_image[(p, s)] for s in seeds] for p in names},
-                       [per_image[(None, s)] for s in seeds], n=bootstrap, seed=bootstrap_seed)
+    skips = {p: [per_image[(p, s)] for s in seeds] for p in names}
+    base = [per_image[(None, s)] for s in seeds]
+    ci = {p: list(v) for p, v in _bootstrap_gains(skips, base, n=bootstrap, confidence=confidence,
+                                                  seed=bootstrap_seed).items()}
+    best = _best_share(skips, base, n=bootstrap, seed=bootstrap_seed)
     records = {p.name: p for p in train.points}
     return SweepResult(
         last=last, points=tuple(names), seeds=seeds,
