@@ -216,23 +216,19 @@ def finalize(partial: str, final: str, compression: str | None = None,
     copy, the same command finalises again from the partial file; stopped between the rename
     and the removal, the next extraction deletes the partial (``files.remove_finalised_partial``).
     """
-    record = None if finished is None else json.dumps([dict(finished)])
-    with h5py.File(partial, "r+" if compression is None else "r", locking=False) as f:
+    with h5py.File(partial, "r+", locking=False) as f:
         written = f[S.WRITTEN][...]
         assert written.all(), "finalize called before every row was written"
+        if finished is not None:  # the compressed copy takes it with the other attributes
+            f.attrs["finished"] = json.dumps([dict(finished)])
         if compression is None:
             f.attrs.modify("complete", True)
-            if record is not None:
-                f.attrs["finished"] = record
-            f.flush()
+        f.flush()
     if compression is None:
         os.replace(partial, final)
         return
     tmp = final + S.COMPRESSING_SUFFIX
     copy_cache(partial, tmp, compression, progress=progress)
-    if record is not None:
-        with h5py.File(tmp, "r+", locking=False) as f:
-            f.attrs["finished"] = record
     os.replace(tmp, final)
     os.remove(partial)
 
