@@ -244,16 +244,17 @@ def train_head(train, val, settings: HeadSettings | None = None, *, out=None, de
     if done is not None:
         return done
     head = _make_head(train, points, settings)
-    backbone, store = None, None
-    if settings.finetune:
-        backbone, spec = _backbone(train)
-        backbone = backbone.to(dev)
-        train_src = ImageSource(_dataset(train), train.index, backbone, spec, points, True)
-        val_src = ImageSource(_dataset(val), val.index, backbone, spec, points, True)
-    elif preload:
-        store = preload if isinstance(preload, Preloads) else Preloads()
-    with store.run() if store is not None else contextlib.nullcontext():
-        if not settings.finetune:  # both sources' arrays are held together
+    backbone = None
+    with contextlib.ExitStack() as scope:
+        if settings.finetune:
+            backbone, spec = _backbone(train)
+            backbone = backbone.to(dev)
+            train_src = ImageSource(_dataset(train), train.index, backbone, spec, points, True)
+            val_src = ImageSource(_dataset(val), val.index, backbone, spec, points, True)
+        else:
+            store = preload if isinstance(preload, Preloads) else Preloads() if preload else None
+            if store is not None:  # one run: both sources' arrays are held together
+                scope.enter_context(store.run())
             train_src, val_src = (CacheSource(c, points, store) for c in (train, val))
         head.set_input_stats(train_src.stats())
         return fit(head, train_src, val_src, settings, folder, device=dev, progress=progress,
