@@ -287,8 +287,9 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
     metadata = 64 * 1024 + 4096 * len(rows)  # superblock, headers, attributes, chunk indexes
     chunks = sum(math.ceil(num_samples / r.chunk_rows) for r in rows)
     total = per_sample * num_samples + metadata + 48 * chunks
-    # in flight: queue + the batch being filled + the one being written (+1 on a GPU, whose copy
-    # is synchronised one batch late), each a full set of stored arrays
+    # in flight at most (slots are made as needed): queue + the batch being filled + the one
+    # being written (+1 on a GPU, whose copy is synchronised one batch late), each a full set
+    # of stored arrays
     on_cpu = device == "cpu"
     slots = queue_size + 2 + (0 if on_cpu else 1)
     arrays = [r.bytes_per_sample for r in rows] + [label, image, _STATS_BYTES * len(rows)]

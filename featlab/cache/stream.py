@@ -16,7 +16,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -72,15 +72,18 @@ def stream(job: Job, path: str, written: np.ndarray, *, progress: bool, stop_ear
     # pinned buffers and the loader's pinning thread belong to the current CUDA device: make it
     # ours first, or a run on cuda:1 also opens a context on GPU 0
     place = torch.cuda.device(device) if cuda else contextlib.nullcontext()
-    with place:
-        slots = [Slot(job.batch_size, [(p.channels if c is None else len(c), *s)
-                                       for p, s, c in zip(pts, job.stored, job.channels)],
-                      getattr(torch, job.settings.dtype), job.settings.input_size,
-                      job.settings.save_images, pin=cuda)
-                 for _ in range(job.queue_size + 2 + cuda)]
+    shapes = [(p.channels if c is None else len(c), *s)
+              for p, s, c in zip(pts, job.stored, job.channels)]
+
+    def make_slot() -> Slot:
+        with place:
+            return Slot(job.batch_size, shapes, getattr(torch, job.settings.dtype),
+                        job.settings.input_size, job.settings.save_images, pin=cuda)
+
     bar = _progress_bar(progress, len(job.shard), int(written.sum()), job)
-    writer = Writer(path, [p.name for p in pts], job.settings.save_images, slots,
-                     job.queue_size, bar.update if bar is not None else None)
+    writer = Writer(path, [p.name for p in pts], job.settings.save_images, make_slot,
+                    job.queue_size + 2 + cuda, job.queue_size,
+                    bar.update if bar is not None else None)
     root, modules = job.root, list(job.root.modules())
     names = {id(m): n for n, m in root.named_modules()}
     modes = [(m, m.training) for m in modules]
@@ -212,17 +215,19 @@ class Writer(threading.Thread):
     """The thread that owns the HDF5 file while samples stream (h5py is called only here)."""
 
     def __init__(self, path: str, point_names: Sequence[str], save_images: bool,
-                 slots: Sequence[Slot], queue_size: int, on_rows: Any):
+                 make_slot: Callable[[], Slot], max_slots: int, queue_size: int, on_rows: Any):
         super().__init__(name="featlab-cache-writer", daemon=True)
         self.path, self.point_names, self.save_images = path, list(point_names), save_images
         self.jobs: queue.Queue[Slot | None] = queue.Queue(maxsize=queue_size)
-        # last in, first out: the slot handed back most recently is reused first, so a writer
-        # that keeps up cycles two slots and the others are never touched. Their memory is
-        # allocated but never faulted in (in a fresh process a first touch costs ~0.06 s per
-        # slot of resnet18's 12 points at batch 32), and a reused slot is warmer in the caches.
+        # Slots are made when a batch finds none free, up to max_slots (the queue, the batch
+        # being filled, the one being written, and on a GPU the one whose copies are pending).
+        # A writer that keeps up cycles two. Slots made up front but never used would still
+        # cost: with freed memory kept (the command's setting) malloc serves them from the heap
+        # the forward had already faulted in, and the forward faults in fresh pages instead
+        # (resnet18, 128 px, batch 32: ~20k more page faults, ~3 % of the run). Last in, first
+        # out: the slot handed back most recently is reused first, warmer in the caches.
         self.free: queue.Queue[Slot] = queue.LifoQueue()
-        for slot in slots:
-            self.free.put(slot)
+        self.make_slot, self.max_slots, self.slots = make_slot, max_slots, 0
         self.on_rows = on_rows
         self.error: BaseException | None = None
 
@@ -269,6 +274,12 @@ class Writer(threading.Thread):
     def take(self) -> Slot:
         while True:
             self._check()
+            try:
+                return self.free.get_nowait()
+            except queue.Empty:
+                if self.slots < self.max_slots:
+                    self.slots += 1
+                    return self.make_slot()
             try:
                 return self.free.get(timeout=0.5)
             except queue.Empty:
