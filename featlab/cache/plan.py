@@ -287,11 +287,8 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
     metadata = 64 * 1024 + 4096 * len(rows)  # superblock, headers, attributes, chunk indexes
     chunks = sum(math.ceil(num_samples / r.chunk_rows) for r in rows)
     total = per_sample * num_samples + metadata + 48 * chunks
-    # in flight at most (slots are made as needed): queue + the batch being filled + the one
-    # being written (+1 on a GPU, whose copy is synchronised one batch late), each a full set
-    # of stored arrays
     on_cpu = device == "cpu"
-    slots = queue_size + 2 + (0 if on_cpu else 1)
+    slots = max_slots(queue_size, cuda=not on_cpu)  # each a full set of stored arrays
     arrays = [r.bytes_per_sample for r in rows] + [label, image, _STATS_BYTES * len(rows)]
     # a GPU's pinned buffers: torch's host allocator rounds each up to a power of two
     slot = sum(batch_size * b if on_cpu else _pow2(batch_size * b) for b in arrays if b)
@@ -308,6 +305,13 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
                        batch_size, label, image, other, per_sample, total, host,
                        device_bytes=gpu, weight_bytes=weight_bytes, free_bytes=free_bytes,
                        max_channels=max_channels, compression=compression)
+
+
+def max_slots(queue_size: int, cuda: bool) -> int:
+    """Batches of host buffers in flight at most (the stream makes them as needed): the queue,
+    the batch being filled, the one being written, and on a GPU the one whose copies are
+    synchronised one batch late."""
+    return queue_size + 2 + int(cuda)
 
 
 def _pow2(n: int) -> int:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from featlab.cache import h5file
+from featlab.cache.plan import max_slots
 from featlab.cache.setup import Job
 from featlab.cache.taps import Slot, Taps, check_eval
 from featlab.errors import CacheError, ConfigError, FeatlabError
@@ -82,7 +83,7 @@ def stream(job: Job, path: str, written: np.ndarray, *, progress: bool, stop_ear
 
     bar = _progress_bar(progress, len(job.shard), int(written.sum()), job)
     writer = Writer(path, [p.name for p in pts], job.settings.save_images, make_slot,
-                    job.queue_size + 2 + cuda, job.queue_size,
+                    max_slots(job.queue_size, cuda), job.queue_size,
                     bar.update if bar is not None else None)
     root, modules = job.root, list(job.root.modules())
     names = {id(m): n for n, m in root.named_modules()}
@@ -219,8 +220,7 @@ class Writer(threading.Thread):
         super().__init__(name="featlab-cache-writer", daemon=True)
         self.path, self.point_names, self.save_images = path, list(point_names), save_images
         self.jobs: queue.Queue[Slot | None] = queue.Queue(maxsize=queue_size)
-        # Slots are made when a batch finds none free, up to max_slots (the queue, the batch
-        # being filled, the one being written, and on a GPU the one whose copies are pending).
+        # Slots are made when a batch finds none free, up to max_slots (plan.max_slots).
         # A writer that keeps up cycles two. Slots made up front but never used would still
         # cost: with freed memory kept (the command's setting) malloc serves them from the heap
         # the forward had already faulted in, and the forward faults in fresh pages instead
