@@ -22,9 +22,9 @@ from featlab.cache import schema
 from featlab.errors import CacheError, SkipPointNotFoundError
 from featlab.points import SkipPoint
 
-# JSON-encoded root attributes (schema.ROOT_ATTRS and FINAL_ATTRS document each one)
+# JSON-encoded root attributes (schema.ROOT_ATTRS, FINAL_ATTRS and RESUME_ATTRS document each)
 JSON_ATTRS = ("point_names", "model", "data", "classes", "input_size", "settings", "versions",
-              "runtime", "finished")
+              "runtime", "finished", "resumed")
 
 
 class PointNotInCacheError(CacheError, SkipPointNotFoundError, KeyError):

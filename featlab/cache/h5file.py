@@ -31,7 +31,7 @@ from featlab.errors import CacheError
 
 __all__ = ["FileLayout", "PointLayout", "create", "inspect", "RowWriter", "finalize",
            "copy_cache", "chunked_arrays", "write_virtual", "versions", "finished_record",
-           "Inspection"]
+           "record_resume", "Inspection"]
 
 
 @dataclass(frozen=True)
@@ -391,11 +391,28 @@ def versions() -> dict[str, str]:
 def finished_record(rank: int, rows: int, of: int, device: Any) -> dict[str, Any]:
     """The ``finished`` record of the session that completes a file: its rank, the ``rows`` it
     computed of the file's ``of`` (fewer when it resumed: earlier sessions wrote the rest, as the
-    file's ``versions`` and ``runtime`` record the first), when, its versions and its device."""
+    file's ``versions`` and ``runtime`` record the first, ``resumed`` the others), when, its
+    versions and its device."""
+    return _session(rank, device, rows=int(rows), of=int(of))
+
+
+def record_resume(path: str, rank: int, skipped: int, of: int, device: Any) -> None:
+    """Append the record of a session that resumes the partial file ``path`` to its ``resumed``
+    attribute (rank, the ``skipped`` rows already written of the file's ``of``, when, versions,
+    device): with ``created``/``versions`` (the first session) and ``finished`` (the last), every
+    session that computed rows of a cache is on record, also one killed before the end."""
+    with h5py.File(path, "r+", locking=False) as f:
+        records = json.loads(f.attrs.get("resumed", "[]"))
+        records.append(_session(rank, device, skipped=int(skipped), of=int(of)))
+        f.attrs["resumed"] = json.dumps(records)
+        f.flush()
+
+
+def _session(rank: int, device: Any, **rows: int) -> dict[str, Any]:
     import torch
 
-    return {"rank": int(rank), "rows": int(rows), "of": int(of), "time": now_iso(),
-            "device": str(device), "threads": torch.get_num_threads(), "versions": versions()}
+    return {"rank": int(rank), **rows, "time": now_iso(), "device": str(device),
+            "threads": torch.get_num_threads(), "versions": versions()}
 
 
 def now_iso() -> str:

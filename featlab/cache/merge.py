@@ -217,6 +217,10 @@ def _write_virtual(path: str, shards: Sequence[Shard]) -> None:
     if all("finished" in s.attrs for s in shards):  # each shard's finishing session
         attrs["finished"] = json.dumps([r for s in shards
                                         for r in json.loads(s.attrs["finished"])])
+    attrs.pop("resumed", None)  # rank 0's alone; every shard's resuming sessions instead
+    resumed = [r for s in shards for r in json.loads(s.attrs.get("resumed", "[]"))]
+    if resumed:
+        attrs["resumed"] = json.dumps(resumed)
     h5file.write_virtual(path, [s.path for s in shards], [s.stop - s.start for s in shards],
                          attrs)
 

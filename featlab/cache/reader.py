@@ -390,6 +390,10 @@ class CacheReader:
     finished = property(lambda self: self.attrs.get("finished"),
                         doc="The session that finalised each file: rank, rows it computed of the "
                             "file's, time, device, versions (None for caches before it).")
+    resumed = property(lambda self: self.attrs.get("resumed"),
+                       doc="Each session that resumed a partial file, in order: rank, rows already "
+                           "written when it began (``skipped``) of the file's, time, device, "
+                           "versions (None when no session resumed it).")
 
     def identity(self) -> dict:
         """What identifies this cache in a result or run record: its absolute path, samples,

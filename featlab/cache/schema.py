@@ -94,6 +94,14 @@ FINAL_ATTRS = {
                 "sessions wrote the rest), time, device, threads, versions",
 }
 
+# root attributes a partial file gains when a session resumes it (absent in caches that no
+# session resumed, and in caches of featlab before 2026-12-05)
+RESUME_ATTRS = {
+    "resumed": "JSON list, a record per session that resumed the partial file (per shard when "
+               "sharded), in order: rank, the rows already written when it began (skipped) of "
+               "the file's (of), time, device, threads, versions",
+}
+
 # root attributes of shard files only
 SHARD_ATTRS = {
     "shard": "JSON {rank, world_size, start, stop}: the global sample range [start, stop) it holds",

@@ -47,7 +47,8 @@ def summary(cache) -> dict:
         ``written``, ``total``, ``model``, ``data``, ``classes``, ``ignore_index``,
         ``ids_sha256``, ``input_size``, ``dtype``, ``error_stat`` (what ``/stats/abs_error``
         holds: ``bound`` or ``exact``), ``max_size``, ``versions``, ``created``, ``finished``
-        (the session that finalised each file; None before featlab recorded it),
+        (the session that finalised each file; None before featlab recorded it), ``resumed``
+        (each session that resumed a partial file; None when none did),
         ``world_size``, ``has_images``, ``points`` (per point: its SkipPoint record plus
         ``stored_size``, ``pooling``, ``shape`` [N, C, h, w], ``dtype``, ``bytes`` on disk,
         ``bytes_per_sample``, ``compression`` (None, ``"lzf"``, ``"gzip"``),
@@ -104,6 +105,7 @@ def summary(cache) -> dict:
         "versions": cache.versions,
         "created": cache.created,
         "finished": cache.finished,
+        "resumed": cache.resumed,
         "world_size": cache.world_size,
         "has_images": cache.has_images,
         "points": points,
@@ -233,6 +235,10 @@ def format_summary(info: dict) -> str:
             f"{r['of']} rows ({r.get('device', '?')}, featlab "
             f"{(r.get('versions') or {}).get('featlab', '?')}, {r.get('time', '?')})"
             for r in resumed) + "; earlier sessions the rest")
+    for r in info.get("resumed") or []:  # every session that took up a partial file
+        lines.append(f"  resumed   rank {r['rank']}: a session resumed it at {r['skipped']} of "
+                     f"{r['of']} rows ({r.get('device', '?')}, featlab "
+                     f"{(r.get('versions') or {}).get('featlab', '?')}, {r.get('time', '?')})")
     return "\n".join(lines)
 
 

@@ -289,6 +289,9 @@ def _run_rank(job: Job, resume: tuple[str, np.ndarray] | None, written: np.ndarr
         current = paths.partial
     else:
         current = resume[0]
+        if todo:
+            h5file.record_resume(current, job.info.rank, len(written) - todo, len(written),
+                                 job.device)
     if todo:
         stream(job, current, written, progress=progress, stop_early=stop_early)
     if current == paths.partial:

@@ -92,6 +92,7 @@ def test_two_processes_write_shards_read_as_one_cache_equal_to_one_process(shard
         # each shard's finishing session, one record per rank (15 + 15 rows, none resumed)
         assert [(r["rank"], r["rows"], r["of"]) for r in json.loads(f.attrs["finished"])] == [
             (0, 15, 15), (1, 15, 15)]
+        assert "resumed" not in f.attrs
         np.testing.assert_array_equal(f["labels"][:], g["labels"][:])
         for name in g["points"]:
             np.testing.assert_allclose(f[f"points/{name}"][:].astype(np.float32),
@@ -179,6 +180,9 @@ def test_merge_virtual_joins_shards_gathered_from_several_nodes(plain, tmp_path,
     for r, node in enumerate(["node-a", "node-b"]):
         (tmp_path / node).mkdir()
         shutil.copy(out.parent / "c.h5.shards" / f"rank-{r}-of-2.h5", tmp_path / node)
+    resumed = [{"rank": 1, "skipped": 4, "of": 15, "device": "cpu"}]  # as if rank 1 had resumed
+    with h5py.File(tmp_path / "node-b" / "rank-1-of-2.h5", "r+") as f:
+        f.attrs["resumed"] = json.dumps(resumed)
     code, printed, err = _merge(capsys, tmp_path / "node-b", tmp_path / "node-a", "--virtual",
                                 "--out", tmp_path / "c.h5")
     assert code == 0, err
@@ -187,6 +191,7 @@ def test_merge_virtual_joins_shards_gathered_from_several_nodes(plain, tmp_path,
         assert f["points/layer2.1"].is_virtual and os.path.getsize(tmp_path / "c.h5") < 100_000
     with featlab.open_cache(tmp_path / "c.h5") as cache, featlab.open_cache(out) as ref:
         assert cache.ids == ref.ids and cache.complete
+        assert cache.resumed == resumed and ref.resumed is None  # every shard's, not rank 0's
         np.testing.assert_array_equal(cache["layer2.1"][:], ref["layer2.1"][:])
         np.testing.assert_array_equal(cache.labels[:], ref.labels[:])
 

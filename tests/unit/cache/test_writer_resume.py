@@ -95,9 +95,47 @@ def test_disk_full_mid_run_leaves_a_cache_that_resumes_to_the_same_values(tmp_pa
     assert (record["rank"], record["rows"], record["of"], record["device"]) == (0, 4, 10, "cpu")
     assert record["versions"]["featlab"] == featlab.__version__
     assert featlab.open_cache(tmp_path / "ref.h5").finished[0]["rows"] == 10
+    (resume,) = featlab.open_cache(out).resumed  # the session that took up the partial file
+    assert (resume["rank"], resume["skipped"], resume["of"], resume["device"]) == (0, 6, 10, "cpu")
     shown = format_summary(summary(out))
     assert "resumed   rank 0: the session that finished it computed 4 of 10 rows (cpu" in shown
+    assert "resumed   rank 0: a session resumed it at 6 of 10 rows (cpu" in shown
     assert "resumed" not in format_summary(summary(tmp_path / "ref.h5"))
+    assert featlab.open_cache(tmp_path / "ref.h5").resumed is None
+
+
+def test_every_session_that_computed_rows_is_on_record_also_one_that_failed(tmp_path,
+                                                                             monkeypatch):
+    """Three sessions write one cache: the first fails after 6 rows, the second resumes and fails
+    after 3 more, the third resumes and finishes. ``created``/``versions`` record the first,
+    ``resumed`` the other two in order (rows already there when each began), ``finished`` the
+    last; the values equal an uninterrupted run's."""
+    model, ds = ft.TinyResNet(), dataset()
+    out = tmp_path / "c.h5"
+    for calls in (2 * 2, 1 * 2):  # two batches of the two points; then one more batch
+        fail_writes_after(monkeypatch, calls=calls)
+        with pytest.raises(CacheError, match="No space left on device"):
+            extract(model, ds, "stages", out, **ARGS)
+        monkeypatch.undo()
+    partial = str(out) + schema.PARTIAL_SUFFIX
+    with h5py.File(partial, "r", locking=False) as f:
+        assert f[schema.WRITTEN][:].tolist() == [1] * 9 + [0]
+        # the second session is on record although it never finished
+        (second,) = json.loads(f.attrs["resumed"])
+        assert (second["rank"], second["skipped"], second["of"]) == (0, 6, 10)
+    assert extract(model, ds, "stages", out, **ARGS).written == 1
+    cache = featlab.open_cache(out)
+    assert [(r["skipped"], r["of"], r["device"]) for r in cache.resumed] == [(6, 10, "cpu"),
+                                                                             (9, 10, "cpu")]
+    assert all(r["versions"]["featlab"] == featlab.__version__ for r in cache.resumed)
+    assert [(r["rows"], r["of"]) for r in cache.finished] == [(1, 10)]
+    shown = format_summary(summary(out))
+    assert shown.count("resumed   rank 0: a session resumed it at ") == 2
+    assert "resumed it at 9 of 10 rows (cpu, featlab" in shown
+    reference = extract(model, ds, "stages", tmp_path / "ref.h5", **ARGS)
+    got, expected = contents(out), contents(reference.path)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
 def test_direct_io_writes_the_same_file_and_a_failed_direct_write_resumes(tmp_path,
