@@ -401,11 +401,16 @@ def record_resume(path: str, rank: int, skipped: int, of: int, device: Any) -> N
     attribute (rank, the ``skipped`` rows already written of the file's ``of``, when, versions,
     device): with ``created``/``versions`` (the first session) and ``finished`` (the last), every
     session that computed rows of a cache is on record, also one killed before the end."""
-    with h5py.File(path, "r+", locking=False) as f:
-        records = json.loads(f.attrs.get("resumed", "[]"))
-        records.append(_session(rank, device, skipped=int(skipped), of=int(of)))
-        f.attrs["resumed"] = json.dumps(records)
-        f.flush()
+    try:
+        with h5py.File(path, "r+", locking=False) as f:
+            records = json.loads(f.attrs.get("resumed", "[]"))
+            records.append(_session(rank, device, skipped=int(skipped), of=int(of)))
+            f.attrs["resumed"] = json.dumps(records)
+            f.flush()
+    except OSError as err:
+        raise CacheError(f"the partial cache {path} must be writable to resume; it is not "
+                         f"({str(err).splitlines()[0][:160]}). Fix: make the file writable "
+                         "(chmod u+w), or --force to start over.") from err
 
 
 def _session(rank: int, device: Any, **rows: int) -> dict[str, Any]:

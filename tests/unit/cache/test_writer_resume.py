@@ -401,3 +401,28 @@ def test_resume_trusts_rows_that_read_back_as_recorded(tmp_path):
     partial_from_complete(tmp_path, model, ds, [1] * 9 + [0])
     result = extract(model, ds, "stages", tmp_path / "c.h5", **ARGS)
     assert (result.written, result.skipped) == (1, 9)
+
+
+def test_a_partial_cache_that_cannot_be_written_is_refused_with_the_fix(tmp_path, monkeypatch):
+    model, ds = ft.TinyResNet(), dataset()
+    out = tmp_path / "c.h5"
+    fail_writes_after(monkeypatch, calls=2 * 2)
+    with pytest.raises(CacheError):
+        extract(model, ds, "stages", out, **ARGS)
+    monkeypatch.undo()
+    partial = str(out) + schema.PARTIAL_SUFFIX
+    opened = h5py.File  # the file system's refusal, simulated (root ignores chmod)
+
+    def read_only(name, mode="r", *args, **kwargs):
+        if str(name) == partial and mode == "r+":
+            raise OSError(errno.EACCES, "Permission denied")
+        return opened(name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", read_only)
+    with pytest.raises(CacheError, match=r"must be writable to resume.*Fix: make the file "
+                                         r"writable \(chmod u\+w\), or --force"):
+        extract(model, ds, "stages", out, **ARGS)
+    monkeypatch.undo()
+    with h5py.File(partial, "r", locking=False) as f:  # left as it was: it still resumes
+        assert f[schema.WRITTEN][:].tolist() == [1] * 6 + [0] * 4 and "resumed" not in f.attrs
+    assert extract(model, ds, "stages", out, **ARGS).written == 4
