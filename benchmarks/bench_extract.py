@@ -29,7 +29,9 @@ ratios under that allocator setting.
 N rounds in rotating order: **bare**; **cast** (hooks that cast every point into reused
 float16 buffers, nothing else); **cast + bound** (the same plus the two reductions of the
 default error statistic, as featlab's hooks take them); the **floor**; **featlab extract**.
-Medians of the same-round ratios with 95 % bootstrap intervals.
+Medians of the same-round ratios with 95 % bootstrap intervals, end to end and steady (from
+the median time between two full batches' forwards: the throughput without setup and
+finalisation, whose weight shrinks as N grows).
 
 The samples are rendered once up front and served from memory, so that all measure the
 model and the cache, not the procedural data generator (its rate is printed separately).
@@ -357,8 +359,13 @@ def median_interval(num: list[float], den: list[float]) -> str:
 def parts_rounds(args: argparse.Namespace, ds, model, spec) -> None:
     """``--parts``: bare, cast, cast + bound, floor and featlab in this process, which keeps
     freed memory (the command's setting: in one process the default allocator's state depends
-    on what ran before), rotating order."""
+    on what ran before), rotating order; each run's rate end to end and its steady rate (the
+    median time from one full batch's forward to the next: without setup and finalisation)."""
     kept = featlab.keep_freed_memory()
+    starts: list[float] = []
+    model.register_forward_pre_hook(  # every forward of a full batch, whoever runs it
+        lambda m, a: starts.append(time.perf_counter()) if len(a[0]) == args.batch_size
+        else None)
     variants = {
         "bare": lambda folder: bare_rate(model, spec, ds, args.batch_size, 1),
         "cast": lambda folder: hooked_rate(model, spec, ds, args.batch_size, bound=False),
@@ -369,21 +376,28 @@ def parts_rounds(args: argparse.Namespace, ds, model, spec) -> None:
     }
     names = list(variants)
     rates = {v: [] for v in names}
+    steady = {v: [] for v in names}  # images/s from the median batch-to-batch time
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         for v in names:  # warm-up: the heap reaches its size, every path runs once
             variants[v](folder)
         for r in range(args.parts):
             for v in names[r % len(names):] + names[:r % len(names)]:
+                starts.clear()
                 rates[v].append(variants[v](folder))
+                cycles = [b - a for a, b in zip(starts[1:], starts[2:])]  # not the first
+                steady[v].append(args.batch_size / statistics.median(cycles))
             print(f"  round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.1f}" for v in names)
                   + f" images/s (load {os.getloadavg()[0]:.2f})", flush=True)
     print(f"\nresnet18, {args.size} px, {args.samples} samples, batch {args.batch_size}, all "
           f"skip points, float16; {args.parts} rounds in one process"
           f"{' that keeps freed memory' if kept else ' (default allocator: not glibc)'}; "
-          "median ratio over rounds [95 % bootstrap interval]")
+          "median ratio over rounds [95 % bootstrap interval]; steady: from the median time "
+          "between two full batches' forwards (no setup, no finalisation)")
     for v in names:
         print(f"  {v:<13} {statistics.median(rates[v]):6.1f} images/s, vs bare "
-              f"{median_interval(rates[v], rates['bare'])}")
+              f"{median_interval(rates[v], rates['bare'])}; steady "
+              f"{statistics.median(steady[v]):6.1f} images/s, vs bare "
+              f"{median_interval(steady[v], steady['bare'])}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
