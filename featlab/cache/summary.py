@@ -225,21 +225,29 @@ def format_summary(info: dict) -> str:
                  f"images {human_bytes(images['bytes']) if images else 'not stored'}; file "
                  f"{human_bytes(info['file_size'])}"
                  + (f" in {nfiles} files (world size {info['world_size']})" if nfiles > 1 else ""))
-    versions = info["versions"] if isinstance(info["versions"], dict) else {}
-    lines.append("  versions  " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "?")
-                 + f"; created {info['created'] or '?'}")
-    resumed = [r for r in info.get("finished") or [] if r.get("rows", 0) < r.get("of", 0)]
-    if resumed:  # rows from more than one session: say which session finished what
-        lines.append("  resumed   " + "; ".join(
-            f"rank {r['rank']}: the session that finished it computed {r['rows']} of "
-            f"{r['of']} rows ({r.get('device', '?')}, featlab "
-            f"{(r.get('versions') or {}).get('featlab', '?')}, {r.get('time', '?')})"
-            for r in resumed) + "; earlier sessions the rest")
-    for r in info.get("resumed") or []:  # every session that took up a partial file
-        lines.append(f"  resumed   rank {r['rank']}: a session resumed it at {r['skipped']} of "
-                     f"{r['of']} rows ({r.get('device', '?')}, featlab "
-                     f"{(r.get('versions') or {}).get('featlab', '?')}, {r.get('time', '?')})")
+    lines += [f"  {label:<9} {text}" for label, text in _provenance(info)]
     return "\n".join(lines)
+
+
+def _provenance(info: dict) -> list[tuple[str, str]]:
+    """Who computed the rows: the versions and start of the first session, then the session
+    that finished each file after a resume, and each session that resumed one."""
+    versions = info["versions"] if isinstance(info["versions"], dict) else {}
+    out = [("versions", (", ".join(f"{k} {v}" for k, v in versions.items()) or "?")
+            + f"; created {info['created'] or '?'}")]
+
+    def made(r: dict) -> str:
+        return (f"({r.get('device', '?')}, featlab "
+                f"{(r.get('versions') or {}).get('featlab', '?')}, {r.get('time', '?')})")
+
+    finishers = [r for r in info.get("finished") or [] if r.get("rows", 0) < r.get("of", 0)]
+    if finishers:  # rows from more than one session: say which session finished what
+        out.append(("resumed", "; ".join(
+            f"rank {r['rank']}: the session that finished it computed {r['rows']} of "
+            f"{r['of']} rows {made(r)}" for r in finishers) + "; earlier sessions the rest"))
+    out += [("resumed", f"rank {r['rank']}: a session resumed it at {r['skipped']} of {r['of']} "
+                        f"rows {made(r)}") for r in info.get("resumed") or []]
+    return out
 
 
 def _dtype(info: dict) -> str:
@@ -256,7 +264,7 @@ def summary_html(info: dict) -> str:
              ("input", f"{'x'.join(map(str, info['input_size']))}, dtype {_dtype(info)}, "
                        f"max_size {info['max_size']}"),
              ("file", f"{human_bytes(info['file_size'])} in {len(info['files'])} file(s)"),
-             ("ids sha256", (info["ids_sha256"] or "?")[:16])]
+             ("ids sha256", (info["ids_sha256"] or "?")[:16]), *_provenance(info)]
     head = "".join(f"<th>{e(h)}</th>" for h in _POINT_HEADER)
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
                    for row in _point_rows(info))

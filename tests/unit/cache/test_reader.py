@@ -292,6 +292,7 @@ def test_repr_and_html_summarise_the_cache(make_cache):
     assert "area from 8x8" in text  # pooled points say so
     assert "<table>" in page and "layer1.1" in page and "resnet18" in page
     assert "complete: 12 of 12" in page
+    assert "versions" in page and "torch 2.14.1" in page  # the fixture's, as featlab inspect
 
 
 def test_identity_names_what_produced_the_cache(make_cache):

@@ -132,6 +132,8 @@ def test_every_session_that_computed_rows_is_on_record_also_one_that_failed(tmp_
     shown = format_summary(summary(out))
     assert shown.count("resumed   rank 0: a session resumed it at ") == 2
     assert "resumed it at 9 of 10 rows (cpu, featlab" in shown
+    assert "resumed it at 9 of 10 rows (cpu, featlab" in cache._repr_html_()  # in Jupyter too
+    cache.close()
     reference = extract(model, ds, "stages", tmp_path / "ref.h5", **ARGS)
     got, expected = contents(out), contents(reference.path)
     for name in expected:
