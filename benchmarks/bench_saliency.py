@@ -4,8 +4,8 @@ featlab's ``grad_cam`` captures all points and gets every gradient from one forw
 backward pass; the baseline calls Captum's ``LayerGradCam(model, layer).attribute`` once per
 point (a forward and a backward each). LayerCAM likewise, against the map built per point from
 Captum's layer gradients (``LayerGradientXActivation(multiply_by_inputs=False)``) and layer
-activations (``LayerActivation``, a forward under ``no_grad``). Both run on the same batch in the same process, and the maps
-are checked to agree before timing:
+activations (``LayerActivation``, a forward under ``no_grad``). Both run on the same batch in
+the same process, and the maps are checked to agree before timing:
 
     python benchmarks/bench_saliency.py [--quick] [--size 128] [--batch-size 8] [--device cpu]
 
