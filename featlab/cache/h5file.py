@@ -413,10 +413,10 @@ def record_resume(path: str, rank: int, skipped: int, of: int, device: Any) -> N
                          "(chmod u+w), or --force to start over.") from err
 
 
-def _session(rank: int, device: Any, **rows: int) -> dict[str, Any]:
+def _session(rank: int, device: Any, **counts: int) -> dict[str, Any]:
     import torch
 
-    return {"rank": int(rank), **rows, "time": now_iso(), "device": str(device),
+    return {"rank": int(rank), **counts, "time": now_iso(), "device": str(device),
             "threads": torch.get_num_threads(), "versions": versions()}
 
 

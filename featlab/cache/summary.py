@@ -230,8 +230,8 @@ def format_summary(info: dict) -> str:
 
 
 def _provenance(info: dict) -> list[tuple[str, str]]:
-    """Who computed the rows: the versions and start of the first session, then the session
-    that finished each file after a resume, and each session that resumed one."""
+    """Who computed the rows, in order: the versions and start of the first session, each
+    session that resumed a file, then the session that finished each file after a resume."""
     versions = info["versions"] if isinstance(info["versions"], dict) else {}
     out = [("versions", (", ".join(f"{k} {v}" for k, v in versions.items()) or "?")
             + f"; created {info['created'] or '?'}")]
@@ -240,13 +240,13 @@ def _provenance(info: dict) -> list[tuple[str, str]]:
         return (f"({r.get('device', '?')}, featlab "
                 f"{(r.get('versions') or {}).get('featlab', '?')}, {r.get('time', '?')})")
 
+    out += [("resumed", f"rank {r['rank']}: a session resumed it at {r['skipped']} of {r['of']} "
+                        f"rows {made(r)}") for r in info.get("resumed") or []]
     finishers = [r for r in info.get("finished") or [] if r.get("rows", 0) < r.get("of", 0)]
     if finishers:  # rows from more than one session: say which session finished what
         out.append(("resumed", "; ".join(
             f"rank {r['rank']}: the session that finished it computed {r['rows']} of "
             f"{r['of']} rows {made(r)}" for r in finishers) + "; earlier sessions the rest"))
-    out += [("resumed", f"rank {r['rank']}: a session resumed it at {r['skipped']} of {r['of']} "
-                        f"rows {made(r)}") for r in info.get("resumed") or []]
     return out
 
 
