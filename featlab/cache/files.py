@@ -6,16 +6,20 @@ Under ``torchrun`` with K processes, rank ``r`` writes ``<out>.shards/rank-<r>-o
 shards. :func:`prepare` applies the rules of resuming: a complete ``<out>`` is never overwritten
 without ``force``; a partial file is resumed only when its settings equal the new ones, else the
 error names the first setting that differs -- unless it holds no sample yet, when it is replaced.
+One extraction at a time writes a cache: it holds :class:`OutLock` on ``<out>.lock`` throughout.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +30,13 @@ from featlab.cache.settings import ExtractSettings
 from featlab.cache.verify import recheck_tail
 from featlab.errors import CacheError
 
-__all__ = ["CachePaths", "check_writable", "make_writable_folder", "prepare", "refuse_complete",
-           "remove_all", "remove_finalised_partial"]
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["CachePaths", "OutLock", "check_writable", "make_writable_folder", "prepare",
+           "outlook", "refuse_complete", "remove_all", "remove_finalised_partial", "writer_of"]
 
 log = logging.getLogger("featlab")
 
@@ -79,8 +88,7 @@ def check_writable(out: str | os.PathLike) -> None:
     path = os.path.abspath(os.fspath(out))
     folder = os.path.dirname(path)
     if os.path.isdir(path):
-        raise CacheError(f"`out` must be a file path; got the folder {path}. Fix: name the cache "
-                         "file, e.g. --out caches/r50-voc-val.h5.")
+        raise CacheError(_folder_message(path))
     try:
         make_writable_folder(folder)
     except OSError as err:
@@ -89,12 +97,102 @@ def check_writable(out: str | os.PathLike) -> None:
                          "folder's permissions.") from err
 
 
+def _folder_message(path: str) -> str:
+    return (f"`out` must be a file path; got the folder {path}. Fix: name the cache file, e.g. "
+            "--out caches/r50-voc-val.h5.")
+
+
 def make_writable_folder(folder: str | os.PathLike) -> None:
     """Create ``folder`` if needed and write and delete a probe file in it (OSError if either
     fails): what a command checks before any compute, whatever it will write there."""
     os.makedirs(folder, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".featlab-probe-"):
         pass
+
+
+class OutLock:
+    """An exclusive lock on ``<out>.lock`` (``flock``), which one extraction holds from before it
+    looks at the files already there until it is done with them: a second extraction into the
+    same ``out`` -- resuming, or with ``force`` -- would otherwise write the same partial file
+    (or delete it) under the first. The holder's pid and host are written into the file for the
+    error; the lock goes with the process (killed, it is free again) and the file is removed on
+    :meth:`release`. Where the file system has no ``flock`` (some parallel file systems), the
+    run goes on unlocked (logged).
+
+    Raises:
+        CacheError: another process holds it.
+    """
+
+    def __init__(self, out: str):
+        self.path = out + S.LOCK_SUFFIX
+        self._fd: int | None = None
+        if fcntl is None:
+            log.info("no flock here: a second extraction into %s would not be refused", out)
+            return
+        tries = 3  # a --dry-run looking who holds it takes it shared for an instant
+        while True:  # the lock must be on the file that is at self.path now (see release)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.EWOULDBLOCK, errno.EACCES) and tries > 1:
+                    tries -= 1
+                    time.sleep(0.05)
+                    continue
+                if err.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise CacheError(
+                        f"{out} must be written by one extraction at a time; another process is "
+                        f"writing it ({writer_of(out) or 'its lock file ' + self.path + ' is held'}"
+                        "). Fix: wait for it to finish (then re-run to resume or --force), or "
+                        "choose another --out.") from None
+                log.info("could not lock %s (%s): a second extraction into the same file would "
+                         "not be refused", self.path, err.strerror or err)
+                return
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # released and removed meanwhile by its holder: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file, then let go of it (a process waiting on the old file then
+        finds it gone and locks a new one)."""
+        if self._fd is None:
+            return
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def writer_of(out: str) -> str | None:
+    """``"pid N on HOST"`` of the extraction holding ``out``'s lock, None when none does (what
+    ``--dry-run`` notes; nothing is created or changed)."""
+    path = out + S.LOCK_SUFFIX
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                return None
+            return os.read(fd, 200).decode(errors="replace").strip() or "pid unknown"
+        return None  # free: a file left by a killed run
+    finally:
+        os.close(fd)
 
 
 def remove_all(paths: CachePaths) -> None:
@@ -133,14 +231,49 @@ def prepare(paths: CachePaths, settings: ExtractSettings) -> tuple[str, np.ndarr
                 log.info("replaced %s: it held no sample yet, and %s differs", path, diff[0])
                 return None
             if diff is not None:
-                flag, there, now = diff
-                raise CacheError(f"{flag} differs from the partial cache at {path}: {there} "
-                                 f"there, {now} now. {_FIX}")
+                raise CacheError(_differs(path, *diff))
             written = found.written
             if path == paths.partial:
                 written = _recheck(path, written)
             return path, written
     return None
+
+
+def _differs(path: str, flag: str, there: object, now: object) -> str:
+    return f"{flag} differs from the partial cache at {path}: {there} there, {now} now. {_FIX}"
+
+
+def outlook(paths: CachePaths, settings: ExtractSettings, force: bool = False) -> str | None:
+    """What extracting into ``paths.out`` would do with the files already there, in one line
+    (None: it starts a new cache). For ``--dry-run``: the rules of :class:`OutLock` and
+    :func:`prepare`, without changing anything."""
+    holder = writer_of(paths.out)
+    if holder is not None:
+        return (f"the run would be refused: another extraction is writing {paths.out} "
+                f"({holder}); wait for it to finish")
+    if os.path.isdir(paths.out):
+        return f"the run would be refused: {_folder_message(paths.out)}"
+    there = [p for p in (paths.out, paths.partial, paths.shards) if os.path.lexists(p)]
+    if force:
+        return (f"--force: the run would delete {', '.join(there)} and start over" if there
+                else None)
+    try:
+        if os.path.exists(paths.out):
+            refuse_complete(paths.out)
+        _check_world_size(paths, settings)
+        if not os.path.exists(paths.partial):
+            return None
+        found = h5file.inspect(paths.partial)
+    except CacheError as err:
+        return f"the run would be refused: {err}"
+    done = int(found.written.sum())
+    diff = found.settings.difference(settings)
+    if diff is not None and done:
+        return f"the run would be refused: {_differs(paths.partial, *diff)}"
+    if diff is not None:
+        return f"the run would replace {paths.partial}: it holds no sample yet"
+    return (f"the run would resume {paths.partial}: {done} of {len(found.written)} samples "
+            "written, the rest computed")
 
 
 def remove_finalised_partial(paths: CachePaths) -> None:

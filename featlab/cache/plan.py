@@ -178,6 +178,9 @@ class ExtractPlan:
         free_bytes: free disk space at the destination, when the caller measured it.
         max_channels: channel bound (0 = every channel).
         compression: ``"lzf"``/``"gzip"`` applied when the cache is finalised, or None.
+        existing: what the run would do with the files already at its destination (refuse,
+            resume, replace or, with ``force``, delete them), in one line; None when it would
+            start a new cache or nobody looked (``featlab.cache.files.outlook``).
     """
 
     points: tuple[PointPlan, ...]
@@ -198,6 +201,7 @@ class ExtractPlan:
     free_bytes: int | None = None
     max_channels: int = 0
     compression: str | None = None
+    existing: str | None = None
 
     @property
     def disk_bytes(self) -> int:
@@ -345,11 +349,11 @@ def check_compression(compression: Any) -> str | None:
 
 
 def check_max_size(max_size: Any) -> int:
-    return _optional_bound("max_size", max_size, "(cells per side) ", 32)
+    return _optional_bound("max_size", max_size, "cells per side", 32)
 
 
 def check_max_channels(max_channels: Any) -> int:
-    return _optional_bound("max_channels", max_channels, "", 256)
+    return _optional_bound("max_channels", max_channels, "channels per point", 256)
 
 
 def _optional_bound(name: str, value: Any, unit: str, example: int) -> int:
@@ -357,8 +361,9 @@ def _optional_bound(name: str, value: Any, unit: str, example: int) -> int:
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"`{name}` must be a positive int {unit}or None; got {value!r}. "
-                          f"Fix: e.g. {name}={example}.")
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"`{name}` ({flag}) must be an int >= 0 ({unit}; 0 or None: no "
+                          f"bound); got {value!r}. Fix: e.g. {flag} {example} ({name}={example}).")
     return value
 
 

@@ -51,6 +51,7 @@ CREATING_SUFFIX = ".creating"  # a partial file while its metadata is made (rena
 ASSEMBLING_SUFFIX = ".assembling"  # the virtual main file of a sharded cache while it is written
 COMPRESSING_SUFFIX = ".compressing"  # the compressed copy of a finished partial file (compression)
 MERGING_SUFFIX = ".merging"  # the one-file copy of a sharded cache while featlab merge writes it
+LOCK_SUFFIX = ".lock"  # held (flock) by the extraction writing a cache; removed when it ends
 
 # datasets
 IDS = "ids"

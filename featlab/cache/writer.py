@@ -30,7 +30,7 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -151,8 +151,9 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
 
     Raises:
         CacheError: ``path`` exists and is complete (without ``force``), a partial cache there
-            has other settings (the message names the setting), the folder is not writable, the
-            disk is too small or a write fails (the partial cache stays resumable).
+            has other settings (the message names the setting), another extraction is writing
+            ``path`` (``force`` too is refused then), the folder is not writable, the disk is
+            too small or a write fails (the partial cache stays resumable).
         ConfigError: bad arguments, no spec, samples of different sizes.
     """
     started = time.perf_counter()
@@ -161,6 +162,24 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
                       max_channels=max_channels, channel_seed=channel_seed,
                       save_images=save_images, compression=compression, device=device,
                       num_workers=num_workers, force=force, queue_size=queue_size)
+    info = job.info
+    # one extraction at a time per cache: held by rank 0 from before any file is looked at
+    lock, failure = _attempt(files.OutLock, job.paths.out) if info.is_main else (None, None)
+    _together(info, failure, None)
+    try:
+        result = _extract_locked(job, started, force=force, disk_check=disk_check,
+                                 progress=progress, stop_early=stop_early)
+    finally:
+        if lock is not None:
+            lock.release()
+    if info.is_main:
+        _report(result, job)
+    return result
+
+
+def _extract_locked(job: Job, started: float, *, force: bool, disk_check: bool, progress: bool,
+                    stop_early: bool) -> ExtractResult:
+    """:func:`extract` once the cache's lock is held: the files, the stream, the result."""
     info = job.info
     if force:
         if info.is_main:
@@ -190,14 +209,11 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
     size = os.path.getsize(job.paths.out) + sum(
         os.path.getsize(p) for p in job.paths.shard_files() if info.world_size > 1)
     seconds = time.perf_counter() - started
-    result = ExtractResult(
+    return ExtractResult(
         job.paths.out, job.settings.points, job.settings.num_samples, written,
         sum(g["skipped"] for g in gathered), size, seconds, written / seconds,
         written * job.plan.bytes_per_sample / seconds / 1e6, findings,
         tuple((name, *counts) for name, counts in underflow.items()))
-    if info.is_main:
-        _report(result, job)
-    return result
 
 
 def estimate(model: nn.Module, dataset: Any, points: Any = "stages",
@@ -205,7 +221,8 @@ def estimate(model: nn.Module, dataset: Any, points: Any = "stages",
              dtype: str = "float16", max_size: int | None = None, limit: int | None = None,
              max_channels: int | None = None, channel_seed: int = 0, save_images: bool = False,
              compression: str | None = None, device: str | torch.device | None = None,
-             num_workers: int | None = None, queue_size: int = 2) -> ExtractPlan:
+             num_workers: int | None = None, queue_size: int = 2, force: bool = False
+             ) -> ExtractPlan:
     """What :func:`extract` with the same arguments would store, without writing anything.
 
     This is ``featlab extract --dry-run``: the skip points are measured (a forward at batch 1)
@@ -213,7 +230,9 @@ def estimate(model: nn.Module, dataset: Any, points: Any = "stages",
 
     Returns:
         The :class:`~featlab.cache.plan.ExtractPlan`: per point the stored shape and bytes, the
-        totals for N, the host memory in flight, and the free disk space at ``path``.
+        totals for N, the host memory in flight, the free disk space at ``path``, and what the
+        run would do with files already there (``existing``: refuse, resume, replace, or with
+        ``force`` delete them).
 
     Examples:
         >>> import featlab, featlab.testing as ft
@@ -229,7 +248,7 @@ def estimate(model: nn.Module, dataset: Any, points: Any = "stages",
                       channel_seed=channel_seed, save_images=save_images,
                       compression=compression, device=device, num_workers=num_workers,
                       queue_size=queue_size, probe=False)
-    return job.plan
+    return replace(job.plan, existing=files.outlook(job.paths, job.settings, force))
 
 
 # ----------------------------------------------------------------------------- one rank
@@ -314,10 +333,12 @@ def _assemble(job: Job) -> None:
 def _report(result: ExtractResult, job: Job) -> None:
     names = result.points
     shown = ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:5])}, ... ({len(names)})"
-    log.info("extracted %d points (%s) x %d samples: %s %s -> %s in %.1f s (%.1f img/s, %.1f "
-             "MB/s; %d written now, %d already there)", len(names), shown, result.num_samples,
-             format_bytes(result.bytes), job.settings.dtype, result.path, result.seconds,
-             result.images_per_s, result.mb_per_s, result.written, result.skipped)
+    rates = (f"{result.images_per_s:.1f} img/s, {result.mb_per_s:.1f} MB/s; "
+             if result.written else "")  # e.g. only the compression of a finished file
+    log.info("extracted %d points (%s) x %d samples: %s %s -> %s in %.1f s (%s%d written now, %d "
+             "already there)", len(names), shown, result.num_samples, format_bytes(result.bytes),
+             job.settings.dtype, result.path, result.seconds, rates, result.written,
+             result.skipped)
     if result.nonfinite:
         listed = "; ".join(f"{p!r} in sample {s!r} ({c} values)" for p, s, c in
                            result.nonfinite[:5])

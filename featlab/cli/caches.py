@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from featlab.cli._output import _is_main, _print_json, _table
 
@@ -34,10 +33,12 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                    help="float16 rounding error recorded per sample and point: bound (half the "
                         "float16 spacing at the largest stored value; default) or exact "
                         "(max |x - stored|; a few %% slower on the CPU)")
-    p.add_argument("--max-size", type=int, help="area-pool each point to at most this grid side")
+    p.add_argument("--max-size", type=int,
+                   help="area-pool each point to at most this grid side (0: no pooling, the "
+                        "default)")
     p.add_argument("--max-channels", type=int,
                    help="store at most this many channels of each point (a seeded random subset, "
-                        "recorded in the cache)")
+                        "recorded in the cache; 0: all, the default)")
     p.add_argument("--channel-seed", type=int, default=0,
                    help="seed of the channel subsets (default 0)")
     p.add_argument("--limit", type=int, help="only the first N samples of the sorted order")
@@ -86,11 +87,10 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
 def cmd_extract(args: argparse.Namespace) -> int:
     """Stream skip-point activations of a data set into an HDF5 cache (or --dry-run: estimate)."""
-    from featlab.cache.files import refuse_complete
     from featlab.cache.plan import format_bytes
     from featlab.cache.writer import estimate, extract
     from featlab.data import load_dataset
-    from featlab.errors import CacheError, ConfigError
+    from featlab.errors import ConfigError
     from featlab.models import get_backbone
 
     options = {}
@@ -104,7 +104,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         except ValueError:
             options[key] = value
     model, spec = get_backbone(args.model, weights=args.weights, seed=args.seed)
-    size = args.input_size or spec.input_size
+    size = spec.input_size if args.input_size is None else args.input_size
     ds = load_dataset(args.data, split=args.split, root=args.root, size=size, seed=args.data_seed,
                       **options)
     kwargs = dict(spec=spec, batch_size=args.batch_size, dtype=args.dtype,
@@ -112,7 +112,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
                   channel_seed=args.channel_seed, save_images=args.save_images,
                   compression=args.compression, device=args.device, num_workers=args.workers)
     if args.dry_run:
-        plan = estimate(model, ds, args.points, args.out, **kwargs)
+        plan = estimate(model, ds, args.points, args.out, force=args.force, **kwargs)
         if args.json:
             _print_json(plan.to_dict())
             return 0
@@ -149,11 +149,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         elif args.keeps_freed_memory:  # a CPU run
             print("on the CPU this command keeps freed memory for speed, which can raise the "
                   "process peak above that (FEATLAB_KEEP_MEMORY=0 turns it off)")
-        if os.path.exists(args.out) and not args.force:
-            try:
-                refuse_complete(args.out)
-            except CacheError as err:  # what the run itself would say
-                print(f"note: the run would be refused: {err}")
+        if plan.existing is not None:
+            print(f"note: {plan.existing}")
         return 0
     result = extract(model, ds, args.points, args.out, force=args.force,
                      error_stat=args.error_stat, disk_check=not args.no_disk_check,

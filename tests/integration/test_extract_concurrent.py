@@ -70,3 +70,34 @@ def test_polling_reader_sees_only_complete_rows_equal_to_the_final_values(tmp_pa
     for kind, rows, values in snapshots:
         for name, value in values.items():
             np.testing.assert_array_equal(value, final[name][rows], err_msg=f"{kind} {name}")
+
+
+@pytest.mark.slow
+def test_a_second_extraction_into_the_same_cache_is_refused_while_the_first_runs(tmp_path):
+    out = tmp_path / "c.h5"
+    partial = str(out) + ".partial"
+    cmd = [sys.executable, "-m", "featlab", "extract", "--model", "resnet18", "--weights", "none",
+           "--data", "shapes", "--split", "train", "--input-size", "64", "--points", "stages",
+           "--limit", "5000", "--batch-size", "2", "--workers", "0", "--quiet", "--out", str(out)]
+    first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        while first.poll() is None and not os.path.exists(partial):
+            time.sleep(0.01)
+        for extra in ([], ["--force"]):  # resuming, or starting over, under the first run
+            second = subprocess.run(cmd + extra, env=ENV, capture_output=True, text=True,
+                                    timeout=120)
+            assert second.returncode == 2, second.stderr
+            assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+            assert (f"{out} must be written by one extraction at a time; another process is "
+                    f"writing it (pid {first.pid} on ") in second.stderr
+        assert first.poll() is None, "the first run ended before the second was refused"
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    # the refused runs left the first one's partial cache as it was writing it: whole rows
+    with open_cache(partial) as cache:
+        rows = len(cache.rows)
+    checked = subprocess.run([sys.executable, "-m", "featlab", "verify", partial], env=ENV,
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0 and rows > 0, checked.stdout + checked.stderr

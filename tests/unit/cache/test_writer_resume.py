@@ -15,11 +15,11 @@ import torch
 import featlab
 import featlab.testing as ft
 from featlab import cli
-from featlab.cache import schema
+from featlab.cache import files, schema
 from featlab.cache.direct import DirectWriter
 from featlab.cache.plan import format_bytes
 from featlab.cache.summary import format_summary, summary
-from featlab.cache.writer import extract
+from featlab.cache.writer import estimate, extract
 from featlab.data import load_dataset
 from featlab.errors import CacheError
 from featlab.models import BackboneSpec
@@ -203,6 +203,61 @@ def test_resuming_with_other_settings_names_the_setting(tmp_path, monkeypatch):
     # batch size and workers are not part of the identity: this resumes
     result = extract(model, ds, "stages", out, **{**ARGS, "batch_size": 4})
     assert (result.written, result.skipped) == (7, 3)
+
+
+def test_one_extraction_at_a_time_writes_a_cache_force_included(tmp_path):
+    model, ds = ft.TinyResNet(), dataset()
+    out = tmp_path / "c.h5"
+    held = files.OutLock(str(out))  # another extraction, in the middle of writing `out`
+    try:
+        for force in (False, True):
+            with pytest.raises(CacheError, match=(
+                    rf"^{out} must be written by one extraction at a time; another process is "
+                    rf"writing it \(pid {os.getpid()} on .+\)\. Fix: wait for it to finish")):
+                extract(model, ds, "stages", out, force=force, **ARGS)
+        assert os.listdir(tmp_path) == ["c.h5.lock"]  # nothing made, nothing deleted
+        note = estimate(model, ds, "stages", out, spec=SPEC).existing
+        assert note.startswith(f"the run would be refused: another extraction is writing {out} "
+                               f"(pid {os.getpid()} on ")
+    finally:
+        held.release()
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "c.h5.lock").write_text("pid 1 on elsewhere\n")  # left by a run killed with -9
+    assert files.writer_of(str(out)) is None
+    assert extract(model, ds, "stages", out, **ARGS).written == 10
+    assert os.listdir(tmp_path) == ["c.h5"]
+
+
+def test_dry_run_says_what_the_run_would_do_with_the_files_there(tmp_path, monkeypatch):
+    model, ds = ft.TinyResNet(), dataset()
+    out = tmp_path / "c.h5"
+    partial = str(out) + schema.PARTIAL_SUFFIX
+
+    def existing(**kwargs):
+        return estimate(model, ds, "stages", out, spec=SPEC, num_workers=0, **kwargs).existing
+
+    assert existing() is None and existing(force=True) is None
+    fail_writes_after(monkeypatch, calls=2 * 2)  # two batches of the two points go through
+    with pytest.raises(CacheError):
+        extract(model, ds, "stages", out, **ARGS)
+    monkeypatch.undo()
+    assert existing() == (f"the run would resume {partial}: 6 of 10 samples written, the rest "
+                          "computed")
+    refused = existing(max_size=2)
+    assert refused == ("the run would be refused: `--max-size` differs from the partial cache at "
+                       f"{partial}: 0 there, 2 now. Fix: re-run with the same settings, or --force "
+                       "(force=True) to start over.")
+    with pytest.raises(CacheError) as err:  # what the run says
+        extract(model, ds, "stages", out, **{**ARGS, "max_size": 2})
+    assert refused.endswith(str(err.value))
+    assert existing(force=True) == f"--force: the run would delete {partial} and start over"
+    assert os.path.exists(partial) and not out.exists()  # a dry run changes nothing
+    result = extract(model, ds, "stages", out, **ARGS)
+    assert (result.written, result.skipped) == (4, 6)
+    assert existing().startswith("the run would be refused: `out` must not be a complete cache")
+    folder = estimate(model, ds, "stages", tmp_path, spec=SPEC).existing
+    assert folder == ("the run would be refused: `out` must be a file path; got the folder "
+                      f"{tmp_path}. Fix: name the cache file, e.g. --out caches/r50-voc-val.h5.")
 
 
 def test_a_partial_cache_without_a_sample_is_replaced_by_other_settings(tmp_path, monkeypatch):
