@@ -181,9 +181,15 @@ def _root_attrs(root: nn.Module, dataset: Any, settings: ExtractSettings, spec: 
     }
 
 
+_FLAGS = {"batch_size": "--batch-size", "limit": "--limit", "num_workers": "--workers",
+          "channel_seed": "--channel-seed"}
+
+
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"`{name}` must be an int >= {low}; got {value!r}.")
+        flag = f" ({_FLAGS[name]})" if name in _FLAGS else ""
+        raise ConfigError(f"`{name}`{flag} must be an int >= {low}; got {value!r}. Fix: pass "
+                          f"{low} or more.")
 
 
 def _resolve_spec(model: nn.Module, root: nn.Module, spec: Any) -> Any:
@@ -233,7 +239,8 @@ def _resolve_points(root: nn.Module, points: Any, input_size: tuple[int, int]
     A model torch.fx cannot trace is measured by hooks when the points are module names."""
     from featlab.errors import GraphTraceError
     from featlab.hooked import hooked_points
-    from featlab.points import select_points, skip_points
+    from featlab.points import skip_points
+    from featlab.selection import _select
 
     if points is None:
         points = "all"
@@ -248,7 +255,7 @@ def _resolve_points(root: nn.Module, points: Any, input_size: tuple[int, int]
             raise  # a preset or pattern needs the traced graph
         selected = hooked_points(root, names, input_size)
         return selected, selected
-    selected = select_points(found, points)
+    selected = _select(found, points, root)  # errors name the model, and its `featlab points`
     names = [p.name for p in found]
     deepest = max((names.index(p.name) for p in selected if p.name in names), default=-1)
     return selected, found[:deepest + 1] or selected

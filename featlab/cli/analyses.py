@@ -267,8 +267,8 @@ def cmd_saliency(args: argparse.Namespace) -> int:
         raise ConfigError(f"saliency results must not overwrite existing files; "
                           f"{', '.join(there)} exist. Fix: pass --force or another --out.")
     model, spec = get_backbone(args.model, weights=args.weights)
-    ds = load_dataset(args.data, split=args.split, root=args.root, size=args.size or
-                      spec.input_size)
+    ds = load_dataset(args.data, split=args.split, root=args.root, size=spec.input_size
+                      if args.size is None else args.size)
     kwargs = dict(method=args.method, spec=spec, relu=not args.no_relu, seed=args.seed,
                   device=args.device or default_device())  # as every command: the GPU if any
     result = saliency_summary(model, ds, args.points, limit=args.limit,

@@ -85,7 +85,7 @@ def cmd_points(args: argparse.Namespace) -> int:
     from featlab.points import skip_points
 
     model, spec = get_backbone(args.model, weights=args.weights)
-    size = args.input_size or spec.input_size
+    size = spec.input_size if args.input_size is None else args.input_size
     if args.modules:
         return _print_modules(model, args.model, size, args.json)
     points = skip_points(model, input_size=size, select=args.select)

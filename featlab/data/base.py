@@ -28,7 +28,7 @@ def check_size(size: object) -> int | None:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ConfigError(
             f"`size` must be a positive int (the side of the square crop) or None (native "
-            f"size); got {size!r}. Fix: pass e.g. size=128."
+            f"size); got {size!r}. Fix: pass e.g. size=128 (--input-size 128)."
         )
     return int(size)
 

@@ -297,7 +297,8 @@ def test_max_channels_stores_a_seeded_channel_subset_and_records_it(tmp_path):
     with h5py.File(tmp_path / "p.h5", "r") as f:
         pooled = ref["layer1.1"][:, kept].reshape(5, 10, 4, 2, 4, 2).mean(dim=(3, 5))
         np.testing.assert_allclose(f["points/layer1.1"][:], pooled.numpy(), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ConfigError, match="`max_channels` must be a positive int"):
+    with pytest.raises(ConfigError,
+                       match=r"`max_channels` \(--max-channels\) must be an int >= 0"):
         extract(model, ds, ["layer1.1"], tmp_path / "x.h5", max_channels=-1, **kwargs)
 
 
@@ -593,7 +594,8 @@ def test_bad_inputs_fail_with_typed_errors(tmp_path):
         extract(model, ds, "stages", tmp_path / "a.h5", spec=SPEC, dtype="int8")
     with pytest.raises(featlab.errors.SkipPointNotFoundError, match="features.9"):
         extract(model, ds, "features.9", tmp_path / "a.h5", spec=SPEC, progress=False)
-    with pytest.raises(ConfigError, match="`batch_size` must be an int >= 1"):
+    with pytest.raises(ConfigError,
+                       match=r"`batch_size` \(--batch-size\) must be an int >= 1; got .*Fix"):
         extract(model, ds, "stages", tmp_path / "a.h5", spec=SPEC, batch_size=0)
 
 

@@ -108,7 +108,7 @@ def test_stored_size_keeps_the_aspect_and_never_grows():
     assert stored_size((7, 7), 14) == (7, 7)
     assert stored_size((100, 3), 10) == (10, 1)
     assert stored_size((33, 33), None) == (33, 33)
-    with pytest.raises(ConfigError, match="`max_size` must be a positive int"):
+    with pytest.raises(ConfigError, match=r"`max_size` \(--max-size\) must be an int >= 0"):
         plan_extract(POINTS, 10, 224, max_size=-1)
 
 
@@ -162,3 +162,17 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, cli_st
     assert "note: the run would be refused: `out` must not be an existing file" in (
         capsys.readouterr().out)
     assert out.read_bytes() == b"notes"
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_cli_refuses_an_input_size_that_is_not_positive(tmp_path, capsys, cli_state, value):
+    # 0 once fell through to the weights' default size instead of being refused
+    argv = ["extract", "--model", "resnet18", "--weights", "none", "--data", "shapes",
+            "--input-size", value, "--limit", "2", "--out", str(tmp_path / "c.h5"), "--dry-run"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"featlab extract: error: `size` must be a positive int (the side of the "
+                   f"square crop) or None (native size); got {value}. Fix: pass e.g. size=128 "
+                   "(--input-size 128).")
+    assert cli.main(["points", "resnet18", "--input-size", value]) == 2
+    assert "`input_size` must be a positive int" in capsys.readouterr().err
