@@ -30,8 +30,10 @@ from featlab._records import check_record
 
 __all__ = ["ExtractSettings", "ids_fingerprint", "state_fingerprint"]
 
-_DATA_FLAGS = {"name": "--data", "split": "--split", "root": "--root", "size": "--input-size"}
-_MODEL_FLAGS = {"name": "--model", "weights": "--weights", "weights_sha256": "--weights"}
+_DATA_FLAGS = {"name": "--data", "split": "--split", "root": "--root", "size": "--input-size",
+               "seed": "--data-seed"}
+_MODEL_FLAGS = {"name": "--model", "weights": "--weights", "weights_sha256": "--weights",
+                "seed": "--seed"}
 
 
 @dataclass(frozen=True)

@@ -298,10 +298,11 @@ def _run_rank(job: Job, resume: tuple[str, np.ndarray] | None, written: np.ndarr
     need += plan.disk_bytes - plan.total_bytes  # with compression: the copy made at the end
     free = free_disk_bytes(paths.target)
     if disk_check and todo and need > free:
+        smaller = "--dtype float16, " if job.settings.dtype == "float32" else ""
         raise CacheError(f"the disk at {os.path.dirname(paths.target)} must hold the cache; it "
                          f"needs {format_bytes(need)} more and has {format_bytes(free)} free. "
-                         "Fix: free space or choose another --out; shrink it with --dtype "
-                         "float16, --max-size, --max-channels or --limit (see --dry-run); or "
+                         f"Fix: free space or choose another --out; shrink it with {smaller}"
+                         "--max-size, --max-channels or --limit (see --dry-run); or "
                          "--no-disk-check.")
     if resume is None:
         h5file.create(paths.partial, job.layout, job.attrs, job.ids, job.index)

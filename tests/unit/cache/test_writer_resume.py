@@ -197,6 +197,9 @@ def test_resuming_with_other_settings_names_the_setting(tmp_path, monkeypatch):
         extract(model, dataset(11), "stages", out, **ARGS)
     with pytest.raises(CacheError, match="`--input-size` differs"):
         extract(model, load_dataset("shapes", "val", size=16, length=10), "stages", out, **ARGS)
+    with pytest.raises(CacheError, match="`--data-seed` differs .*: 0 there, 1 now"):
+        extract(model, load_dataset("shapes", "val", size=32, length=10, seed=1), "stages", out,
+                **ARGS)
     other = ft.TinyResNet(seed=1)
     with pytest.raises(CacheError, match=r"the model's weights \(sha256 of its state_dict\)"):
         extract(other, ds, "stages", out, **ARGS)
@@ -392,8 +395,12 @@ def test_disk_check_refuses_what_does_not_fit(tmp_path, monkeypatch):
     import featlab.cache.writer as writer
 
     monkeypatch.setattr(writer, "free_disk_bytes", lambda path: 1000)
-    with pytest.raises(CacheError, match="needs .* more and has 1000 B free.*--no-disk-check"):
+    with pytest.raises(CacheError, match="needs .* more and has 1000 B free.*--no-disk-check"
+                       ) as err:
         extract(ft.TinyCNN(), dataset(4), "stages", tmp_path / "c.h5", **ARGS)
+    assert "--dtype" not in str(err.value)  # float16 already: the fix offers what is left
+    with pytest.raises(CacheError, match="shrink it with --dtype float16, --max-size"):
+        extract(ft.TinyCNN(), dataset(4), "stages", tmp_path / "c.h5", dtype="float32", **ARGS)
     assert not list(tmp_path.iterdir())
     result = extract(ft.TinyCNN(), dataset(4), "stages", tmp_path / "c.h5", disk_check=False,
                      **ARGS)
