@@ -176,8 +176,8 @@ class FileDataset(SegmentationDataset):
         if self.size is not None:  # R-2.3: a label resize is never silent
             log.info("%s %s: images and masks resized to a %d px shorter side and centre-cropped "
                      "to %dx%d (masks by nearest neighbour): metrics score these labels, not the "
-                     "files' own (size=None keeps them)", self.name, self.split, self.size,
-                     self.size, self.size)
+                     "files' own (in Python, size=None keeps them)", self.name, self.split,
+                     self.size, self.size, self.size)
         self.ids = [s[0] for s in ordered]
         self._images = [s[1] for s in ordered]
         self._masks = [(s[2], s[3]) for s in ordered]
