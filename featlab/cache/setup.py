@@ -21,8 +21,7 @@ from torch import nn
 from featlab import distributed as fdist
 from featlab.cache import h5file
 from featlab.cache import schema as S
-from featlab.cache.files import (CachePaths, check_writable, refuse_complete,
-                                 remove_finalised_partial)
+from featlab.cache.files import CachePaths, check_writable, refuse_complete
 from featlab.cache.plan import (ExtractPlan, channel_subset, check_dtype, check_error_stat,
                                 check_max_channels, check_max_size, free_disk_bytes,
                                 plan_extract)
@@ -90,8 +89,10 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
     paths = CachePaths.make(path, info.rank, info.world_size)
     if probe:
         check_writable(paths.out)
-        if not force and os.path.exists(paths.out):
-            remove_finalised_partial(paths)
+        # refused before any compute; with a partial file beside it (left by a run stopped
+        # just after finalising) files.prepare refuses, once it holds the lock that lets it
+        # delete that file
+        if not force and os.path.exists(paths.out) and not os.path.exists(paths.partial):
             refuse_complete(paths.out)
     n = len(ids_all) if limit is None else min(limit, len(ids_all))
     stored_ids = ids_all[:n]
