@@ -6,7 +6,8 @@ Under ``torchrun`` with K processes, rank ``r`` writes ``<out>.shards/rank-<r>-o
 shards. :func:`prepare` applies the rules of resuming: a complete ``<out>`` is never overwritten
 without ``force``; a partial file is resumed only when its settings equal the new ones, else the
 error names the first setting that differs -- unless it holds no sample yet, when it is replaced.
-One extraction at a time writes a cache: it holds :class:`OutLock` on ``<out>.lock`` throughout.
+One extraction at a time writes a cache: each of its processes holds an :class:`OutLock`
+throughout (rank 0 on ``<out>.lock``, rank ``r`` on ``<out>.rank-<r>.lock``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ except ImportError:  # Windows: no flock
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["CachePaths", "OutLock", "check_writable", "make_writable_folder", "prepare",
-           "outlook", "refuse_complete", "remove_all", "remove_finalised_partial", "writer_of"]
+           "lock_path", "outlook", "refuse_complete", "remove_all", "remove_finalised_partial",
+           "writer_of"]
 
 log = logging.getLogger("featlab")
 
@@ -111,11 +113,14 @@ def make_writable_folder(folder: str | os.PathLike) -> None:
 
 
 class OutLock:
-    """An exclusive lock on ``<out>.lock`` (``flock``), which one extraction holds from before it
+    """An exclusive lock (``flock``) that each process of an extraction holds from before it
     looks at the files already there until it is done with them: a second extraction into the
     same ``out`` -- resuming, or with ``force`` -- would otherwise write the same partial file
-    (or delete it) under the first. The holder's pid and host are written into the file for the
-    error; the lock goes with the process (killed, it is free again) and the file is removed on
+    (or delete it) under the first. Rank 0's is ``<out>.lock``, which any run into ``out``
+    needs; rank ``r``'s is ``<out>.rank-<r>.lock``, which keeps a rank that outlived its run
+    (torchrun starts its workers in sessions of their own) from sharing its shard with the
+    next run's rank ``r``. The holder's pid and host are written into the file for the error;
+    the lock goes with the process (killed, it is free again) and the file is removed on
     :meth:`release`. Where the file system has no ``flock`` (some parallel file systems), the
     run goes on unlocked (logged).
 
@@ -123,8 +128,8 @@ class OutLock:
         CacheError: another process holds it.
     """
 
-    def __init__(self, out: str):
-        self.path = out + S.LOCK_SUFFIX
+    def __init__(self, out: str, rank: int = 0):
+        self.path = lock_path(out, rank)
         self._fd: int | None = None
         if fcntl is None:
             log.info("no flock here: a second extraction into %s would not be refused", out)
@@ -141,11 +146,13 @@ class OutLock:
                     time.sleep(0.05)
                     continue
                 if err.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    holder = writer_of(out, rank) or f"its lock file {self.path} is held"
+                    part = f" (its rank {rank}'s shard)" if rank else ""
                     raise CacheError(
                         f"{out} must be written by one extraction at a time; another process is "
-                        f"writing it ({writer_of(out) or 'its lock file ' + self.path + ' is held'}"
-                        "). Fix: wait for it to finish (then re-run to resume or --force), or "
-                        "choose another --out.") from None
+                        f"writing it{part} ({holder}). Fix: wait for it to finish, or stop it "
+                        "(then re-run to resume, or --force), or choose another --out."
+                        ) from None
                 log.info("could not lock %s (%s): a second extraction into the same file would "
                          "not be refused", self.path, err.strerror or err)
                 return
@@ -173,10 +180,14 @@ class OutLock:
         self._fd = None
 
 
-def writer_of(out: str) -> str | None:
-    """``"pid N on HOST"`` of the extraction holding ``out``'s lock, None when none does (what
-    ``--dry-run`` notes; nothing is created or changed)."""
-    path = out + S.LOCK_SUFFIX
+def lock_path(out: str, rank: int = 0) -> str:
+    return out + (f".rank-{rank}" if rank else "") + S.LOCK_SUFFIX
+
+
+def writer_of(out: str, rank: int = 0) -> str | None:
+    """``"pid N on HOST"`` of the process holding rank ``rank``'s lock of ``out``, None when
+    none does (what ``--dry-run`` notes; nothing is created or changed)."""
+    path = lock_path(out, rank)
     if fcntl is None:
         return None
     try:
@@ -247,10 +258,15 @@ def outlook(paths: CachePaths, settings: ExtractSettings, force: bool = False) -
     """What extracting into ``paths.out`` would do with the files already there, in one line
     (None: it starts a new cache). For ``--dry-run``: the rules of :class:`OutLock` and
     :func:`prepare`, without changing anything."""
-    holder = writer_of(paths.out)
-    if holder is not None:
-        return (f"the run would be refused: another extraction is writing {paths.out} "
-                f"({holder}); wait for it to finish")
+    ranks = [0] + sorted(int(m.group(1)) for f in glob.glob(glob.escape(paths.out) + ".rank-*"
+                                                             + S.LOCK_SUFFIX)
+                         if (m := re.search(r"\.rank-(\d+)\.lock$", f)))
+    for rank in ranks:
+        holder = writer_of(paths.out, rank)
+        if holder is not None:
+            part = f" (its rank {rank}'s shard)" if rank else ""
+            return (f"the run would be refused: another extraction is writing {paths.out}{part} "
+                    f"({holder}); wait for it to finish, or stop it")
     if os.path.isdir(paths.out):
         return f"the run would be refused: {_folder_message(paths.out)}"
     there = [p for p in (paths.out, paths.partial, paths.shards) if os.path.lexists(p)]
@@ -331,10 +347,16 @@ def _check_world_size(paths: CachePaths, settings: ExtractSettings) -> None:
     k = paths.world_size
     single_partial = paths.out + S.PARTIAL_SUFFIX
     if k > 1 and os.path.exists(single_partial):
-        raise CacheError(f"the number of processes (torchrun world size) differs from the partial "
-                         f"cache at {single_partial}: 1 there, {k} now. {_FIX}")
+        raise CacheError(_world_size_message(single_partial, 1, k))
     others = sorted({int(m.group(2)) for f in glob.glob(os.path.join(paths.shards, "rank-*"))
                      if (m := _SHARD.search(f)) and int(m.group(2)) != k})
     if others:
-        raise CacheError(f"the number of processes (torchrun world size) differs from the partial "
-                         f"cache at {paths.shards}: {others[0]} there, {k} now. {_FIX}")
+        raise CacheError(_world_size_message(paths.shards, others[0], k))
+
+
+def _world_size_message(where: str, there: int, now: int) -> str:
+    again = ("as one process (featlab extract without torchrun)" if there == 1 else
+             f"under torchrun --nproc_per_node={there} (or nodes x processes = {there})")
+    return (f"the number of processes (torchrun world size) differs from the partial cache at "
+            f"{where}: {there} there, {now} now. Fix: re-run {again} to resume it, or --force "
+            "(force=True) to start over.")

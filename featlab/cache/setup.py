@@ -95,6 +95,10 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
         if not force and os.path.exists(paths.out) and not os.path.exists(paths.partial):
             refuse_complete(paths.out)
     n = len(ids_all) if limit is None else min(limit, len(ids_all))
+    if n < info.world_size:  # every rank writes a shard of at least one sample
+        raise ConfigError(f"every one of the {info.world_size} processes must get a sample; got "
+                          f"{n} samples. Fix: run at most {n} processes (torchrun "
+                          "--nproc_per_node), or extract more samples (--limit).")
     stored_ids = ids_all[:n]
     shard = fdist.shard_range(n, info.rank, info.world_size)
     first = dataset[0]

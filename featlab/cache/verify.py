@@ -192,7 +192,8 @@ class _Verifier:
             self.add("metadata", f"sample ids must be unique; {len(dups)} repeat, first "
                                  f"{dups[0]!r}. {_FIX_EXTRACT}")
         stored, actual = self.attrs.get("ids_sha256"), ids_sha256(self.ids)
-        if stored is not None and stored != actual:
+        # a torchrun shard holds its rank's ids; its ids_sha256 is the whole cache's
+        if stored is not None and stored != actual and "shard" not in self.attrs:
             self.add("metadata", f"ids_sha256 must be the sha256 of the newline-joined /ids; "
                                  f"stored {str(stored)[:12]}, recomputed {actual[:12]}. "
                                  f"{_FIX_EXTRACT}")

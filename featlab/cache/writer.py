@@ -163,10 +163,10 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
                       save_images=save_images, compression=compression, device=device,
                       num_workers=num_workers, force=force, queue_size=queue_size)
     info = job.info
-    # one extraction at a time per cache: held by rank 0 from before any file is looked at
-    lock, failure = _attempt(files.OutLock, job.paths.out) if info.is_main else (None, None)
-    _together(info, failure, None)
+    # one extraction at a time per cache: every rank locks before any file is looked at
+    lock, failure = _attempt(files.OutLock, job.paths.out, info.rank)
     try:
+        _together(info, failure, None)
         result = _extract_locked(job, started, force=force, disk_check=disk_check,
                                  progress=progress, stop_early=stop_early)
     finally:

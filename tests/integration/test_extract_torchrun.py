@@ -109,6 +109,9 @@ def test_two_processes_write_shards_read_as_one_cache_equal_to_one_process(shard
         assert json.loads(f.attrs["shard"]) == {"rank": 1, "world_size": 2, "start": 15,
                                                 "stop": N}
         assert f["index"][:].tolist() == list(range(15, N))
+    for rank in (0, 1):  # a shard verifies on its own (its ids_sha256 is the whole cache's)
+        report = verify(out.parent / "c.h5.shards" / f"rank-{rank}-of-2.h5")
+        assert report.ok and report.complete, report.text()
     # the cache and its shards move together: the virtual sources are relative paths
     moved = tmp_path / "moved"
     shutil.copytree(out.parent, moved)

@@ -231,6 +231,25 @@ def test_one_extraction_at_a_time_writes_a_cache_force_included(tmp_path):
     assert os.listdir(tmp_path) == ["c.h5"]
 
 
+def test_a_torchrun_rank_that_outlived_its_run_keeps_its_shard_locked(tmp_path):
+    # torchrun starts its workers in sessions of their own: killing the launcher and rank 0 can
+    # leave rank 1 writing its shard, which the next run's rank 1 must not share
+    out = str(tmp_path / "c.h5")
+    stray = files.OutLock(out, rank=1)
+    try:
+        with pytest.raises(CacheError, match=(
+                rf"^{out} must be written by one extraction at a time; another process is "
+                rf"writing it \(its rank 1's shard\) \(pid {os.getpid()} on .+\)\. Fix: wait")):
+            files.OutLock(out, rank=1)
+        files.OutLock(out, rank=0).release()  # rank 0's lock is another file
+        note = estimate(ft.TinyResNet(), dataset(), "stages", out, spec=SPEC).existing
+        assert note.startswith(f"the run would be refused: another extraction is writing {out} "
+                               f"(its rank 1's shard) (pid {os.getpid()} on ")
+    finally:
+        stray.release()
+    assert os.listdir(tmp_path) == []
+
+
 def test_dry_run_says_what_the_run_would_do_with_the_files_there(tmp_path, monkeypatch):
     model, ds = ft.TinyResNet(), dataset()
     out = tmp_path / "c.h5"
@@ -490,3 +509,29 @@ def test_a_partial_cache_that_cannot_be_written_is_refused_with_the_fix(tmp_path
     with h5py.File(partial, "r", locking=False) as f:  # left as it was: it still resumes
         assert f[schema.WRITTEN][:].tolist() == [1] * 6 + [0] * 4 and "resumed" not in f.attrs
     assert extract(model, ds, "stages", out, **ARGS).written == 4
+
+
+def test_a_partial_cache_of_another_world_size_says_how_to_resume_it(tmp_path):
+    out = tmp_path / "c.h5"
+    shards = tmp_path / "c.h5.shards"
+    shards.mkdir()
+    (shards / "rank-0-of-2.h5.partial").write_bytes(b"")  # what `torchrun` left (the name counts)
+    message = (f"the number of processes (torchrun world size) differs from the partial cache "
+               f"at {shards}: 2 there, 1 now. Fix: re-run under torchrun --nproc_per_node=2 (or "
+               "nodes x processes = 2) to resume it, or --force (force=True) to start over.")
+    with pytest.raises(CacheError) as err:
+        extract(ft.TinyResNet(), dataset(), "stages", out, **ARGS)
+    assert str(err.value) == message
+    assert (estimate(ft.TinyResNet(), dataset(), "stages", out, spec=SPEC).existing
+            == f"the run would be refused: {message}")
+
+
+def test_fewer_samples_than_processes_are_refused_before_any_file(tmp_path, monkeypatch):
+    from featlab import distributed as fdist
+
+    monkeypatch.setattr(fdist, "init", lambda device: fdist.DistInfo(0, 3, 0, 3))
+    with pytest.raises(featlab.errors.ConfigError, match=(
+            r"^every one of the 3 processes must get a sample; got 2 samples\. Fix: run at most "
+            r"2 processes \(torchrun --nproc_per_node\), or extract more samples \(--limit\)\.$")):
+        extract(ft.TinyResNet(), dataset(), "stages", tmp_path / "c.h5", limit=2, **ARGS)
+    assert os.listdir(tmp_path) == []
