@@ -174,18 +174,27 @@ def read_snapshot(path: Path) -> Snapshot:
                              f"{str(path)!r} lacks them or they are unreadable (damaged or not "
                              f"written by featlab). Fix: run `featlab verify {path}` and "
                              "re-extract the cache.")
-        missing = [str(p) for p in source_files(f, path).values() if not p.is_file()]
-        if missing:
+        lost = [p for p in source_files(f, path).values() if not p.is_file()]
+        if lost:
+            # named as the file was written: a renamed cache still reads its old folder
+            folders = sorted({os.path.relpath(p.parent, path.parent) for p in lost})
             raise CacheError(f"every shard file of a distributed cache must exist; "
-                             f"{str(path)!r} reads from missing {missing}. Fix: restore the "
-                             f"'{path.name}{schema.SHARDS_SUFFIX}' folder next to it, or "
-                             "re-extract.")
-        rows = np.flatnonzero(f[schema.WRITTEN][()] == 1).astype(np.int64)
+                             f"{str(path)!r} reads from missing {[str(p) for p in lost]}. Fix: "
+                             f"put the shards back in {', '.join(map(repr, folders))} next to "
+                             "it (its name when extracted), or join them anew with `featlab "
+                             "merge SHARDS --out CACHE`, or re-extract.")
+        try:
+            written, ids, index = (f[schema.WRITTEN][()], read_ids(f[schema.IDS]),
+                                   f[schema.INDEX][()])
+        except OSError as err:  # what a virtual dataset reads is damaged
+            raise CacheError(f"a featlab cache must be readable; reading {str(path)!r} failed "
+                             f"({err}): {damage_note(f, path)}.") from None
+        rows = np.flatnonzero(written == 1).astype(np.int64)
         arrays = {key: (tuple(f[key].shape[1:]), f[key].dtype)
                   for key in (schema.LABELS, schema.IMAGES, schema.NONFINITE, schema.ABS_ERROR,
                               *(f"{schema.POINTS}/{n}" for n in names)) if key in f}
         return Snapshot(path, version, attrs, int(attrs["num_samples"]), rows,
-                        read_ids(f[schema.IDS]), f[schema.INDEX][()].astype(np.int64), points,
+                        ids, index.astype(np.int64), points,
                         stored, channels, arrays, largest)
 
 
@@ -244,6 +253,31 @@ def source_files(f: h5py.File, path: Path) -> dict[str, Path]:
 
     f.visititems(visit)
     return found
+
+
+def unreadable_sources(f: h5py.File, path: Path) -> list[str]:
+    """The files the virtual datasets of ``f`` read from that HDF5 cannot open (a truncated or
+    damaged shard); missing ones are not counted."""
+    bad = []
+    for src in source_files(f, path).values():
+        if src.is_file():
+            try:
+                h5py.File(src, "r", locking=False).close()
+            except OSError:
+                bad.append(str(src))
+    return bad
+
+
+def damage_note(f: h5py.File, path: Path) -> str:
+    """What to say of a cache whose arrays could not be read: which file, and the fix."""
+    bad = unreadable_sources(f, path)
+    if not bad:
+        return ("the file is damaged or truncated. Fix: re-extract it (--force), or restore it "
+                "from a copy")
+    return (f"{'its shard' if len(bad) == 1 else 'its shards'} {', '.join(bad)} cannot be "
+            f"opened. Fix: restore {'it' if len(bad) == 1 else 'them'}; or delete "
+            f"{'it' if len(bad) == 1 else 'them'} and {path.name}, and re-run the same torchrun "
+            "extraction, which keeps the other shards; or re-extract")
 
 
 def storage_bytes(dset: h5py.Dataset, base: Path) -> int:

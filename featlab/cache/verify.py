@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from featlab.cache import schema
-from featlab.cache._reading import (check_schema, decode_attr, ids_sha256, open_h5, read_ids,
-                                    read_root_attrs, resolve_cache_path, source_files,
+from featlab.cache._reading import (check_schema, damage_note, decode_attr, ids_sha256, open_h5,
+                                    read_ids, read_root_attrs, resolve_cache_path, source_files,
                                     stored_channels)
 from featlab.cache.summary import human_bytes
 from featlab.points import SkipPoint
@@ -106,10 +106,14 @@ def verify(path: str | os.PathLike, *, block_bytes: int = _BLOCK_BYTES,
     with open_h5(path) as f:
         check_schema(f, path)
         v = _Verifier(f, path)
-        v.check_metadata()
-        v.check_shapes()
-        v.check_completeness()
-        v.scan(max(1, int(block_bytes)), progress)
+        try:
+            v.check_metadata()
+            v.check_shapes()
+            v.check_completeness()
+            v.scan(max(1, int(block_bytes)), progress)
+        except OSError as err:  # HDF5 could not read what the file points at
+            v.add("files", f"every array must be readable; reading failed ({err}): "
+                           f"{damage_note(f, path)}.")
         return VerifyReport(str(path), bool(v.attrs.get("complete")), v.written, v.n or 0,
                             tuple(v.problems), tuple(v.notes), v.bytes_read)
 

@@ -117,6 +117,24 @@ def test_two_processes_write_shards_read_as_one_cache_equal_to_one_process(shard
     shutil.copytree(out.parent, moved)
     with featlab.open_cache(moved / "c.h5") as cache:
         assert len(cache) == N and cache.ids == ds.ids[:N]
+    # ... but keep their names: the file reads the folder it was written with
+    os.rename(moved / "c.h5", moved / "e.h5")
+    os.rename(moved / "c.h5.shards", moved / "e.h5.shards")
+    with pytest.raises(CacheError, match=r"reads from missing .*Fix: put the shards back in "
+                                         r"'c\.h5\.shards' next to it \(its name when extracted\)"):
+        featlab.open_cache(moved / "e.h5")
+    # a truncated shard is named, in one line, by the reader and by verify
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out.parent, damaged)
+    shard = damaged / "c.h5.shards" / "rank-1-of-2.h5"
+    os.truncate(shard, shard.stat().st_size // 2)
+    note = (f"its shard {shard} cannot be opened. Fix: restore it; or delete it and c.h5, and "
+            "re-run the same torchrun extraction, which keeps the other shards; or re-extract.")
+    with pytest.raises(CacheError) as err:
+        featlab.open_cache(damaged / "c.h5")
+    assert str(err.value).endswith(note) and "\n" not in str(err.value)
+    report = verify(damaged / "c.h5")
+    assert not report.ok and report.problems[-1].message.endswith(note)
 
 
 def _names(f):
