@@ -148,6 +148,8 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
         args.keeps_freed_memory = keep_freed_memory()
     try:
         _import_torch_whole()
+        if own_process and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
         from featlab.runinfo import command_line
 
         command_line(list(sys.argv[1:] if argv is None else argv))  # recorded in its results
@@ -157,10 +159,12 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
     except FeatlabError as err:
         print(f"featlab {command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         again = "; the same command resumes where it stopped" if command in RESUMABLE else ""
-        print(f"featlab {command}: interrupted{again}", file=sys.stderr)
-        return 130
+        terminated = isinstance(err, _Terminated)
+        print(f"featlab {command}: {'terminated' if terminated else 'interrupted'}{again}",
+              file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:  # under torchrun: leave the process group before the interpreter tears it down
         from featlab.distributed import destroy
 
@@ -168,6 +172,16 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
         runinfo = sys.modules.get("featlab.runinfo")
         if runinfo is not None:  # the next command in this process records its own line
             runinfo.command_line(None)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM -- a scheduler cancelling or pre-empting the job (SLURM sends it first), or
+    torchrun passing it on -- stops the command as Ctrl-C does: the work in flight is left
+    resumable, locks and buffers are released, and the exit code is 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def _import_torch_whole() -> None:

@@ -1,4 +1,5 @@
-"""A reader opened while `featlab extract` runs sees only complete samples and never errors."""
+"""While `featlab extract` runs: a reader sees only complete samples and never errors, and a
+second extraction into the same cache is refused (the first then stops on SIGTERM)."""
 
 from __future__ import annotations
 
@@ -92,9 +93,14 @@ def test_a_second_extraction_into_the_same_cache_is_refused_while_the_first_runs
             assert (f"{out} must be written by one extraction at a time; another process is "
                     f"writing it (pid {first.pid} on ") in second.stderr
         assert first.poll() is None, "the first run ended before the second was refused"
+        first.terminate()  # SIGTERM, as a scheduler cancelling the job: stopped as Ctrl-C is
+        assert first.wait(timeout=60) == 143
+        assert first.stderr.read() == ("featlab extract: terminated; the same command resumes "
+                                       "where it stopped\n")
     finally:
         first.kill()
         first.wait(timeout=60)
+    assert sorted(os.listdir(tmp_path)) == ["c.h5.partial"]  # its lock is gone with it
     # the refused runs left the first one's partial cache as it was writing it: whole rows
     with open_cache(partial) as cache:
         rows = len(cache.rows)
