@@ -208,8 +208,9 @@ def _progress_bar(progress: bool, total: int, initial: int, job: Job):
         return None
     from tqdm.auto import tqdm
 
+    shard = (f" (rank 0's shard of {job.info.world_size})" if job.info.world_size > 1 else "")
     return tqdm(total=total, initial=initial, unit="img", dynamic_ncols=True,
-                desc=f"extract {os.path.basename(job.paths.out)}")
+                desc=f"extract {os.path.basename(job.paths.out)}{shard}")
 
 
 class Writer(threading.Thread):
