@@ -174,15 +174,9 @@ def read_snapshot(path: Path) -> Snapshot:
                              f"{str(path)!r} lacks them or they are unreadable (damaged or not "
                              f"written by featlab). Fix: run `featlab verify {path}` and "
                              "re-extract the cache.")
-        lost = [p for p in source_files(f, path).values() if not p.is_file()]
+        lost = missing_shards(f, path)
         if lost:
-            # named as the file was written: a renamed cache still reads its old folder
-            folders = sorted({os.path.relpath(p.parent, path.parent) for p in lost})
-            raise CacheError(f"every shard file of a distributed cache must exist; "
-                             f"{str(path)!r} reads from missing {[str(p) for p in lost]}. Fix: "
-                             f"put the shards back in {', '.join(map(repr, folders))} next to "
-                             "it (its name when extracted), or join them anew with `featlab "
-                             "merge SHARDS --out CACHE`, or re-extract.")
+            raise CacheError(lost)
         try:
             written, ids, index = (f[schema.WRITTEN][()], read_ids(f[schema.IDS]),
                                    f[schema.INDEX][()])
@@ -253,6 +247,19 @@ def source_files(f: h5py.File, path: Path) -> dict[str, Path]:
 
     f.visititems(visit)
     return found
+
+
+def missing_shards(f: h5py.File, path: Path) -> str | None:
+    """The error for a cache whose virtual datasets read from missing files (None: none is)."""
+    lost = [p for p in source_files(f, path).values() if not p.is_file()]
+    if not lost:
+        return None
+    # named as the file was written: a renamed cache still reads its old folder
+    folders = sorted({os.path.relpath(p.parent, path.parent) for p in lost})
+    return (f"every shard file of a distributed cache must exist; {str(path)!r} reads from "
+            f"missing {[str(p) for p in lost]}. Fix: put the shards back in "
+            f"{', '.join(map(repr, folders))} next to it (its name when extracted), or join them "
+            "anew with `featlab merge SHARDS --out CACHE`, or re-extract.")
 
 
 def unreadable_sources(f: h5py.File, path: Path) -> list[str]:

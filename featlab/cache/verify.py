@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from featlab.cache import schema
-from featlab.cache._reading import (check_schema, damage_note, decode_attr, ids_sha256, open_h5,
-                                    read_ids, read_root_attrs, resolve_cache_path, source_files,
-                                    stored_channels)
+from featlab.cache._reading import (check_schema, damage_note, decode_attr, ids_sha256,
+                                    missing_shards, open_h5, read_ids, read_root_attrs,
+                                    resolve_cache_path, stored_channels)
 from featlab.cache.summary import human_bytes
 from featlab.points import SkipPoint
 
@@ -106,6 +106,12 @@ def verify(path: str | os.PathLike, *, block_bytes: int = _BLOCK_BYTES,
     with open_h5(path) as f:
         check_schema(f, path)
         v = _Verifier(f, path)
+        lost = missing_shards(f, path)
+        if lost is not None:  # everything else would read fill values where the shards are
+            v.add("files", lost)
+            n = v.attrs.get("num_samples")
+            return VerifyReport(str(path), bool(v.attrs.get("complete")), 0,
+                                n if isinstance(n, int) else 0, tuple(v.problems), (), 0)
         try:
             v.check_metadata()
             v.check_shapes()
@@ -170,11 +176,6 @@ class _Verifier:
         if absent:
             self.add("metadata", f"every dataset of the layout must exist; missing {absent}. "
                                  f"{_FIX_EXTRACT}")
-        missing_files = [str(p) for p in source_files(f, self.path).values() if not p.is_file()]
-        if missing_files:
-            self.add("files", f"every shard file of a distributed cache must exist (missing "
-                              f"rows read as fill values); missing {missing_files}. Fix: restore "
-                              f"the {self.path.name}{schema.SHARDS_SUFFIX} folder or re-extract.")
         if schema.IDS in f:
             self.check_ids()
         self.check_points()

@@ -138,7 +138,9 @@ def test_partial_marked_complete_is_a_problem(make_cache):
 def test_missing_shard_is_a_problem(distributed_cache):
     (distributed_cache.path.parent / "val.h5.shards" / "rank-0-of-2.h5").unlink()
     report = verify(distributed_cache.path, progress=False)
-    assert "files" in _checks(report) and "rank-0-of-2.h5" in report.text()
+    # the one problem: the rest would only find the fill values read where the shard was
+    assert _checks(report) == ["files"] and "rank-0-of-2.h5" in report.text()
+    assert "Fix: put the shards back in 'val.h5.shards' next to it" in report.problems[0].message
 
 
 @pytest.mark.filterwarnings("default::featlab.errors.FeatlabWarning")
