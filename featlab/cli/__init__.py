@@ -29,6 +29,9 @@ log = logging.getLogger("featlab")
 
 # commands that, run again after a kill, continue from what they had written
 RESUMABLE = ("extract", "train-head", "sweep", "demo")
+#: Seconds between progress-bar updates when stderr is not a terminal (a log file): tqdm's
+#: default 0.1 s would write ten updates a second into it. ``TQDM_MININTERVAL`` overrides.
+LOG_BAR_SECONDS = 30
 
 
 class _Parser(argparse.ArgumentParser):
@@ -142,6 +145,8 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
     command = " ".join(filter(None, (args.command, getattr(args, "analysis", None))))
     _setup_logging(args.quiet, args.verbose, command)
     args.keeps_freed_memory = False
+    if own_process and not sys.stderr.isatty():  # a batch job's log: a bar line per 30 s
+        os.environ.setdefault("TQDM_MININTERVAL", str(LOG_BAR_SECONDS))
     if own_process and os.environ.get("FEATLAB_KEEP_MEMORY", "1") != "0":
         from featlab.allocator import keep_freed_memory
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,21 @@ def test_errors_and_warnings_are_one_line_each(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert len(done.stderr.splitlines()) == 1
     assert done.stderr.startswith("featlab inspect: error:")
+
+
+def test_progress_bars_write_a_log_file_seldom(tmp_path):
+    # stderr into a file, as in a batch job: the bar shows at start and end, not 10 times a second
+    cmd = [FEATLAB, "extract", "--model", "resnet18", "--weights", "none", "--data", "shapes",
+           "--input-size", "64", "--limit", "160", "--batch-size", "2", "--workers", "0",
+           "--out", str(tmp_path / "c.h5")]
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_MININTERVAL", "FEATLAB_PROGRESS")}
+    with open(tmp_path / "log", "w") as log:
+        done = subprocess.run(cmd, stderr=log, stdout=subprocess.DEVNULL, env=env, timeout=300)
+    text = (tmp_path / "log").read_text()
+    assert done.returncode == 0, text
+    renders = text.count("extract c.h5:")
+    assert 1 <= renders <= 3, text
+    assert "160/160" in text  # the last state is there
 
 
 def test_ctrl_c_while_torch_loads_waits_for_it_then_stops_cleanly(tmp_path):
