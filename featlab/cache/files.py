@@ -12,6 +12,7 @@ throughout (rank 0 on ``<out>.lock``, rank ``r`` on ``<out>.rank-<r>.lock``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import logging
@@ -36,9 +37,9 @@ try:
 except ImportError:  # Windows: no flock
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CachePaths", "OutLock", "check_writable", "make_writable_folder", "prepare",
-           "lock_path", "outlook", "refuse_complete", "remove_all", "remove_finalised_partial",
-           "writer_of"]
+__all__ = ["CachePaths", "OutLock", "check_writable", "held_ranks", "lock_path",
+           "make_writable_folder", "outlook", "prepare", "refuse_complete", "remove_all",
+           "remove_finalised_partial", "writer_of"]
 
 log = logging.getLogger("featlab")
 
@@ -119,65 +120,149 @@ class OutLock:
     (or delete it) under the first. Rank 0's is ``<out>.lock``, which any run into ``out``
     needs; rank ``r``'s is ``<out>.rank-<r>.lock``, which keeps a rank that outlived its run
     (torchrun starts its workers in sessions of their own) from sharing its shard with the
-    next run's rank ``r``. The holder's pid and host are written into the file for the error;
-    the lock goes with the process (killed, it is free again) and the file is removed on
-    :meth:`release`. Where the file system has no ``flock`` (some parallel file systems), the
-    run goes on unlocked (logged).
+    next run's rank ``r``; rank 0 also refuses while a rank at or beyond ``world_size`` of an
+    earlier run still writes. The holder's pid and host are written into the file for the
+    error; the lock goes with the process (killed, it is free again; forked data loader workers
+    do not keep it) and the file is removed on :meth:`release`. Where the file system has no
+    ``flock``, the run goes on unlocked, with a warning.
 
     Raises:
-        CacheError: another process holds it.
+        CacheError: another process holds it (or a stray rank's), or its file cannot be made.
     """
 
-    def __init__(self, out: str, rank: int = 0):
+    def __init__(self, out: str, rank: int = 0, world_size: int = 1):
         self.path = lock_path(out, rank)
         self._fd: int | None = None
         if fcntl is None:
-            log.info("no flock here: a second extraction into %s would not be refused", out)
+            log.warning("no flock here: a second extraction into %s would not be refused", out)
             return
         tries = 3  # a --dry-run looking who holds it takes it shared for an instant
         while True:  # the lock must be on the file that is at self.path now (see release)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
                 os.close(fd)
-                if err.errno in (errno.EWOULDBLOCK, errno.EACCES) and tries > 1:
+                if err.errno == errno.ESTALE and tries > 1:  # NFS: its holder removed it
                     tries -= 1
+                    continue
+                if err.errno in _UNSUPPORTED:
+                    log.warning("could not lock %s (%s): a second extraction into %s would not "
+                                "be refused", self.path, err.strerror or err, out)
+                    with contextlib.suppress(OSError):
+                        os.remove(self.path)
+                    return
+                if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise CacheError(f"the lock file {self.path} must be lockable; flock failed "
+                                     f"({err.strerror or err}). Fix: check the file system, or "
+                                     "choose another --out.") from err
+                tries -= 1
+                if tries:
                     time.sleep(0.05)
                     continue
-                if err.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                    holder = writer_of(out, rank) or f"its lock file {self.path} is held"
-                    part = f" (its rank {rank}'s shard)" if rank else ""
-                    raise CacheError(
-                        f"{out} must be written by one extraction at a time; another process is "
-                        f"writing it{part} ({holder}). Fix: wait for it to finish, or stop it "
-                        "(then re-run to resume, or --force), or choose another --out."
-                        ) from None
-                log.info("could not lock %s (%s): a second extraction into the same file would "
-                         "not be refused", self.path, err.strerror or err)
-                return
+                holder = writer_of(out, rank) or f"its lock file {self.path} is held"
+                raise CacheError(_written_by(out, rank, holder) + ".") from None
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
+                if self._holds(fd):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
             os.close(fd)  # released and removed meanwhile by its holder: lock the new one
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         self._fd = fd
+        _HELD.add(fd)
+        try:
+            stray = [r for r in held_ranks(out) if r >= world_size] if rank == 0 else []
+            if stray:
+                raise CacheError(_written_by(out, stray[0], writer_of(out, stray[0])
+                                             or "pid unknown") + ".")
+            try:
+                os.ftruncate(fd, 0)  # the holder's name, for the errors of others
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            except OSError:
+                pass  # best effort: a full disk must not stop the run here
+        except BaseException:
+            self.release()
+            raise
+
+    def _open(self) -> int:
+        """The lock file, made if needed; a stale one another user left (not writable here) is
+        removed once it is shown to be free."""
+        while True:
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides
+            except PermissionError as err:
+                try:
+                    fd = os.open(self.path, os.O_RDONLY)
+                except OSError:
+                    raise CacheError(f"the lock file {self.path} must be writable or removable; "
+                                     f"it is not ({err.strerror}). Fix: ask its owner to remove "
+                                     "it, or choose another --out.") from err
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    return fd  # held: __init__ tries again and names the holder
+                try:
+                    os.remove(self.path)  # free: left by a run that was killed
+                except FileNotFoundError:
+                    pass
+                finally:
+                    os.close(fd)
+
+    def _holds(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
 
     def release(self) -> None:
         """Remove the lock file, then let go of it (a process waiting on the old file then
         finds it gone and locks a new one)."""
-        if self._fd is None:
+        fd, self._fd = self._fd, None
+        if fd is None:
             return
+        _HELD.discard(fd)
         try:
             os.remove(self.path)
-        except FileNotFoundError:
+        except OSError:
             pass
-        os.close(self._fd)
-        self._fd = None
+        finally:
+            os.close(fd)
+
+
+_UNSUPPORTED = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOLCK}
+
+#: Descriptors of the locks this process holds: a forked child (a DataLoader worker) closes its
+#: copies, so that the lock goes with the process that took it.
+_HELD: set[int] = set()
+
+
+def _close_held() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held)
+
+
+def _written_by(out: str, rank: int, holder: str) -> str:
+    part = f" (its rank {rank}'s shard)" if rank else ""
+    return (f"{out} must be written by one extraction at a time; another process is writing "
+            f"it{part} ({holder}). Fix: wait for it to finish, or stop it (then re-run to resume, "
+            "or --force), or choose another --out")
+
+
+def held_ranks(out: str) -> list[int]:
+    """The ranks whose lock files of ``out`` a live process holds, in order."""
+    ranks = [0] + sorted(int(m.group(1)) for f in glob.glob(glob.escape(out) + ".rank-*"
+                                                             + S.LOCK_SUFFIX)
+                         if (m := re.search(r"\.rank-(\d+)\.lock$", f)))
+    return [r for r in ranks if writer_of(out, r) is not None]
 
 
 def lock_path(out: str, rank: int = 0) -> str:
@@ -258,15 +343,10 @@ def outlook(paths: CachePaths, settings: ExtractSettings, force: bool = False) -
     """What extracting into ``paths.out`` would do with the files already there, in one line
     (None: it starts a new cache). For ``--dry-run``: the rules of :class:`OutLock` and
     :func:`prepare`, without changing anything."""
-    ranks = [0] + sorted(int(m.group(1)) for f in glob.glob(glob.escape(paths.out) + ".rank-*"
-                                                             + S.LOCK_SUFFIX)
-                         if (m := re.search(r"\.rank-(\d+)\.lock$", f)))
-    for rank in ranks:
+    for rank in held_ranks(paths.out):
         holder = writer_of(paths.out, rank)
         if holder is not None:
-            part = f" (its rank {rank}'s shard)" if rank else ""
-            return (f"the run would be refused: another extraction is writing {paths.out}{part} "
-                    f"({holder}); wait for it to finish, or stop it")
+            return f"the run would be refused: {_written_by(paths.out, rank, holder)}"
     if os.path.isdir(paths.out):
         return f"the run would be refused: {_folder_message(paths.out)}"
     there = [p for p in (paths.out, paths.partial, paths.shards) if os.path.lexists(p)]

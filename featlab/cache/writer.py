@@ -164,7 +164,7 @@ def extract(model: nn.Module, dataset: Any, points: Any = "stages", path: str | 
                       num_workers=num_workers, force=force, queue_size=queue_size)
     info = job.info
     # one extraction at a time per cache: every rank locks before any file is looked at
-    lock, failure = _attempt(files.OutLock, job.paths.out, info.rank)
+    lock, failure = _attempt(files.OutLock, job.paths.out, info.rank, info.world_size)
     try:
         _together(info, failure, None)
         result = _extract_locked(job, started, force=force, disk_check=disk_check,
@@ -182,9 +182,8 @@ def _extract_locked(job: Job, started: float, *, force: bool, disk_check: bool, 
     """:func:`extract` once the cache's lock is held: the files, the stream, the result."""
     info = job.info
     if force:
-        if info.is_main:
-            files.remove_all(job.paths)
-        fdist.barrier()
+        _, failure = _attempt(files.remove_all, job.paths) if info.is_main else (None, None)
+        _together(info, failure, None)
     # Every rank reaches every collective below whatever fails on it: a failure travels with the
     # gathered values, so no rank waits forever on one that gave up.
     resume, failure = _attempt(files.prepare, job.paths, job.settings)

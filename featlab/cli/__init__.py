@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
     _setup_logging(args.quiet, args.verbose, command)
     args.keeps_freed_memory = False
     if own_process and not sys.stderr.isatty():  # a batch job's log: a bar line per 30 s
+        # (tqdm reads it when imported, which torchvision does: set before _import_torch_whole)
         os.environ.setdefault("TQDM_MININTERVAL", str(LOG_BAR_SECONDS))
     if own_process and os.environ.get("FEATLAB_KEEP_MEMORY", "1") != "0":
         from featlab.allocator import keep_freed_memory
@@ -186,6 +187,7 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one while cleaning up: stop now
     raise _Terminated
 
 

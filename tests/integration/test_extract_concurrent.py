@@ -83,7 +83,9 @@ def test_a_second_extraction_into_the_same_cache_is_refused_while_the_first_runs
     first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
     try:
-        while first.poll() is None and not os.path.exists(partial):
+        deadline = time.monotonic() + 120
+        while first.poll() is None and not os.path.exists(partial) and (
+                time.monotonic() < deadline):
             time.sleep(0.01)
         for extra in ([], ["--force"]):  # resuming, or starting over, under the first run
             second = subprocess.run(cmd + extra, env=ENV, capture_output=True, text=True,

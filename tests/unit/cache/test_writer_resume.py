@@ -220,8 +220,9 @@ def test_one_extraction_at_a_time_writes_a_cache_force_included(tmp_path):
                 extract(model, ds, "stages", out, force=force, **ARGS)
         assert os.listdir(tmp_path) == ["c.h5.lock"]  # nothing made, nothing deleted
         note = estimate(model, ds, "stages", out, spec=SPEC).existing
-        assert note.startswith(f"the run would be refused: another extraction is writing {out} "
-                               f"(pid {os.getpid()} on ")
+        assert note.startswith(f"the run would be refused: {out} must be written by one "
+                               "extraction at a time; another process is writing it (pid "
+                               f"{os.getpid()} on ")
     finally:
         held.release()
     assert os.listdir(tmp_path) == []
@@ -241,10 +242,13 @@ def test_a_torchrun_rank_that_outlived_its_run_keeps_its_shard_locked(tmp_path):
                 rf"^{out} must be written by one extraction at a time; another process is "
                 rf"writing it \(its rank 1's shard\) \(pid {os.getpid()} on .+\)\. Fix: wait")):
             files.OutLock(out, rank=1)
-        files.OutLock(out, rank=0).release()  # rank 0's lock is another file
+        files.OutLock(out, rank=0, world_size=2).release()  # rank 1 is its own run's
+        with pytest.raises(CacheError, match=r"\(its rank 1's shard\)"):
+            files.OutLock(out, rank=0)  # a one-process run: rank 1 is a stray
         note = estimate(ft.TinyResNet(), dataset(), "stages", out, spec=SPEC).existing
-        assert note.startswith(f"the run would be refused: another extraction is writing {out} "
-                               f"(its rank 1's shard) (pid {os.getpid()} on ")
+        assert note.startswith(f"the run would be refused: {out} must be written by one "
+                               "extraction at a time; another process is writing it (its rank "
+                               f"1's shard) (pid {os.getpid()} on ")
     finally:
         stray.release()
     assert os.listdir(tmp_path) == []
@@ -535,3 +539,57 @@ def test_fewer_samples_than_processes_are_refused_before_any_file(tmp_path, monk
             r"2 processes \(torchrun --nproc_per_node\), or extract more samples \(--limit\)\.$")):
         extract(ft.TinyResNet(), dataset(), "stages", tmp_path / "c.h5", limit=2, **ARGS)
     assert os.listdir(tmp_path) == []
+
+
+def test_the_lock_holds_up_where_things_go_wrong(tmp_path, monkeypatch, caplog):
+    out = str(tmp_path / "c.h5")
+    model, ds = ft.TinyResNet(), dataset()
+    # a rank of an earlier run with more processes, still writing: rank 0 refuses too
+    stray = files.OutLock(out, rank=3)
+    try:
+        with pytest.raises(CacheError, match=r"\(its rank 3's shard\) \(pid \d+ on .+\)\. Fix"):
+            extract(model, ds, "stages", out, force=True, **ARGS)
+    finally:
+        stray.release()
+    assert os.listdir(tmp_path) == []
+    # anything failing once the lock is taken lets go of it
+    def boom():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.socket, "gethostname", boom)
+    with pytest.raises(KeyboardInterrupt):
+        files.OutLock(out)
+    monkeypatch.undo()
+    files.OutLock(out).release()
+    # a forked child (a DataLoader worker) does not keep the lock
+    held = files.OutLock(out)
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the descriptor is closed
+        try:
+            os.fstat(held._fd)
+            os._exit(1)
+        except OSError:
+            os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    held.release()
+    # a stale lock file another user left (not writable here) is taken over once free
+    real_open = os.open
+
+    def open_as_other_user(path, flags, *args):
+        if str(path).endswith(".lock") and flags & os.O_CREAT and os.path.exists(path):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args)
+
+    (tmp_path / "c.h5.lock").write_text("pid 1 on elsewhere\n")
+    monkeypatch.setattr(files.os, "open", open_as_other_user)
+    files.OutLock(out).release()
+    monkeypatch.undo()
+    # a file system without flock: the run goes on, with a warning
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(files.fcntl, "flock", no_flock)
+    with caplog.at_level(logging.WARNING, logger="featlab"):
+        assert extract(model, ds, "stages", out, **ARGS).written == 10
+    assert "a second extraction into" in caplog.text and "would not be refused" in caplog.text
+    assert os.listdir(tmp_path) == ["c.h5"]
