@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 
 import h5py
 import numpy as np
@@ -208,21 +209,24 @@ def test_resuming_with_other_settings_names_the_setting(tmp_path, monkeypatch):
     assert (result.written, result.skipped) == (7, 3)
 
 
+def refusal(out, part=""):
+    """The start of the error for a cache that this process is writing (its lock held)."""
+    return (f"{out} must be written by one extraction at a time; another process is writing "
+            f"it{part} (pid {os.getpid()} on ")
+
+
 def test_one_extraction_at_a_time_writes_a_cache_force_included(tmp_path):
     model, ds = ft.TinyResNet(), dataset()
     out = tmp_path / "c.h5"
     held = files.OutLock(str(out))  # another extraction, in the middle of writing `out`
     try:
         for force in (False, True):
-            with pytest.raises(CacheError, match=(
-                    rf"^{out} must be written by one extraction at a time; another process is "
-                    rf"writing it \(pid {os.getpid()} on .+\)\. Fix: wait for it to finish")):
+            with pytest.raises(CacheError, match="^" + re.escape(refusal(out)) +
+                               r".+\)\. Fix: wait for it to finish"):
                 extract(model, ds, "stages", out, force=force, **ARGS)
         assert os.listdir(tmp_path) == ["c.h5.lock"]  # nothing made, nothing deleted
         note = estimate(model, ds, "stages", out, spec=SPEC).existing
-        assert note.startswith(f"the run would be refused: {out} must be written by one "
-                               "extraction at a time; another process is writing it (pid "
-                               f"{os.getpid()} on ")
+        assert note.startswith(f"the run would be refused: {refusal(out)}")
     finally:
         held.release()
     assert os.listdir(tmp_path) == []
@@ -238,17 +242,15 @@ def test_a_torchrun_rank_that_outlived_its_run_keeps_its_shard_locked(tmp_path):
     out = str(tmp_path / "c.h5")
     stray = files.OutLock(out, rank=1)
     try:
-        with pytest.raises(CacheError, match=(
-                rf"^{out} must be written by one extraction at a time; another process is "
-                rf"writing it \(its rank 1's shard\) \(pid {os.getpid()} on .+\)\. Fix: wait")):
+        stray_rank = " (its rank 1's shard)"
+        with pytest.raises(CacheError, match="^" + re.escape(refusal(out, stray_rank)) +
+                           r".+\)\. Fix: wait"):
             files.OutLock(out, rank=1)
         files.OutLock(out, rank=0, world_size=2).release()  # rank 1 is its own run's
         with pytest.raises(CacheError, match=r"\(its rank 1's shard\)"):
             files.OutLock(out, rank=0)  # a one-process run: rank 1 is a stray
         note = estimate(ft.TinyResNet(), dataset(), "stages", out, spec=SPEC).existing
-        assert note.startswith(f"the run would be refused: {out} must be written by one "
-                               "extraction at a time; another process is writing it (its rank "
-                               f"1's shard) (pid {os.getpid()} on ")
+        assert note.startswith(f"the run would be refused: {refusal(out, stray_rank)}")
     finally:
         stray.release()
     assert os.listdir(tmp_path) == []
