@@ -9,6 +9,7 @@ argument or an unwritable folder fails before any compute.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from featlab.errors import ConfigError
 from featlab.points import unwrap_model
 
 __all__ = ["Job", "prepare_job"]
+
+log = logging.getLogger("featlab")
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ def prepare_job(model: nn.Module, dataset: Any, points: Any, path: str | os.Path
         if not force and os.path.exists(paths.out) and not os.path.exists(paths.partial):
             refuse_complete(paths.out)
     n = len(ids_all) if limit is None else min(limit, len(ids_all))
+    if limit is not None and limit > n and info.is_main and probe:
+        log.info("--limit %d is more than the %d samples of %s %s: all %d are extracted", limit,
+                 n, getattr(dataset, "name", "the data set"), getattr(dataset, "split", ""), n)
     if n < info.world_size:  # every rank writes a shard of at least one sample
         raise ConfigError(f"every one of the {info.world_size} processes must get a sample; got "
                           f"{n} samples. Fix: run at most {n} processes (torchrun "

@@ -595,3 +595,12 @@ def test_the_lock_holds_up_where_things_go_wrong(tmp_path, monkeypatch, caplog):
         assert extract(model, ds, "stages", out, **ARGS).written == 10
     assert "a second extraction into" in caplog.text and "would not be refused" in caplog.text
     assert os.listdir(tmp_path) == ["c.h5"]
+
+
+def test_a_limit_above_the_data_set_says_all_samples_are_extracted(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="featlab"):
+        result = extract(ft.TinyResNet(), dataset(), "stages", tmp_path / "c.h5", limit=50,
+                         **ARGS)
+    assert result.num_samples == 10
+    assert "--limit 50 is more than the 10 samples of shapes val: all 10 are extracted" in (
+        caplog.text)
