@@ -37,9 +37,9 @@ try:
 except ImportError:  # Windows: no flock
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CachePaths", "OutLock", "check_writable", "held_ranks", "lock_path",
-           "make_writable_folder", "outlook", "prepare", "refuse_complete", "remove_all",
-           "remove_finalised_partial", "writer_of"]
+__all__ = ["CachePaths", "OutLock", "check_writable", "lock_path", "make_writable_folder",
+           "outlook", "prepare", "refuse_complete", "remove_all", "remove_finalised_partial",
+           "writer_of", "writers"]
 
 log = logging.getLogger("featlab")
 
@@ -172,10 +172,10 @@ class OutLock:
         self._fd = fd
         _HELD.add(fd)
         try:
-            stray = [r for r in held_ranks(out) if r >= world_size] if rank == 0 else []
+            stray = [(r, who) for r, who in (writers(out).items() if rank == 0 else ())
+                     if r >= world_size]
             if stray:
-                raise CacheError(_written_by(out, stray[0], writer_of(out, stray[0])
-                                             or "pid unknown") + ".")
+                raise CacheError(_written_by(out, *stray[0]) + ".")
             try:
                 os.ftruncate(fd, 0)  # the holder's name, for the errors of others
                 os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
@@ -257,12 +257,12 @@ def _written_by(out: str, rank: int, holder: str) -> str:
             "or --force), or choose another --out")
 
 
-def held_ranks(out: str) -> list[int]:
-    """The ranks whose lock files of ``out`` a live process holds, in order."""
+def writers(out: str) -> dict[int, str]:
+    """``{rank: "pid N on HOST"}`` of the lock files of ``out`` a live process holds, by rank."""
     ranks = [0] + sorted(int(m.group(1)) for f in glob.glob(glob.escape(out) + ".rank-*"
                                                              + S.LOCK_SUFFIX)
                          if (m := re.search(r"\.rank-(\d+)\.lock$", f)))
-    return [r for r in ranks if writer_of(out, r) is not None]
+    return {r: who for r in ranks if (who := writer_of(out, r)) is not None}
 
 
 def lock_path(out: str, rank: int = 0) -> str:
@@ -343,10 +343,9 @@ def outlook(paths: CachePaths, settings: ExtractSettings, force: bool = False) -
     """What extracting into ``paths.out`` would do with the files already there, in one line
     (None: it starts a new cache). For ``--dry-run``: the rules of :class:`OutLock` and
     :func:`prepare`, without changing anything."""
-    for rank in held_ranks(paths.out):
-        holder = writer_of(paths.out, rank)
-        if holder is not None:
-            return f"the run would be refused: {_written_by(paths.out, rank, holder)}"
+    held = writers(paths.out)
+    if held:
+        return f"the run would be refused: {_written_by(paths.out, *next(iter(held.items())))}"
     if os.path.isdir(paths.out):
         return f"the run would be refused: {_folder_message(paths.out)}"
     there = [p for p in (paths.out, paths.partial, paths.shards) if os.path.lexists(p)]
