@@ -110,16 +110,16 @@ def verify(path: str | os.PathLike, *, block_bytes: int = _BLOCK_BYTES,
         if lost is not None:  # everything else would read fill values where the shards are
             v.add("files", lost)
             n = v.attrs.get("num_samples")
-            return VerifyReport(str(path), bool(v.attrs.get("complete")), 0,
-                                n if isinstance(n, int) else 0, tuple(v.problems), (), 0)
-        try:
-            v.check_metadata()
-            v.check_shapes()
-            v.check_completeness()
-            v.scan(max(1, int(block_bytes)), progress)
-        except OSError as err:  # HDF5 could not read what the file points at
-            v.add("files", f"every array must be readable; reading failed ({err}): "
-                           f"{damage_note(f, path)}.")
+            v.n = n if isinstance(n, int) else 0
+        else:
+            try:
+                v.check_metadata()
+                v.check_shapes()
+                v.check_completeness()
+                v.scan(max(1, int(block_bytes)), progress)
+            except OSError as err:  # HDF5 could not read what the file points at
+                v.add("files", f"every array must be readable; reading failed ({err}): "
+                               f"{damage_note(f, path)}.")
         return VerifyReport(str(path), bool(v.attrs.get("complete")), v.written, v.n or 0,
                             tuple(v.problems), tuple(v.notes), v.bytes_read)
 
