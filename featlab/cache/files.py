@@ -38,8 +38,8 @@ except ImportError:  # Windows: no flock
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["CachePaths", "OutLock", "check_writable", "lock_path", "make_writable_folder",
-           "outlook", "prepare", "refuse_complete", "remove_all", "remove_finalised_partial",
-           "writer_of", "writers"]
+           "Decision", "decide", "outlook", "prepare", "refuse_complete", "remove_all",
+           "remove_finalised_partial", "writer_of", "writers"]
 
 log = logging.getLogger("featlab")
 
@@ -302,37 +302,77 @@ def remove_all(paths: CachePaths) -> None:
         shutil.rmtree(paths.shards)
 
 
-def prepare(paths: CachePaths, settings: ExtractSettings) -> tuple[str, np.ndarray] | None:
-    """Check the files already there; return ``(file, written flags)`` of this rank's partial
-    (or, for a shard, complete) file to resume from, or None when it must be created.
+@dataclass(frozen=True)
+class Decision:
+    """What an extraction does with the files already at its destination, decided without
+    changing anything (:func:`decide`); :func:`prepare` carries it out, ``--dry-run`` reports
+    it (:func:`outlook`).
+
+    Attributes:
+        remove: ``(file, why)`` of the left-overs deleted first.
+        resume: the file resumed (this rank's partial file, or its complete shard), or None
+            when a new one is created.
+        written: ``resume``'s written flags, less ``dropped``.
+        dropped: rows flagged written near the end that do not read back as recorded; they
+            are extracted again (R-5.2).
+    """
+
+    remove: tuple[tuple[str, str], ...] = ()
+    resume: str | None = None
+    written: np.ndarray | None = None
+    dropped: np.ndarray | None = None
+
+
+def decide(paths: CachePaths, settings: ExtractSettings) -> Decision:
+    """The rules of resuming, read-only (see the module's docstring).
 
     Raises:
         CacheError: ``out`` is complete already, or a partial file was made with other settings
-            (the message names the setting), or cannot be read.
+            (the message names the setting) or another number of processes, or cannot be read.
     """
-    remove_finalised_partial(paths)
+    remove = []
     if os.path.exists(paths.out):
         refuse_complete(paths.out)
     _check_world_size(paths, settings)
     for left in (paths.partial + S.CREATING_SUFFIX, paths.target + S.COMPRESSING_SUFFIX):
         if os.path.lexists(left):  # a run killed while creating or compressing: made again
-            os.remove(left)
+            remove.append((left, "left by a run stopped while writing it"))
     for path in (paths.target, paths.partial):
-        if os.path.exists(path):
-            found = h5file.inspect(path)
-            diff = found.settings.difference(settings)
-            if diff is not None and path == paths.partial and not found.written.any():
-                # nothing to lose: a run that failed before its first batch (a data error)
-                os.remove(path)
-                log.info("replaced %s: it held no sample yet, and %s differs", path, diff[0])
-                return None
-            if diff is not None:
-                raise CacheError(_differs(path, *diff))
-            written = found.written
-            if path == paths.partial:
-                written = _recheck(path, written)
-            return path, written
-    return None
+        if not os.path.exists(path):
+            continue
+        found = h5file.inspect(path)
+        diff = found.settings.difference(settings)
+        if diff is not None and path == paths.partial and not found.written.any():
+            # nothing to lose: a run that failed before its first batch (a data error)
+            remove.append((path, f"it held no sample yet, and {diff[0]} differs"))
+            break
+        if diff is not None:
+            raise CacheError(_differs(path, *diff))
+        written = found.written
+        dropped = recheck_tail(path, written) if path == paths.partial else np.zeros(0, int)
+        if dropped.size:
+            written = written.copy()
+            written[dropped] = 0
+        return Decision(tuple(remove), path, written, dropped)
+    return Decision(tuple(remove))
+
+
+def prepare(paths: CachePaths, settings: ExtractSettings) -> tuple[str, np.ndarray] | None:
+    """Carry out :func:`decide`: delete the left-overs and return ``(file, written flags)`` of
+    this rank's file to resume, or None when it must be created."""
+    remove_finalised_partial(paths)  # first: refused or not, the copy goes
+    decision = decide(paths, settings)
+    for path, why in decision.remove:
+        if os.path.lexists(path):
+            os.remove(path)
+            log.info("removed %s: %s", path, why)
+    if decision.dropped is not None and decision.dropped.size:
+        bad = decision.dropped
+        log.warning("resuming %s: %d written sample(s) near the end (rows %s) do not read back "
+                    "as recorded (lost in a crash before they reached the disk?); extracting "
+                    "them again", decision.resume, bad.size, ", ".join(map(str, bad[:5].tolist()))
+                    + (", ..." if bad.size > 5 else ""))
+    return None if decision.resume is None else (decision.resume, decision.written)
 
 
 def _differs(path: str, flag: str, there: object, now: object) -> str:
@@ -342,7 +382,7 @@ def _differs(path: str, flag: str, there: object, now: object) -> str:
 def outlook(paths: CachePaths, settings: ExtractSettings, force: bool = False) -> str | None:
     """What extracting into ``paths.out`` would do with the files already there, in one line
     (None: it starts a new cache). For ``--dry-run``: the rules of :class:`OutLock` and
-    :func:`prepare`, without changing anything."""
+    :func:`decide`, without changing anything."""
     held = writers(paths.out)
     if held:
         return f"the run would be refused: {_written_by(paths.out, *next(iter(held.items())))}"
@@ -353,28 +393,27 @@ def outlook(paths: CachePaths, settings: ExtractSettings, force: bool = False) -
         return (f"--force: the run would delete {', '.join(there)} and start over" if there
                 else None)
     try:
-        if os.path.exists(paths.out):
-            refuse_complete(paths.out)
-        _check_world_size(paths, settings)
-        if not os.path.exists(paths.partial):
-            return None
-        found = h5file.inspect(paths.partial)
+        decision = decide(paths, settings)
     except CacheError as err:
         return f"the run would be refused: {err}"
-    done = int(found.written.sum())
-    diff = found.settings.difference(settings)
-    if diff is not None and done:
-        return f"the run would be refused: {_differs(paths.partial, *diff)}"
-    if diff is not None:
+    if decision.resume is not None:
+        again, rows = decision.dropped.size, len(decision.written)
+        done = int(decision.written.sum()) + again
+        redo = (f" ({again} near the end do not read back as recorded and are computed again)"
+                if again else "")
+        rest = "the rest computed" if done < rows or again else "only finishing it left"
+        return (f"the run would resume {decision.resume}: {done} of {rows} samples written"
+                f"{redo}, {rest}")
+    if any(path == paths.partial for path, _ in decision.remove):
         return f"the run would replace {paths.partial}: it holds no sample yet"
-    return (f"the run would resume {paths.partial}: {done} of {len(found.written)} samples "
-            "written, the rest computed")
+    return None
 
 
 def remove_finalised_partial(paths: CachePaths) -> None:
     """Delete a partial file that a complete one has replaced: a run stopped between the rename
     of its compressed copy and the removal of the partial file (``h5file.finalize``) leaves
-    both. Only a partial with every row written and the complete file's settings is deleted."""
+    both. Only a partial with every row written and the complete file's settings is deleted.
+    (:func:`decide` looks at the complete file first, so this copy never changes its answer.)"""
     if not (os.path.exists(paths.target) and os.path.exists(paths.partial)):
         return
     try:
@@ -385,19 +424,6 @@ def remove_finalised_partial(paths: CachePaths) -> None:
         os.remove(paths.partial)
         log.warning("removed %s: an uncompressed copy of %s, which is complete (left by a run "
                     "stopped just after finalising)", paths.partial, paths.target)
-
-
-def _recheck(path: str, written: np.ndarray) -> np.ndarray:
-    """``written`` without the last flagged rows that do not read back as recorded (R-5.2)."""
-    bad = recheck_tail(path, written)
-    if bad.size:
-        log.warning("resuming %s: %d written sample(s) near the end (rows %s) do not read back "
-                    "as recorded (lost in a crash before they reached the disk?); extracting "
-                    "them again", path, bad.size, ", ".join(map(str, bad[:5].tolist()))
-                    + (", ..." if bad.size > 5 else ""))
-        written = written.copy()
-        written[bad] = 0
-    return written
 
 
 def refuse_complete(out: str) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 import featlab
 from featlab.cache.verify import verify
-from featlab.cache.writer import extract
+from featlab.cache.writer import estimate, extract
 from featlab.data import load_dataset
 from featlab.errors import CacheError
 
@@ -318,7 +318,7 @@ featlab.extract(model, ds, "stages", sys.argv[1], spec=spec, batch_size=2, num_w
 
 
 @pytest.mark.slow
-def test_a_rank_left_waiting_past_the_timeout_says_how_to_wait_longer(tmp_path):
+def test_a_rank_left_waiting_past_the_timeout_says_how_to_wait_longer(tmp_path, monkeypatch):
     script = tmp_path / "slow_rank.py"
     script.write_text(SLOW_RANK)
     out = tmp_path / "c.h5"
@@ -336,6 +336,19 @@ def test_a_rank_left_waiting_past_the_timeout_says_how_to_wait_longer(tmp_path):
     assert done.returncode != 0
     assert "every rank must reach this point within 8 s" in done.stderr
     assert "FEATLAB_DIST_TIMEOUT=SECONDS larger" in done.stderr
+    # a dry run of each rank says what it would do: rank 0 keeps its finished shard
+    model, spec = featlab.get_backbone("resnet18")
+    ds = load_dataset("shapes", "val", size=32, length=8)
+    shards = tmp_path / "c.h5.shards"
+    for rank, expected in ((0, f"resume {shards / 'rank-0-of-2.h5'}: 4 of 4 samples written, "
+                               "only finishing it left"),
+                           (1, f"resume {shards / 'rank-1-of-2.h5.partial'}: ")):
+        for key, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", 2),
+                           ("LOCAL_WORLD_SIZE", 2)):
+            monkeypatch.setenv(key, str(value))
+        note = estimate(model, ds, "stages", out, spec=spec, num_workers=0).existing
+        assert note.startswith(f"the run would {expected}"), note
+    monkeypatch.undo()
     done = run("0")  # the same job again: the finished shard is kept, the other resumes
     assert done.returncode == 0, done.stderr[-3000:]
     assert verify(out).ok

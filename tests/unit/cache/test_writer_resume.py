@@ -478,6 +478,10 @@ def test_resume_extracts_again_the_last_rows_that_do_not_read_back_as_recorded(t
         assert f["points/layer1.1"].chunks[0] >= 3  # rows 3-5 lie in the last chunk checked
         f["points/layer1.1"][4] = np.zeros(f["points/layer1.1"].shape[1:], np.float16)
         f["points/layer1.0"][5, 0] = np.nan
+    plan = estimate(model, ds, "stages", tmp_path / "c.h5", spec=SPEC, num_workers=0)
+    assert plan.existing == (f"the run would resume {partial}: 6 of 10 samples written (2 near "
+                             "the end do not read back as recorded and are computed again), "
+                             "the rest computed")  # what the run then does
     with caplog.at_level("WARNING", logger="featlab"):
         result = extract(model, ds, "stages", tmp_path / "c.h5", **ARGS)
     assert (result.written, result.skipped) == (6, 4)
