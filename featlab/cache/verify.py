@@ -381,6 +381,8 @@ class _Verifier:
         for start in range(0, self.n, block):
             stop = min(start + block, self.n)
             written = self.flags[start:stop] == 1
+            if bar is not None:  # rows skipped (unwritten) or unreadable count as done
+                bar.update((stop - start) * row_bytes)
             if not written.any():
                 continue
             try:
@@ -390,8 +392,6 @@ class _Verifier:
                                  f"{_FIX_EXTRACT}")
                 continue
             self.bytes_read += data.nbytes
-            if bar is not None:
-                bar.update(data.nbytes)
             if name is not None and data.dtype.kind == "f":
                 counted = np.count_nonzero(~np.isfinite(data.reshape(len(data), -1)), axis=1)
                 agree = np.ones(len(data), bool)

@@ -128,6 +128,27 @@ def test_partial_cache_checks_written_rows_only(partial_cache):
     assert any("in progress: 6 of 12" in n for n in report.notes)
 
 
+def test_the_bar_of_a_partial_cache_ends_at_its_total(partial_cache, monkeypatch):
+    # unwritten rows are skipped, not read; the bar counts them as done all the same
+    bars = []
+
+    class Bar:
+        def __init__(self, total, progress):
+            self.total, self.done = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("featlab.cache.verify._bar", Bar)
+    report = verify(partial_cache.path, block_bytes=1, progress=True)  # a block per row
+    assert report.ok and report.bytes_read < bars[0].total
+    assert bars[0].done == bars[0].total
+
+
 def test_partial_marked_complete_is_a_problem(make_cache):
     exp = make_cache("val.h5" + schema.PARTIAL_SUFFIX, complete=True)
     report = verify(exp.path, progress=False)
