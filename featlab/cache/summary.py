@@ -232,9 +232,11 @@ def format_summary(info: dict) -> str:
 def _provenance(info: dict) -> list[tuple[str, str]]:
     """Who computed the rows, in order: the versions and start of the first session, each
     session that resumed a file, then the session that finished each file after a resume."""
-    versions = info["versions"] if isinstance(info["versions"], dict) else {}
-    out = [("versions", (", ".join(f"{k} {v}" for k, v in versions.items()) or "?")
-            + f"; created {info['created'] or '?'}")]
+    versions = dict(info["versions"]) if isinstance(info["versions"], dict) else {}
+    made_by = ([("command", versions.pop("command") or "none (made from Python)")]
+               if "command" in versions else [])
+    out = [("versions", (", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)
+                         or "?") + f"; created {info['created'] or '?'}"), *made_by]
 
     def made(r: dict) -> str:
         return (f"({r.get('device', '?')}, featlab "

@@ -281,6 +281,7 @@ def test_max_channels_stores_a_seeded_channel_subset_and_records_it(tmp_path):
     assert cache.stored_channels("conv1").tolist() == list(range(8))
     assert summary(cache)["points"][1]["stored_channels"] == 10
     assert "10 of 16 channels" in repr(cache)
+    assert "  command   none (made from Python)" in repr(cache).splitlines()
     cache.close()
     assert verify(tmp_path / "c.h5", progress=False).ok
     # the same seed, whatever else is extracted, keeps the same channels; another seed others

@@ -367,6 +367,9 @@ def test_cli_log_lines_name_their_command_as_errors_and_warnings_do(tmp_path, ca
     from featlab.runinfo import run_versions, source_commit
 
     assert made["git"] == source_commit() and run_versions()["command"] is None  # reset after
+    summary = str(featlab.open_cache(out)).splitlines()  # on a line of its own, to copy
+    assert f"  command   {made['command']}" in summary
+    assert not any(" None" in line for line in summary)  # nothing printed as "None"
     logging.getLogger("featlab").warning("resuming %s", out)  # as the resume's notices are
     assert capsys.readouterr().err == f"featlab extract: warning: resuming {out}\n"
 
