@@ -56,6 +56,10 @@ class _Parser(argparse.ArgumentParser):
             close = [m for x in extras if x.startswith("-")
                      for m in difflib.get_close_matches(x.split("=")[0], flags, n=1)]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            if (getattr(parsed, "command", None) in RESUMABLE
+                    and any(x.split("=")[0] == "--resume" for x in extras)):
+                hint = (" (none is needed: the same command without it resumes where a stopped "
+                        "run left off)")
             parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         return parsed
 

@@ -129,6 +129,9 @@ def test_finetune_rebuilds_backbone_and_images_from_the_cache_records(tmp_path, 
                             "(did you mean --epochs?). See `featlab train-head --help`."),
     (["--epoch", "2"], "featlab train-head: error: unrecognized arguments: --epoch 2 (did you "
                        "mean --epochs?)."),
+    # other tools' habit: here re-running the same command resumes
+    (["--resume"], "featlab train-head: error: unrecognized arguments: --resume (none is "
+                   "needed: the same command without it resumes where a stopped run left off)."),
 ])
 def test_argument_errors_are_one_line(caches, capsys, cli_state, argv, message):
     try:
