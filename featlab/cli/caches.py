@@ -90,9 +90,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from featlab.cache.plan import format_bytes
     from featlab.cache.writer import estimate, extract
     from featlab.data import load_dataset
+    from featlab.distributed import info_from_env
     from featlab.errors import ConfigError
     from featlab.models import get_backbone
 
+    if args.dry_run and not _is_main():  # under torchrun, rank 0 speaks for the job
+        return 0
     options = {}
     for item in args.option or []:
         key, sep, value = item.partition("=")
@@ -116,7 +119,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(plan.to_dict())
             return 0
-        n = plan.num_samples
+        n, world = plan.num_samples, info_from_env().world_size
         rows = [[p.name, p.channels if p.stored_channels == p.channels
                  else f"{p.stored_channels} of {p.channels}", f"{p.size[0]}x{p.size[1]}",
                  f"{p.stored_size[0]}x{p.stored_size[1]}", p.pooling, p.stride,
@@ -140,10 +143,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
             print(f"--compression {plan.compression}: the final file is smaller; while it is "
                   f"made the disk holds up to {format_bytes(plan.disk_bytes)} (the uncompressed "
                   "partial file and the compressed copy)")
-        print(f"host memory in flight: about {format_bytes(plan.host_bytes)} (batch "
+        each = "" if world == 1 else f" in each of the {world} processes"
+        print(f"host memory in flight: about {format_bytes(plan.host_bytes)}{each} (batch "
               f"{plan.batch_size}; does not grow with N)")
         if plan.device_bytes:
-            print(f"device memory: about {format_bytes(plan.device_bytes)} (weights "
+            print(f"device memory: about {format_bytes(plan.device_bytes)}{each} (weights "
                   f"{format_bytes(plan.weight_bytes)} and the forward at batch "
                   f"{plan.batch_size}; the CUDA context and cuDNN workspace come on top)")
         elif args.keeps_freed_memory:  # a CPU run

@@ -164,6 +164,25 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, cli_st
     assert out.read_bytes() == b"notes"
 
 
+def test_cli_dry_run_under_torchrun_prints_once_for_the_job(tmp_path, capsys, cli_state,
+                                                            monkeypatch):
+    # every rank runs the command; each used to print the same plan
+    argv = ["extract", "--model", "resnet18", "--weights", "none", "--data", "shapes",
+            "--input-size", "32", "--limit", "10", "--out", str(tmp_path / "c.h5"), "--dry-run"]
+    printed = []
+    for rank in (0, 1):
+        for key in ("RANK", "LOCAL_RANK"):
+            monkeypatch.setenv(key, str(rank))
+        for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            monkeypatch.setenv(key, "2")
+        assert cli.main(argv) == 0
+        printed.append(capsys.readouterr().out)
+    assert "host memory in flight: about" in printed[0] and "in each of the 2 processes" in (
+        printed[0])
+    assert printed[1] == ""
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_cli_refuses_an_input_size_that_is_not_positive(tmp_path, capsys, cli_state, value):
     # 0 once fell through to the weights' default size instead of being refused
