@@ -3,7 +3,8 @@
 A single-process cache is written as ``<out>.partial`` and renamed to ``<out>`` when complete.
 Under ``torchrun`` with K processes, rank ``r`` writes ``<out>.shards/rank-<r>-of-<K>.h5``
 (``.partial`` while incomplete) and rank 0 then writes ``<out>`` as virtual datasets over the
-shards. :func:`prepare` applies the rules of resuming: a complete ``<out>`` is never overwritten
+shards. :func:`decide` states the rules of resuming without touching anything (``--dry-run``
+reports it) and :func:`prepare` carries them out: a complete ``<out>`` is never overwritten
 without ``force``; a partial file is resumed only when its settings equal the new ones, else the
 error names the first setting that differs -- unless it holds no sample yet, when it is replaced.
 One extraction at a time writes a cache: each of its processes holds an :class:`OutLock`
