@@ -517,9 +517,9 @@ def main() -> None:
                   f"{kept['exact'][-1][0]:.1f}, floor {kept['floor'][-1]:.1f} images/s; disk "
                   f"{disk[-1]:.0f} MB/s (load {os.getloadavg()[0]:.2f})", flush=True)
     print(f"\nresnet18, {args.size} px, {len(ds)} samples, batch {args.batch_size}, all skip "
-          f"points, float16, on {dev}; best of {args.repeats} rounds, ratios = median over "
-          "rounds")
-    print(f"{'variant':<36} {'images/s':>9} {'vs bare':>8} {'vs kept':>8} {'MB/s':>7} "
+          f"points, float16, on {dev}; images/s: best of {args.repeats} rounds; ratios: median "
+          "of the same-round ratios [95 % bootstrap interval over the rounds]")
+    print(f"{'variant':<36} {'images/s':>9} {'vs bare':>22} {'vs kept bare':>22} {'MB/s':>7} "
           f"{'file':>10}")
     rows = [("bare forward", [(b, None, None) for b in bare]), ("featlab extract", feat),
             ("featlab, exact error", exact), ("featlab, buffered", buffered),
@@ -532,14 +532,19 @@ def main() -> None:
             ("memory kept: floor", [(f, None, None) for f in kept["floor"]])]
     for name, runs in rows:
         best = max(runs, key=lambda r: r[0])
-        ratio = statistics.median(r[0] / b for r, b in zip(runs, bare))
-        like = (statistics.median(r[0] / b for r, b in zip(runs, kept["bare"]))
-                if name.startswith("memory kept") else None)
+        rates = [r[0] for r in runs]
+        ratio = "1" if name == "bare forward" else median_interval(rates, bare)
+        like = ("" if not name.startswith("memory kept") else "1" if name.endswith("bare forward")
+                else median_interval(rates, kept["bare"]))
         mbs, size = best[1], best[2]
-        print(f"{name:<36} {best[0]:9.1f} {ratio:8.2f} "
-              f"{'' if like is None else f'{like:8.2f}':>8} "
+        print(f"{name:<36} {best[0]:9.1f} {ratio:>22} {like:>22} "
               f"{'' if mbs is None else f'{mbs:7.0f}':>7} "
               f"{'' if size is None else f'{size / 2**20:7.0f} MiB':>10}")
+    print(f"goal (featlab extract >= 0.90 x bare): like for like "
+          f"{median_interval([r[0] for r in feat], bare)}, with freed memory kept "
+          f"{median_interval([r[0] for r in kept['featlab']], kept['bare'])}; the command's "
+          f"setting against an ordinary bare forward "
+          f"{median_interval([r[0] for r in kept['featlab']], bare)}")
     print(f"disk, O_DIRECT writes of the same bytes: {statistics.median(disk):.0f} MB/s (median); "
           f"featlab extract wrote {statistics.median(r[1] for r in feat):.0f} MB/s")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
