@@ -281,10 +281,10 @@ def damage_note(f: h5py.File, path: Path) -> str:
     if not bad:
         return ("the file is damaged or truncated. Fix: re-extract it (--force), or restore it "
                 "from a copy")
-    return (f"{'its shard' if len(bad) == 1 else 'its shards'} {', '.join(bad)} cannot be "
-            f"opened. Fix: restore {'it' if len(bad) == 1 else 'them'}; or delete "
-            f"{'it' if len(bad) == 1 else 'them'} and {path.name}, and re-run the same torchrun "
-            "extraction, which keeps the other shards; or re-extract")
+    shards, them = ("its shard", "it") if len(bad) == 1 else ("its shards", "them")
+    return (f"{shards} {', '.join(bad)} cannot be opened. Fix: restore {them}; or delete {them} "
+            f"and {path.name}, and re-run the same torchrun extraction, which keeps the other "
+            "shards; or re-extract")
 
 
 def storage_bytes(dset: h5py.Dataset, base: Path) -> int:
