@@ -389,8 +389,8 @@ def outlook(paths: CachePaths, settings: ExtractSettings, force: bool = False) -
         return f"the run would be refused: {_written_by(paths.out, *next(iter(held.items())))}"
     if os.path.isdir(paths.out):
         return f"the run would be refused: {_folder_message(paths.out)}"
-    there = [p for p in (paths.out, paths.partial, paths.shards) if os.path.lexists(p)]
     if force:
+        there = [p for p in (paths.out, paths.partial, paths.shards) if os.path.lexists(p)]
         return (f"--force: the run would delete {', '.join(there)} and start over" if there
                 else None)
     try:
