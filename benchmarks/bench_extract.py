@@ -461,6 +461,10 @@ def main() -> None:
     if (args.fresh or args.parts) and torch.device(args.device).type != "cpu":
         parser.error(f"--fresh and --parts measure the CPU; got --device {args.device}. Fix: "
                      "leave --device out, or drop --fresh/--parts.")
+    if args.parts and args.samples // args.batch_size < 3:
+        parser.error(f"--parts times the steady state between full batches and needs at least 3; "
+                     f"got --samples {args.samples} at --batch-size {args.batch_size}. Fix: "
+                     f"--samples {3 * args.batch_size} or more.")
     if args.fresh:
         fresh_rounds(args)
         return
