@@ -9,15 +9,19 @@ flush, the batch's ``written`` flags, flush (point rows that line up go straight
 chunks with ``O_DIRECT``, see :mod:`featlab.cache.direct`). A process killed at any instant
 leaves flagged rows intact (a re-written chunk carries the same bytes for rows already
 flagged), and a reader sees a row only after its data reached the file. Files are opened with
-``locking=False`` so that readers can open a cache while it is being written.
+``locking=False`` so that readers can open a cache while it is being written. The partial
+file's two metadata changes outside the stream -- the record of a session that resumes it and
+of the one that finishes it -- first make room at its end, so that a reader opening it
+meanwhile never finds it shorter than its superblock says (:func:`_changing_metadata`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,14 +220,14 @@ def finalize(partial: str, final: str, compression: str | None = None,
     copy, the same command finalises again from the partial file; stopped between the rename
     and the removal, the next extraction deletes the partial (``files.remove_finalised_partial``).
     """
-    with h5py.File(partial, "r+", locking=False) as f:
+    record = None if finished is None else json.dumps([dict(finished)])
+    with _changing_metadata(partial, len(record or "")) as f:
         written = f[S.WRITTEN][...]
         assert written.all(), "finalize called before every row was written"
-        if finished is not None:  # the compressed copy takes it with the other attributes
-            f.attrs["finished"] = json.dumps([dict(finished)])
+        if record is not None:  # the compressed copy takes it with the other attributes
+            f.attrs["finished"] = record
         if compression is None:
             f.attrs.modify("complete", True)
-        f.flush()
     if compression is None:
         os.replace(partial, final)
         return
@@ -402,15 +406,37 @@ def record_resume(path: str, rank: int, skipped: int, of: int, device: Any) -> N
     device): with ``created``/``versions`` (the first session) and ``finished`` (the last), every
     session that computed rows of a cache is on record, also one killed before the end."""
     try:
-        with h5py.File(path, "r+", locking=False) as f:
+        with h5py.File(path, "r", locking=False) as f:
             records = json.loads(f.attrs.get("resumed", "[]"))
-            records.append(_session(rank, device, skipped=int(skipped), of=int(of)))
-            f.attrs["resumed"] = json.dumps(records)
-            f.flush()
+        records.append(_session(rank, device, skipped=int(skipped), of=int(of)))
+        value = json.dumps(records)
+        with _changing_metadata(path, len(value)) as f:
+            f.attrs["resumed"] = value
     except OSError as err:
         raise CacheError(f"the partial cache {path} must be writable to resume; it is not "
                          f"({str(err).splitlines()[0][:160]}). Fix: make the file writable "
                          "(chmod u+w), or --force to start over.") from err
+
+
+@contextlib.contextmanager
+def _changing_metadata(path: str, nbytes: int) -> Iterator[h5py.File]:
+    """``path`` opened to change its metadata (attributes of ``nbytes`` at most) while readers
+    may open it at any instant (the partial file, when a session resumes or finishes it).
+
+    HDF5 writes the superblock, with the file's new end, before it extends the file to that end,
+    and a reader opening the file in between fails with "truncated file". So the file is first
+    made longer than anything written here can take it (a hole: no disk space): a file longer
+    than its superblock says opens normally, and HDF5 cuts it back to its end when it closes it
+    (with no flush before: a flush would cut it back early). A reader opening the file in the
+    millisecond of the change can still read the superblock and the headers from either side of
+    it; featlab's reader tries a partial file again then (``_reading.settled``).
+    """
+    os.truncate(path, os.path.getsize(path) + _METADATA_ROOM + 4 * nbytes)
+    with h5py.File(path, "r+", locking=False) as f:
+        yield f
+
+
+_METADATA_ROOM = 1 << 20  # more than HDF5 allocates for a few new attributes and their headers
 
 
 def _session(rank: int, device: Any, **counts: int) -> dict[str, Any]:
