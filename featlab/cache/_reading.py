@@ -251,10 +251,15 @@ def decode_attr(value):
 
 
 def read_root_attrs(f: h5py.File) -> tuple[dict, list[str]]:
-    """Root attributes decoded (JSON ones parsed), and the names that failed to parse."""
+    """Root attributes decoded (JSON ones parsed), and the names that failed to parse or to be
+    read (those are left out)."""
     attrs, bad = {}, []
     for key in f.attrs:
-        value = decode_attr(f.attrs[key])
+        try:
+            value = decode_attr(f.attrs[key])
+        except OSError:  # e.g. a session record whose write a kill interrupted
+            bad.append(key)
+            continue
         if key in JSON_ATTRS:
             try:
                 value = json.loads(value)

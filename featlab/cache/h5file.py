@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from featlab.cache import schema as S
 from featlab.cache.direct import ALIGN, DirectWriter
 from featlab.cache.settings import ExtractSettings
 from featlab.errors import CacheError
+
+log = logging.getLogger("featlab")
 
 __all__ = ["FileLayout", "PointLayout", "create", "inspect", "RowWriter", "finalize",
            "copy_cache", "chunked_arrays", "write_virtual", "versions", "finished_record",
@@ -407,7 +410,13 @@ def record_resume(path: str, rank: int, skipped: int, of: int, device: Any) -> N
     session that computed rows of a cache is on record, also one killed before the end."""
     try:
         with h5py.File(path, "r", locking=False) as f:
-            records = json.loads(f.attrs.get("resumed", "[]"))
+            try:
+                records = json.loads(f.attrs.get("resumed", "[]"))
+            except (OSError, ValueError):  # a kill interrupted its last write
+                log.warning("the records of the sessions that resumed %s before this one cannot "
+                            "be read (a session was killed as it recorded itself); the list "
+                            "starts again with this session", path)
+                records = []
         records.append(_session(rank, device, skipped=int(skipped), of=int(of)))
         value = json.dumps(records)
         with _changing_metadata(path, len(value)) as f:

@@ -142,8 +142,17 @@ class _Verifier:
     def __post_init__(self):
         self.attrs, bad = read_root_attrs(self.f)
         for key in bad:
-            self.add("metadata", f"root attribute {key!r} must be JSON; got "
-                                 f"{str(self.attrs[key])[:60]!r}. {_FIX_EXTRACT}")
+            if key in self.attrs:
+                self.add("metadata", f"root attribute {key!r} must be JSON; got "
+                                     f"{str(self.attrs[key])[:60]!r}. {_FIX_EXTRACT}")
+            elif key in ("resumed", "finished"):  # a session killed as it recorded itself
+                self.add("metadata", f"root attribute {key!r} must be readable; it is not (a "
+                                     "session was killed as it wrote it). The samples do not "
+                                     "depend on it. Fix: none is needed; a session that resumes "
+                                     "or finishes the cache writes it again.")
+            else:
+                self.add("metadata", f"root attribute {key!r} must be readable; it is not. "
+                                     f"{_FIX_EXTRACT}")
 
     def add(self, check: str, message: str) -> None:
         self.problems.append(Problem(check, message))
