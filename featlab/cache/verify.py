@@ -38,6 +38,8 @@ __all__ = ["verify", "VerifyReport", "Problem", "recheck_tail", "float16_underfl
 
 _BLOCK_BYTES = 64 << 20  # bytes read at a time per dataset: bounds verify's memory
 _FIX_EXTRACT = "Fix: re-extract the cache (featlab.extract / `featlab extract`)."
+# the root attributes a session writes into a partial file as it resumes or finishes it
+_SESSION_ATTRS = {*schema.RESUME_ATTRS, *schema.FINAL_ATTRS}
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ class _Verifier:
             if key in self.attrs:
                 self.add("metadata", f"root attribute {key!r} must be JSON; got "
                                      f"{str(self.attrs[key])[:60]!r}. {_FIX_EXTRACT}")
-            elif key in ("resumed", "finished"):  # a session killed as it recorded itself
+            elif key in _SESSION_ATTRS:  # a session killed as it recorded itself
                 self.add("metadata", f"root attribute {key!r} must be readable; it is not (a "
                                      "session was killed as it wrote it). The samples do not "
                                      "depend on it. Fix: none is needed; a session that resumes "
