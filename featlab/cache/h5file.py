@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from featlab.cache import schema as S
+from featlab.cache._reading import read_root_attrs
 from featlab.cache.direct import ALIGN, DirectWriter
 from featlab.cache.settings import ExtractSettings
 from featlab.errors import CacheError
@@ -410,13 +411,12 @@ def record_resume(path: str, rank: int, skipped: int, of: int, device: Any) -> N
     session that computed rows of a cache is on record, also one killed before the end."""
     try:
         with h5py.File(path, "r", locking=False) as f:
-            try:
-                records = json.loads(f.attrs.get("resumed", "[]"))
-            except (OSError, ValueError):  # a kill interrupted its last write
-                log.warning("the records of the sessions that resumed %s before this one cannot "
-                            "be read (a session was killed as it recorded itself); the list "
-                            "starts again with this session", path)
-                records = []
+            attrs, bad = read_root_attrs(f)
+        if "resumed" in bad:  # a kill interrupted its last write
+            log.warning("the records of the sessions that resumed %s before this one cannot be "
+                        "read (a session was killed as it recorded itself); the list starts "
+                        "again with this session", path)
+        records = [] if "resumed" in bad else list(attrs.get("resumed", []))
         records.append(_session(rank, device, skipped=int(skipped), of=int(of)))
         value = json.dumps(records)
         with _changing_metadata(path, len(value)) as f:
