@@ -11,11 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import h5py
 import numpy as np
@@ -23,8 +21,6 @@ import numpy as np
 from featlab.cache import schema
 from featlab.errors import CacheError, SkipPointNotFoundError
 from featlab.points import SkipPoint
-
-T = TypeVar("T")
 
 # JSON-encoded root attributes (schema.ROOT_ATTRS, FINAL_ATTRS and RESUME_ATTRS document each)
 JSON_ATTRS = ("point_names", "model", "data", "classes", "input_size", "settings", "versions",
@@ -99,12 +95,7 @@ def resolve_cache_path(path: str | os.PathLike, *, allow_partial: bool = True) -
 
 
 def open_h5(path: Path, **rdcc) -> h5py.File:
-    """Open ``path`` read-only with HDF5 file locking off (a writer may have it open); a
-    partial file as :func:`settled` says."""
-    return settled(path, lambda: _open_h5(path, **rdcc))
-
-
-def _open_h5(path: Path, **rdcc) -> h5py.File:
+    """Open ``path`` read-only with HDF5 file locking off (a writer may have it open)."""
     try:
         return h5py.File(path, "r", locking=False, **rdcc)
     except OSError as err:
@@ -116,31 +107,6 @@ def _open_h5(path: Path, **rdcc) -> h5py.File:
         raise CacheError(f"a featlab cache must be an HDF5 file; {str(path)!r} cannot be opened "
                          f"as one ({err}). Fix: pass a cache written by featlab.extract / "
                          "`featlab extract`.") from err
-
-
-def settled(path: Path, read: Callable[[], T]) -> T:
-    """``read()``; for a partial file that still exists, tried again for up to half a second
-    when it fails.
-
-    A partial file's metadata changes twice outside the stream, when a session that resumes or
-    finishes it records itself (``h5file.record_resume``, ``h5file.finalize``). HDF5 writes such
-    a change in several pieces, and an open or a read of the root attributes in the millisecond
-    between them can fail; the next try finds the change whole.
-    """
-    if not path.name.endswith(schema.PARTIAL_SUFFIX):
-        return read()
-    deadline = time.monotonic() + _SETTLE_SECONDS
-    while True:
-        try:
-            return read()
-        except (OSError, CacheError) as err:
-            if (time.monotonic() > deadline or not path.exists()
-                    or "HDF5 file locking" in str(err)):
-                raise
-            time.sleep(0.02)
-
-
-_SETTLE_SECONDS = 0.5
 
 
 def check_schema(f: h5py.File, path: Path) -> int:
@@ -179,18 +145,13 @@ class Snapshot:
 
 
 def read_snapshot(path: Path) -> Snapshot:
-    """Read the metadata and the ``written`` flags of a cache file (no array data; a partial
-    file as :func:`settled` says).
+    """Read the metadata and the ``written`` flags of a cache file (no array data).
 
     Raises:
         CacheError: not a featlab cache of this schema version, a damaged layout, or a
             missing shard file.
     """
-    return settled(path, lambda: _read_snapshot(path))
-
-
-def _read_snapshot(path: Path) -> Snapshot:
-    with _open_h5(path) as f:
+    with open_h5(path) as f:
         version = check_schema(f, path)
         attrs, bad = read_root_attrs(f)
         damaged = [k for k in ("num_samples", "point_names") if k not in attrs or k in bad]
@@ -251,20 +212,20 @@ def decode_attr(value):
 
 
 def read_root_attrs(f: h5py.File) -> tuple[dict, list[str]]:
-    """Root attributes decoded (JSON ones parsed), and the names that failed to parse or to be
-    read (those are left out)."""
+    """Root attributes decoded (JSON ones parsed), and the names of those that could not be read
+    or parsed (left out). An empty JSON attribute (a session record not written yet) is left out
+    too."""
     attrs, bad = {}, []
     for key in f.attrs:
         try:
             value = decode_attr(f.attrs[key])
-        except OSError:  # e.g. a session record whose write a kill interrupted
+            if key in JSON_ATTRS:
+                if value == "":
+                    continue
+                value = json.loads(value)
+        except (OSError, TypeError, ValueError):  # damaged; a session record a kill tore
             bad.append(key)
             continue
-        if key in JSON_ATTRS:
-            try:
-                value = json.loads(value)
-            except (TypeError, ValueError):
-                bad.append(key)
         attrs[key] = value
     return attrs, bad
 

@@ -9,20 +9,20 @@ flush, the batch's ``written`` flags, flush (point rows that line up go straight
 chunks with ``O_DIRECT``, see :mod:`featlab.cache.direct`). A process killed at any instant
 leaves flagged rows intact (a re-written chunk carries the same bytes for rows already
 flagged), and a reader sees a row only after its data reached the file. Files are opened with
-``locking=False`` so that readers can open a cache while it is being written. The partial
-file's two metadata changes outside the stream -- the record of a session that resumes it and
-of the one that finishes it -- first make room at its end, so that a reader opening it
-meanwhile never finds it shorter than its superblock says (:func:`_changing_metadata`).
+``locking=False`` so that readers can open a cache while it is being written. Outside the
+stream, the session that resumes a partial file and the one that finishes it record themselves
+in attributes made empty with a fixed size at creation, rewritten in place
+(:func:`record_resume`, :func:`finalize`): the partial file's metadata never changes after it
+is made, so a reader, plain h5py included, can open it at any instant.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +114,8 @@ def _create(tmp: str, layout: FileLayout, attrs: Mapping[str, Any], ids: Sequenc
                    alignment_interval=ALIGN) as f:
         for key, value in attrs.items():
             f.attrs[key] = value
+        for key, size in S.SESSION_ATTR_BYTES.items():  # filled in place by the sessions
+            f.attrs.create(key, b"", dtype=h5py.string_dtype("ascii", size))
         _dataset(f, S.IDS, (n,), id_dtype(layout.id_length))[...] = np.array(
             [i.encode("utf-8") for i in ids], dtype=id_dtype(layout.id_length))
         _dataset(f, S.INDEX, (n,), np.int64)[...] = np.asarray(index, np.int64)
@@ -224,12 +226,11 @@ def finalize(partial: str, final: str, compression: str | None = None,
     copy, the same command finalises again from the partial file; stopped between the rename
     and the removal, the next extraction deletes the partial (``files.remove_finalised_partial``).
     """
-    record = None if finished is None else json.dumps([dict(finished)])
-    with _changing_metadata(partial, len(record or "")) as f:
+    with h5py.File(partial, "r+", locking=False) as f:
         written = f[S.WRITTEN][...]
         assert written.all(), "finalize called before every row was written"
-        if record is not None:  # the compressed copy takes it with the other attributes
-            f.attrs["finished"] = record
+        if finished is not None:  # the compressed copy takes it with the other attributes
+            _write_records(f, "finished", [dict(finished)])
         if compression is None:
             f.attrs.modify("complete", True)
     if compression is None:
@@ -418,41 +419,44 @@ def record_resume(path: str, rank: int, skipped: int, of: int, device: Any) -> N
                         "again with this session", path)
         records = [] if "resumed" in bad else list(attrs.get("resumed", []))
         records.append(_session(rank, device, skipped=int(skipped), of=int(of)))
-        value = json.dumps(records)
-        with _changing_metadata(path, len(value)) as f:
-            f.attrs["resumed"] = value
+        with h5py.File(path, "r+", locking=False) as f:
+            _write_records(f, "resumed", records)
     except OSError as err:
         raise CacheError(f"the partial cache {path} must be writable to resume; it is not "
                          f"({str(err).splitlines()[0][:160]}). Fix: make the file writable "
                          "(chmod u+w), or --force to start over.") from err
 
 
-@contextlib.contextmanager
-def _changing_metadata(path: str, nbytes: int) -> Iterator[h5py.File]:
-    """``path`` opened to change its metadata (attributes of ``nbytes`` at most) while readers
-    may open it at any instant (the partial file, when a session resumes or finishes it).
-
-    HDF5 writes the superblock, with the file's new end, before it extends the file to that end,
-    and a reader opening the file in between fails with "truncated file". So the file is first
-    made longer than anything written here can take it (a hole: no disk space): a file longer
-    than its superblock says opens normally, and HDF5 cuts it back to its end when it closes it
-    (with no flush before: a flush would cut it back early). A reader opening the file in the
-    millisecond of the change can still read the superblock and the headers from either side of
-    it; featlab's reader tries a partial file again then (``_reading.settled``).
-    """
-    os.truncate(path, os.path.getsize(path) + _METADATA_ROOM + 4 * nbytes)
-    with h5py.File(path, "r+", locking=False) as f:
-        yield f
-
-
-_METADATA_ROOM = 1 << 20  # more than HDF5 allocates for a few new attributes and their headers
+def _write_records(f: h5py.File, name: str, records: list[dict[str, Any]]) -> None:
+    """``records`` as JSON into the root attribute ``name`` of ``f``, in place: the file's
+    metadata does not change (the oldest records are dropped, with a warning, where they outgrow
+    the attribute's fixed size, :data:`~featlab.cache.schema.SESSION_ATTR_BYTES`)."""
+    attr = f.attrs.get_id(name) if name in f.attrs else None
+    if attr is None or attr.dtype.kind != "S":  # made by a featlab before fixed-size records
+        f.attrs[name] = json.dumps(records)
+        return
+    dropped, value = 0, json.dumps(records)
+    while len(value) > attr.dtype.itemsize:
+        dropped += 1
+        value = json.dumps(records[dropped:])
+    if dropped:
+        log.warning("%s of %s keeps %d session records: the %d oldest were dropped to make room "
+                    "for this session's", name, f.filename, len(records) - dropped, dropped)
+    f.attrs.modify(name, value)
 
 
 def _session(rank: int, device: Any, **counts: int) -> dict[str, Any]:
     import torch
 
+    made = versions()
+    command = made["command"]
+    if command is not None and len(command) > _COMMAND_CHARS:  # a record stays ~3 KiB at most
+        made["command"] = command[:_COMMAND_CHARS] + f" ... ({len(command)} characters)"
     return {"rank": int(rank), **counts, "time": now_iso(), "device": str(device),
-            "threads": torch.get_num_threads(), "versions": versions()}
+            "threads": torch.get_num_threads(), "versions": made}
+
+
+_COMMAND_CHARS = 2000
 
 
 def now_iso() -> str:

@@ -29,6 +29,7 @@ import numpy as np
 
 from featlab.cache import h5file
 from featlab.cache import schema as S
+from featlab.cache._reading import decode_attr
 from featlab.cache.files import check_writable, refuse_complete, shard_path
 from featlab.cache.plan import check_compression, format_bytes, free_disk_bytes
 from featlab.cache.settings import ExtractSettings, ids_fingerprint
@@ -214,15 +215,22 @@ def _write_virtual(path: str, shards: Sequence[Shard]) -> None:
     attrs = {k: v for k, v in shards[0].attrs.items() if k != "shard"}
     attrs.update(num_samples=shards[0].settings.num_samples, complete=True,
                  world_size=shards[0].settings.world_size)
-    if all("finished" in s.attrs for s in shards):  # each shard's finishing session
-        attrs["finished"] = json.dumps([r for s in shards
-                                        for r in json.loads(s.attrs["finished"])])
-    attrs.pop("resumed", None)  # rank 0's alone; every shard's resuming sessions instead
-    resumed = [r for s in shards for r in json.loads(s.attrs.get("resumed", "[]"))]
-    if resumed:
-        attrs["resumed"] = json.dumps(resumed)
+    for name in (*S.FINAL_ATTRS, *S.RESUME_ATTRS):  # every shard's sessions, not rank 0's alone
+        attrs.pop(name, None)
+        records = [r for s in shards for r in _records(s.attrs.get(name))]
+        if records:
+            attrs[name] = json.dumps(records)
     h5file.write_virtual(path, [s.path for s in shards], [s.stop - s.start for s in shards],
                          attrs)
+
+
+def _records(value: object) -> list:
+    """The session records in one shard's attribute value: none where it is absent, empty (no
+    such session) or torn by a kill."""
+    try:
+        return json.loads(decode_attr(value) or "[]") if value is not None else []
+    except ValueError:
+        return []
 
 
 def assemble(paths: Sequence[str], out: str) -> list[Shard]:

@@ -2,7 +2,9 @@
 
 A cache is one HDF5 file readable with plain h5py. The writer creates every dataset and
 attribute before the first sample is written, with storage allocated up front, so the file's
-metadata never changes while samples stream in: a reader can open it at any moment, and a
+metadata never changes after it is made: afterwards values are written in place, rows and flags
+while samples stream, the session records (``resumed``, ``finished``: fixed-size attributes) and
+``complete`` outside the stream. A reader, plain h5py included, can open it at any moment, and a
 process killed at any instant leaves a file that re-opens and resumes. The order of writes per
 batch is: feature/label/stat rows, flush, then the batch's ``written`` flags, flush.
 
@@ -87,21 +89,22 @@ ROOT_ATTRS = {
                   "or copied into one file by featlab merge)",
 }
 
-# root attributes a file gains when it is finalised (partial files and caches of featlab before
-# 2026-12-05 lack them)
+# The session records. A file featlab creates has both from the start, empty: fixed-length ASCII
+# strings of SESSION_ATTR_BYTES bytes, null-padded, whose value a session rewrites in place, so
+# that the partial file's metadata never changes after its creation (an empty value = no record;
+# a file finalised elsewhere, e.g. merged from shards, may hold them as plain strings; caches of
+# featlab before 2026-12-05 lack them).
 FINAL_ATTRS = {
     "finished": "JSON list, a record per finalised file (per shard when sharded): rank, the rows "
                 "the finishing session computed of the file's (fewer: it resumed, and earlier "
-                "sessions wrote the rest), time, device, threads, versions",
+                "sessions wrote the rest), time, device, threads, versions; empty in partial files",
 }
-
-# root attributes a partial file gains when a session resumes it (absent in caches that no
-# session resumed, and in caches of featlab before 2026-12-05)
 RESUME_ATTRS = {
     "resumed": "JSON list, a record per session that resumed the partial file (per shard when "
                "sharded), in order: rank, the rows already written when it began (skipped) of "
-               "the file's (of), time, device, threads, versions",
+               "the file's (of), time, device, threads, versions; empty when none resumed it",
 }
+SESSION_ATTR_BYTES = {"finished": 8192, "resumed": 32768}  # a record is ~0.4-3 KiB
 
 # root attributes of shard files only
 SHARD_ATTRS = {

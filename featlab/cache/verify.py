@@ -144,17 +144,20 @@ class _Verifier:
     def __post_init__(self):
         self.attrs, bad = read_root_attrs(self.f)
         for key in bad:
-            if key in self.attrs:
-                self.add("metadata", f"root attribute {key!r} must be JSON; got "
-                                     f"{str(self.attrs[key])[:60]!r}. {_FIX_EXTRACT}")
-            elif key in _SESSION_ATTRS:  # a session killed as it recorded itself
-                self.add("metadata", f"root attribute {key!r} must be readable; it is not (a "
-                                     "session was killed as it wrote it). The samples do not "
+            if key in _SESSION_ATTRS:  # a session killed as it recorded itself
+                self.add("metadata", f"root attribute {key!r} must be readable JSON; it is not "
+                                     "(a session was killed as it wrote it). The samples do not "
                                      "depend on it. Fix: none is needed; a session that resumes "
                                      "or finishes the cache writes it again.")
-            else:
+                continue
+            try:
+                raw = decode_attr(self.f.attrs[key])
+            except OSError:
                 self.add("metadata", f"root attribute {key!r} must be readable; it is not. "
                                      f"{_FIX_EXTRACT}")
+            else:
+                self.add("metadata", f"root attribute {key!r} must be JSON; got "
+                                     f"{str(raw)[:60]!r}. {_FIX_EXTRACT}")
 
     def add(self, check: str, message: str) -> None:
         self.problems.append(Problem(check, message))

@@ -117,6 +117,8 @@ def write_file(path, data, *, written=None, complete=None, images=True, chunk_ro
     with h5py.File(path, "w", libver="earliest") as f:
         for key, value in root_attrs(data, n, complete=complete, world_size=world_size).items():
             f.attrs[key] = value
+        for key, size in schema.SESSION_ATTR_BYTES.items():  # no session recorded
+            f.attrs.create(key, b"", dtype=h5py.string_dtype("ascii", size))
         width = max(len(s.encode()) for s in data["ids"])
         sdt = h5py.string_dtype("utf-8", width)
         _create(f, schema.IDS, (n,), sdt)[:] = np.array([s.encode() for s in data["ids"]]
