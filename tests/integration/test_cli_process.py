@@ -115,3 +115,26 @@ def test_the_readme_shows_every_option():
 
     walk(build_parser(), "featlab")
     assert not missing, missing
+
+
+def test_commands_that_only_read_caches_start_without_torchvision(tmp_path):
+    # importing torchvision takes ~2.3 s of the ~3.8 s that `featlab inspect` took to start
+    import featlab.testing as ft
+    from featlab.cache.writer import extract
+    from featlab.data import load_dataset
+    from featlab.models import BackboneSpec
+
+    cache = tmp_path / "c.h5"
+    spec = BackboneSpec("tiny", "none", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, 10)
+    extract(ft.TinyResNet(), load_dataset("shapes", "val", size=32, length=4), "stages", cache,
+            spec=spec, batch_size=2, num_workers=0, progress=False)
+    script = (
+        "import sys\n"
+        "from featlab.cli import main\n"
+        f"codes = [main(['inspect', {str(cache)!r}]), main(['verify', {str(cache)!r}]),\n"
+        f"         main(['merge', {str(cache)!r}, '--out', {str(tmp_path / 'm.h5')!r}])]\n"
+        "print(codes, 'torchvision' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.splitlines()[-1] == "[0, 0, 2] False", done.stdout + done.stderr
+    assert "is a whole cache" in done.stderr  # merge read it before refusing it
