@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from featlab._records import check_record
+from featlab.cache.schema import SESSION_ATTR_BYTES
 from featlab.errors import ConfigError
 
 __all__ = ["PointPlan", "ExtractPlan", "plan_extract", "stored_size", "channel_subset",
@@ -167,7 +168,9 @@ class ExtractPlan:
         label_bytes_per_sample, image_bytes_per_sample, other_bytes_per_sample: ``/labels``,
             ``/images`` (0 when not saved), and ids + index + written flag + statistics.
         bytes_per_sample: everything stored per sample.
-        total_bytes: the file size for N samples (plus a small metadata allowance).
+        total_bytes: the disk space the file takes for N samples (plus a small metadata
+            allowance). Its apparent size can be larger: each chunked array's last chunk is
+            allocated whole, a hole where no sample is (rows beyond N).
         host_bytes: host memory the run keeps in flight: the bounded queue of batches waiting for
             the writer, batches prefetched by the data loader, and (on the CPU) the forward's
             largest activations. It does not grow with N.
@@ -288,7 +291,8 @@ def plan_extract(points: Sequence[Any], num_samples: int, input_size: int | Sequ
     image = 3 * h * w if save_images else 0
     other = id_bytes + 8 + 1 + _STATS_BYTES * len(rows)
     per_sample = sum(r.bytes_per_sample for r in rows) + label + image + other
-    metadata = 64 * 1024 + 4096 * len(rows)  # superblock, headers, attributes, chunk indexes
+    # superblock, headers, attributes (the session records' fixed size among them), chunk indexes
+    metadata = 64 * 1024 + sum(SESSION_ATTR_BYTES.values()) + 4096 * len(rows)
     chunks = sum(math.ceil(num_samples / r.chunk_rows) for r in rows)
     total = per_sample * num_samples + metadata + 48 * chunks
     on_cpu = device == "cpu"
