@@ -142,8 +142,8 @@ class _Verifier:
     bound_ok: bool = False  # /stats/abs_error holds bounds that the stored values must give
 
     def __post_init__(self):
-        self.attrs, bad = read_root_attrs(self.f)
-        for key in bad:
+        self.attrs, self.bad = read_root_attrs(self.f)
+        for key in self.bad:
             if key in _SESSION_ATTRS:  # a session killed as it recorded itself
                 self.add("metadata", f"root attribute {key!r} must be readable JSON; it is not "
                                      "(a session was killed as it wrote it). The samples do not "
@@ -175,7 +175,7 @@ class _Verifier:
     # ---- metadata --------------------------------------------------------------------------
     def check_metadata(self) -> None:
         f, attrs = self.f, self.attrs
-        missing = [k for k in schema.ROOT_ATTRS if k not in attrs]
+        missing = [k for k in schema.ROOT_ATTRS if k not in attrs and k not in self.bad]
         if missing:
             self.add("metadata", f"every root attribute of schema {schema.SCHEMA_VERSION} must be "
                                  f"present; missing {missing}. {_FIX_EXTRACT}")

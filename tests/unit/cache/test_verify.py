@@ -84,6 +84,8 @@ CORRUPTIONS = {
     "wrong shape": (_wrong_channels, "shape", ["/points/layer1.1 must be 12x16x4x4",
                                                "12x15x4x4"]),
     "missing attr": (lambda f: f.attrs.__delitem__("versions"), "metadata", ["['versions']"]),
+    "attr not JSON": (_set_attr("versions", "torch 2.14 {"), "metadata",
+                      ["'versions' must be JSON", "'torch 2.14 {'"]),
     "flag vs complete": (_flag(4, 0), "completeness", ["11 of 12", "'val/s0/000004'",
                                                          "re-extract with --force"]),
     "odd flag": (_flag(2, 3), "completeness completeness", ["0 or 1", "'val/s0/000002' = 3"]),
