@@ -243,7 +243,7 @@ def assemble(paths: Sequence[str], out: str) -> list[Shard]:
     tmp = out + S.ASSEMBLING_SUFFIX
     try:
         _write_virtual(tmp, shards)
-        os.replace(tmp, out)
+        h5file.replace_durably(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -298,7 +298,7 @@ def merge_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike],
         _write_virtual(vds, shards)
         h5file.copy_cache(vds, tmp, compression, chunk_rows=_chunk_rows(shards),
                           progress=progress, desc="merge", copy=partial(_copy_chunks, shards))
-        os.replace(tmp, out)
+        h5file.replace_durably(tmp, out)
     finally:
         for leftover in (vds, tmp):
             if os.path.exists(leftover):

@@ -198,6 +198,31 @@ def test_finalising_rewrites_only_the_values_of_complete_and_finished(make_cache
     assert 0 < np.count_nonzero(before != after) <= len(record) + 1  # the record, complete's 1
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd through /proc")
+@pytest.mark.parametrize("compression", [None, "lzf"])
+def test_a_finalised_cache_is_on_disk_before_it_is_complete_and_renamed(make_cache, monkeypatch,
+                                                                         compression):
+    # a machine that crashes after featlab reports a cache complete must keep all of it
+    path = str(make_cache("val.h5" + schema.PARTIAL_SUFFIX, complete=False).path)
+    final = path[:-len(schema.PARTIAL_SUFFIX)]
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        state = (h5py.File(name, "r", locking=False).attrs["complete"]
+                 if os.path.isfile(name) else os.path.exists(final))
+        synced.append((os.path.basename(name), bool(state)))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    h5file.finalize(path, final, compression=compression)
+    folder = os.path.basename(os.path.dirname(path))
+    if compression is None:  # the rows, then the flag, then the rename
+        assert synced == [("val.h5.partial", False), ("val.h5.partial", True), (folder, True)]
+    else:  # the compressed copy, made complete, then the rename
+        assert synced == [("val.h5" + schema.COMPRESSING_SUFFIX, True), (folder, True)]
+
+
 def test_the_oldest_session_records_make_room_for_the_newest(partial_cache, caplog):
     path = str(partial_cache.path)
     with h5py.File(path, "r+") as f:  # room for about three records
