@@ -22,6 +22,7 @@ import datetime
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -342,10 +343,10 @@ def from_main(fn: Callable[[], Any]) -> Any:
 
 
 def destroy() -> None:
-    """Leave the process group, if one is active."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group, if one is active (none is where torch.distributed was never
+    imported: a command that needs no torch does not load it here)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

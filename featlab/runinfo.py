@@ -22,9 +22,12 @@ import platform
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where used: the CLI records its command line before (or without)
+    import torch   # torch
 
 __all__ = ["run_versions", "progress_enabled", "deterministic_algorithms", "source_commit",
            "command_line"]
@@ -39,6 +42,7 @@ CUBLAS_WORKSPACE_CONFIG = ":4096:8"
 
 def run_versions(device: torch.device | str = "cpu") -> dict:
     """Versions and settings a result should record (R-9.2), for a run on ``device``."""
+    import torch
     import torchvision
 
     import featlab
@@ -107,6 +111,8 @@ def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
+    import torch
+
     cudnn = torch.backends.cudnn
     saved = (torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.deterministic,

@@ -20,7 +20,7 @@ import numpy as np
 
 from featlab.cache import schema
 from featlab.errors import CacheError, SkipPointNotFoundError
-from featlab.points import SkipPoint
+from featlab._point import SkipPoint
 
 # JSON-encoded root attributes (schema.ROOT_ATTRS, FINAL_ATTRS and RESUME_ATTRS document each)
 JSON_ATTRS = ("point_names", "model", "data", "classes", "input_size", "settings", "versions",

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from featlab.cache._reading import read_rows, split_key
 
 if TYPE_CHECKING:
+    import torch
+
     from featlab.cache.reader import CacheReader
 
 __all__ = ["CacheArray"]
@@ -56,6 +57,8 @@ class CacheArray:
 
     def torch(self, key=slice(None)) -> torch.Tensor:
         """``self[key]`` as a tensor (dtype kept: float16 stays float16)."""
+        import torch
+
         return torch.from_numpy(np.ascontiguousarray(self[key]))
 
     def __repr__(self) -> str:

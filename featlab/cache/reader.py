@@ -24,10 +24,11 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+from featlab._point import SkipPoint
 from featlab.cache import schema
 from featlab.cache._reading import (PointNotInCacheError, ids_sha256, open_h5, read_ids,
                                     read_rows, read_snapshot, resolve_cache_path)
@@ -35,7 +36,10 @@ from featlab.cache.arrays import CacheArray
 from featlab.cache.joins import check_same_samples
 from featlab.errors import (CacheError, ConfigError, FeatlabWarning, SkipPointNotFoundError,
                             did_you_mean)
-from featlab.points import SkipPoint, select_points
+from featlab.selection import select_points
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: inspecting a cache needs none
+    import torch
 
 logger = logging.getLogger("featlab")
 
@@ -347,6 +351,8 @@ class CacheReader:
             batch = {"ids": ids[start:start + batch_size], "rows": pos, "index": index[pos]}
             data = self._read(rows[pos], names, labels, images)
             if tensors:
+                import torch
+
                 batch = {**batch, "rows": torch.from_numpy(pos), "index": torch.from_numpy(
                     batch["index"])}
                 data = {k: torch.from_numpy(v) for k, v in data.items()}

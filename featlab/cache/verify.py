@@ -31,7 +31,7 @@ from featlab.cache._reading import (check_schema, damage_note, decode_attr, ids_
                                     missing_shards, open_h5, read_ids, read_root_attrs,
                                     resolve_cache_path, stored_channels)
 from featlab.cache.summary import human_bytes
-from featlab.points import SkipPoint
+from featlab._point import SkipPoint
 
 __all__ = ["verify", "VerifyReport", "Problem", "recheck_tail", "float16_underflow",
            "underflow_summary", "underflow_message"]

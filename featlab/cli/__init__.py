@@ -14,6 +14,7 @@ import difflib
 import functools
 import logging
 import os
+import importlib
 import re
 import signal
 import sys
@@ -157,7 +158,7 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
 
         args.keeps_freed_memory = keep_freed_memory()
     try:
-        _import_torch_whole(vision=getattr(args, "vision", True))
+        _import_torch_whole(getattr(args, "loads", ("torch", "torchvision")))
         if own_process and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _on_sigterm)
         from featlab.runinfo import command_line
@@ -195,18 +196,18 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated
 
 
-def _import_torch_whole(vision: bool = True) -> None:
-    """Import torch and torchvision (``vision``: commands that only read caches go without it,
-    ~2.3 s of the import) with Ctrl-C held back until they are loaded, then act on it:
-    interrupted midway, their imports leave half-registered operators that crash the process
-    (a segfault, or a RuntimeError about an operator implemented twice) instead of stopping it."""
+def _import_torch_whole(modules: Sequence[str]) -> None:
+    """Import ``modules`` (torch and torchvision, or what a command needs of them: ``inspect``
+    and ``verify`` need neither, ``merge`` torch alone) with Ctrl-C held back until they are
+    loaded, then act on it: interrupted midway, their imports leave half-registered operators
+    that crash the process (a segfault, or a RuntimeError about an operator implemented twice)
+    instead of stopping it."""
     held = threading.current_thread() is threading.main_thread()  # signals go to it only
     pressed = []
     previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True)) if held else None
     try:
-        import torch  # noqa: F401
-        if vision:
-            import torchvision  # noqa: F401
+        for name in modules:
+            importlib.import_module(name)
     finally:
         if held:
             signal.signal(signal.SIGINT, previous)
