@@ -109,6 +109,20 @@ def open_h5(path: Path, **rdcc) -> h5py.File:
                          "`featlab extract`.") from err
 
 
+def open_cache_file(path: str | os.PathLike, **rdcc) -> tuple[Path, h5py.File]:
+    """The file of the cache ``path`` (:func:`resolve_cache_path`) and its :func:`open_h5`
+    handle. A partial file that its writer renames between the two steps is opened under its
+    final name."""
+    found = resolve_cache_path(path)
+    try:
+        return found, open_h5(found, **rdcc)
+    except CacheError:
+        if found.exists() or not found.name.endswith(schema.PARTIAL_SUFFIX):
+            raise
+    found = resolve_cache_path(found)  # the final file now
+    return found, open_h5(found, **rdcc)
+
+
 def check_schema(f: h5py.File, path: Path) -> int:
     """Raise CacheError unless ``f`` is a featlab cache of the supported schema version."""
     found = decode_attr(f.attrs["schema"]) if "schema" in f.attrs else None
@@ -144,14 +158,16 @@ class Snapshot:
     largest_chunk: int  # bytes of the largest chunk among the point datasets
 
 
-def read_snapshot(path: Path) -> Snapshot:
-    """Read the metadata and the ``written`` flags of a cache file (no array data).
+def read_snapshot(given: str | os.PathLike) -> Snapshot:
+    """Read the metadata and the ``written`` flags of the cache ``given`` (resolved and opened
+    by :func:`open_cache_file`; no array data).
 
     Raises:
-        CacheError: not a featlab cache of this schema version, a damaged layout, or a
-            missing shard file.
+        CacheError: no such cache, not a featlab cache of this schema version, a damaged
+            layout, or a missing shard file.
     """
-    with open_h5(path) as f:
+    path, f = open_cache_file(given)
+    with f:
         version = check_schema(f, path)
         attrs, bad = read_root_attrs(f)
         damaged = [k for k in ("num_samples", "point_names") if k not in attrs or k in bad]

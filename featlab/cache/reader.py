@@ -30,8 +30,8 @@ import numpy as np
 
 from featlab._point import SkipPoint
 from featlab.cache import schema
-from featlab.cache._reading import (PointNotInCacheError, ids_sha256, open_h5, read_ids,
-                                    read_rows, read_snapshot, resolve_cache_path)
+from featlab.cache._reading import (PointNotInCacheError, ids_sha256, open_cache_file,
+                                    read_ids, read_rows, read_snapshot, resolve_cache_path)
 from featlab.cache.arrays import CacheArray
 from featlab.cache.joins import check_same_samples
 from featlab.errors import (CacheError, ConfigError, FeatlabWarning, SkipPointNotFoundError,
@@ -105,7 +105,7 @@ class CacheReader:
 
     # ---- snapshot -------------------------------------------------------------------------
     def _load(self, first: bool) -> None:
-        snap = read_snapshot(resolve_cache_path(self.path))
+        snap = read_snapshot(self.path)
         path, attrs, rows = snap.path, snap.attrs, snap.rows
         identity = (attrs.get("ids_sha256"), [p.name for p in snap.points], snap.num_samples)
         if not first and identity != self._identity:
@@ -147,8 +147,8 @@ class CacheReader:
         if self._file is None or self._pid != os.getpid():
             # After fork the inherited handle belongs to the parent: never read through it.
             self._file, self._dsets = None, {}
-            self._file = open_h5(resolve_cache_path(self.path), rdcc_nbytes=self._rdcc_nbytes,
-                                 rdcc_nslots=_RDCC_NSLOTS)
+            _, self._file = open_cache_file(self.path, rdcc_nbytes=self._rdcc_nbytes,
+                                            rdcc_nslots=_RDCC_NSLOTS)
             self._pid = os.getpid()
         return self._file
 

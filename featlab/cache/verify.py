@@ -28,8 +28,8 @@ import numpy as np
 
 from featlab.cache import schema
 from featlab.cache._reading import (check_schema, damage_note, decode_attr, ids_sha256,
-                                    missing_shards, open_h5, read_ids, read_root_attrs,
-                                    resolve_cache_path, stored_channels)
+                                    missing_shards, open_cache_file, open_h5, read_ids,
+                                    read_root_attrs, stored_channels)
 from featlab.cache.summary import human_bytes
 from featlab._point import SkipPoint
 
@@ -104,8 +104,8 @@ def verify(path: str | os.PathLike, *, block_bytes: int = _BLOCK_BYTES,
         CacheError: the file is missing, not HDF5, not a featlab cache, or of an unsupported
             schema version.
     """
-    path = resolve_cache_path(path)
-    with open_h5(path) as f:
+    path, f = open_cache_file(path)
+    with f:
         check_schema(f, path)
         v = _Verifier(f, path)
         lost = missing_shards(f, path)

@@ -15,6 +15,7 @@ import pytest
 
 from featlab import runinfo
 from featlab.cache import h5file, schema
+from featlab.cache import _reading
 from featlab.cache.reader import open_cache
 from featlab.cache.summary import summary
 from featlab.cache.verify import verify
@@ -295,6 +296,28 @@ def test_a_torn_session_record_leaves_the_cache_readable_and_resumable(torn_resu
     with caplog.at_level("WARNING", logger="featlab"):
         h5file.record_resume(path, 0, 6, 12, "cpu")  # the next session starts the list again
     assert "cannot be read" in caplog.text
+
+
+@pytest.mark.parametrize("read", ["open_cache", "verify"])
+def test_a_partial_cache_renamed_as_it_is_opened_is_read_under_its_final_name(make_cache,
+                                                                               monkeypatch, read):
+    path = make_cache("val.h5" + schema.PARTIAL_SUFFIX, complete=True).path
+    final = str(path)[:-len(schema.PARTIAL_SUFFIX)]
+    real = _reading.resolve_cache_path
+
+    def resolve_then_finish(given, **kwargs):  # the writer renames the file found at once
+        found = real(given, **kwargs)
+        if found.exists() and found.name.endswith(schema.PARTIAL_SUFFIX):
+            os.replace(found, final)
+        return found
+
+    monkeypatch.setattr(_reading, "resolve_cache_path", resolve_then_finish)
+    if read == "verify":  # before, both failed: "must be an HDF5 file ... No such file"
+        report = verify(str(path), progress=False)
+        assert report.path == final and report.ok and report.complete
+        return
+    with open_cache(path) as cache:
+        assert str(cache.path) == final and cache.complete and len(cache) == 12
 
 
 def test_marked_complete_with_unflagged_rows_warns(make_cache):
