@@ -22,11 +22,12 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from featlab._records import check_record
+
+if TYPE_CHECKING:  # imported where a model is hashed: reading settings needs no torch
+    import torch
 
 __all__ = ["ExtractSettings", "ids_fingerprint", "state_fingerprint"]
 
@@ -151,12 +152,15 @@ def state_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over the names, dtypes, shapes and bytes of ``model.state_dict()``.
 
     Examples:
+        >>> import torch
         >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
         >>> b.load_state_dict(a.state_dict())
         <All keys matched successfully>
         >>> state_fingerprint(a) == state_fingerprint(b)
         True
     """
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous().reshape(-1)

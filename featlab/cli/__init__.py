@@ -197,11 +197,11 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def _import_torch_whole(modules: Sequence[str]) -> None:
-    """Import ``modules`` (torch and torchvision, or what a command needs of them: ``inspect``
-    and ``verify`` need neither, ``merge`` torch alone) with Ctrl-C held back until they are
-    loaded, then act on it: interrupted midway, their imports leave half-registered operators
-    that crash the process (a segfault, or a RuntimeError about an operator implemented twice)
-    instead of stopping it."""
+    """Import ``modules`` (torch and torchvision, or what a command needs of them: the cache
+    commands ``inspect``, ``verify`` and ``merge`` need neither) with Ctrl-C held back until
+    they are loaded, then act on it: interrupted midway, their imports leave half-registered
+    operators that crash the process (a segfault, or a RuntimeError about an operator
+    implemented twice) instead of stopping it."""
     held = threading.current_thread() is threading.main_thread()  # signals go to it only
     pressed = []
     previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True)) if held else None

@@ -71,7 +71,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                    help="compression of the copy (default: the shards')")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=cmd_merge, loads=("torch",))  # no torchvision: HDF5 and torch
+    p.set_defaults(func=cmd_merge, loads=())  # HDF5 and numpy only
 
     p = sub.add_parser("inspect", parents=[common], help="summarise an activation cache")
     p.add_argument("cache", help="path of the .h5 cache (or its .partial while being written)")
