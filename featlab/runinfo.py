@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # imported where used: the CLI records its command line before (or without)
-    import torch   # torch
+if TYPE_CHECKING:  # imported where used: the CLI records its command line also in processes
+    import torch   # that never load torch (featlab inspect)
 
 __all__ = ["run_versions", "progress_enabled", "deterministic_algorithms", "source_commit",
            "command_line"]

@@ -151,14 +151,14 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
     _setup_logging(args.quiet, args.verbose, command)
     args.keeps_freed_memory = False
     if own_process and not sys.stderr.isatty():  # a batch job's log: a bar line per 30 s
-        # (tqdm reads it when imported, which torchvision does: set before _import_torch_whole)
+        # (tqdm reads it when imported, which torchvision does: set before _import_whole)
         os.environ.setdefault("TQDM_MININTERVAL", str(LOG_BAR_SECONDS))
     if own_process and os.environ.get("FEATLAB_KEEP_MEMORY", "1") != "0":
         from featlab.allocator import keep_freed_memory
 
         args.keeps_freed_memory = keep_freed_memory()
     try:
-        _import_torch_whole(getattr(args, "loads", ("torch", "torchvision")))
+        _import_whole(getattr(args, "loads", ("torch", "torchvision")))
         if own_process and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _on_sigterm)
         from featlab.runinfo import command_line
@@ -196,7 +196,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated
 
 
-def _import_torch_whole(modules: Sequence[str]) -> None:
+def _import_whole(modules: Sequence[str]) -> None:
     """Import ``modules`` (torch and torchvision, or what a command needs of them: the cache
     commands ``inspect``, ``verify`` and ``merge`` need neither) with Ctrl-C held back until
     they are loaded, then act on it: interrupted midway, their imports leave half-registered
