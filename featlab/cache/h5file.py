@@ -438,15 +438,14 @@ def record_resume(path: str, rank: int, skipped: int, of: int, device: Any) -> N
     device): with ``created``/``versions`` (the first session) and ``finished`` (the last), every
     session that computed rows of a cache is on record, also one killed before the end."""
     try:
-        with h5py.File(path, "r", locking=False) as f:
-            attrs, bad = read_root_attrs(f)
-        if "resumed" in bad:  # a kill interrupted its last write
-            log.warning("the records of the sessions that resumed %s before this one cannot be "
-                        "read (a session was killed as it recorded itself); the list starts "
-                        "again with this session", path)
-        records = [] if "resumed" in bad else list(attrs.get("resumed", []))
-        records.append(_session(rank, device, skipped=int(skipped), of=int(of)))
         with h5py.File(path, "r+", locking=False) as f:
+            attrs, bad = read_root_attrs(f)
+            if "resumed" in bad:  # a kill interrupted its last write
+                log.warning("the records of the sessions that resumed %s before this one cannot "
+                            "be read (a session was killed as it recorded itself); the list "
+                            "starts again with this session", path)
+            records = [] if "resumed" in bad else list(attrs.get("resumed", []))
+            records.append(_session(rank, device, skipped=int(skipped), of=int(of)))
             _write_records(f, "resumed", records)
     except OSError as err:
         raise CacheError(f"the partial cache {path} must be writable to resume; it is not "

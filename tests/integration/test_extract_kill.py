@@ -40,8 +40,7 @@ def contents(path):
 def written(partial):
     if not os.path.exists(partial):
         return None
-    # featlab's reader: plain h5py can fail to open the file in the millisecond in which a
-    # resuming session records itself in it (the partial file's one metadata change meanwhile)
+    # featlab's reader, as a user polls a cache being written (only flagged rows count)
     with open_cache(partial) as cache:
         return len(cache)
 
