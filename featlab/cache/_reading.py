@@ -18,9 +18,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from featlab._point import SkipPoint
 from featlab.cache import schema
 from featlab.errors import CacheError, SkipPointNotFoundError
-from featlab._point import SkipPoint
 
 # JSON-encoded root attributes (schema.ROOT_ATTRS, FINAL_ATTRS and RESUME_ATTRS document each)
 JSON_ATTRS = ("point_names", "model", "data", "classes", "input_size", "settings", "versions",

@@ -471,6 +471,9 @@ def _write_records(f: h5py.File, name: str, records: list[dict[str, Any]]) -> No
     f.attrs.modify(name, value)
 
 
+_COMMAND_CHARS = 2000  # longest command line a session record keeps
+
+
 def _session(rank: int, device: Any, **counts: int) -> dict[str, Any]:
     import torch
 
@@ -480,9 +483,6 @@ def _session(rank: int, device: Any, **counts: int) -> dict[str, Any]:
         made["command"] = command[:_COMMAND_CHARS] + f" ... ({len(command)} characters)"
     return {"rank": int(rank), **counts, "time": now_iso(), "device": str(device),
             "threads": torch.get_num_threads(), "versions": made}
-
-
-_COMMAND_CHARS = 2000
 
 
 def now_iso() -> str:

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from featlab._point import SkipPoint
 from featlab.cache import schema
 from featlab.cache._reading import (check_schema, damage_note, decode_attr, ids_sha256,
                                     missing_shards, open_cache_file, open_h5, read_ids,
                                     read_root_attrs, stored_channels)
 from featlab.cache.summary import human_bytes
-from featlab._point import SkipPoint
 
 __all__ = ["verify", "VerifyReport", "Problem", "recheck_tail", "float16_underflow",
            "underflow_summary", "underflow_message"]

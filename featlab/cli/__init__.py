@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import importlib
 import logging
 import os
-import importlib
 import re
 import signal
 import sys
