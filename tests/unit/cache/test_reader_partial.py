@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from featlab import runinfo
-from featlab.cache import h5file, schema
-from featlab.cache import _reading
+from featlab.cache import _reading, h5file, schema
 from featlab.cache.reader import open_cache
 from featlab.cache.summary import summary
 from featlab.cache.verify import verify
